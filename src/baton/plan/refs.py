@@ -1,0 +1,99 @@
+"""References between steps: ``${{ steps.<id>.output.field[0] }}`` inside step inputs.
+
+A string that is exactly one reference takes the referenced value as it is (any JSON
+type); a reference embedded in a longer string is interpolated as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_EXPR = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+_REF = re.compile(r"^steps\.([a-z0-9_-]+)\.output((?:\.[A-Za-z0-9_-]+|\[\d+\])*)$")
+_SEGMENT = re.compile(r"\.([A-Za-z0-9_-]+)|\[(\d+)\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A parsed reference to (a part of) another step's output."""
+
+    step: str
+    path: tuple[str | int, ...]
+    text: str
+
+    def pick(self, output: Any) -> Any:
+        """The part of ``output`` this reference names; KeyError/IndexError if absent."""
+        value = output
+        for key in self.path:
+            if isinstance(key, int):
+                if not isinstance(value, list):
+                    raise KeyError(f"{self.text}: {type(value).__name__} has no index {key}")
+                value = value[key]  # type: ignore[index]
+            else:
+                if not isinstance(value, dict):
+                    raise KeyError(f"{self.text}: {type(value).__name__} has no field {key!r}")
+                value = value[key]  # type: ignore[index]
+        return value  # type: ignore[no-any-return]
+
+
+class RefSyntaxError(ValueError):
+    pass
+
+
+def parse_ref(expr: str) -> Ref:
+    match = _REF.match(expr)
+    if match is None:
+        raise RefSyntaxError(
+            f"cannot read reference ${{{{ {expr} }}}}: expected steps.<id>.output[.field|[n]]..."
+        )
+    path: list[str | int] = []
+    for name, index in _SEGMENT.findall(match.group(2)):
+        path.append(int(index) if index else name)
+    return Ref(step=match.group(1), path=tuple(path), text=expr)
+
+
+def iter_strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every string inside a JSON-like value, with its dotted location."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():  # type: ignore[union-attr]
+            yield from iter_strings(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):  # type: ignore[arg-type]
+            yield from iter_strings(item, f"{where}[{i}]")
+
+
+def find_refs(text: str) -> list[str]:
+    """The expressions inside ``${{ }}`` in ``text``."""
+    if "${{" not in text:
+        return []
+    return _EXPR.findall(text)
+
+
+def has_refs(value: Any) -> bool:
+    return any("${{" in text for _, text in iter_strings(value, ""))
+
+
+def resolve(value: Any, lookup: Callable[[Ref], Any]) -> Any:
+    """A copy of ``value`` with every reference replaced through ``lookup``."""
+    if isinstance(value, str):
+        if "${{" not in value:
+            return value
+        whole = _EXPR.fullmatch(value)
+        if whole is not None:
+            return lookup(parse_ref(whole.group(1)))
+        return _EXPR.sub(lambda m: _as_text(lookup(parse_ref(m.group(1)))), value)
+    if isinstance(value, Mapping):
+        return {k: resolve(v, lookup) for k, v in value.items()}  # type: ignore[union-attr]
+    if isinstance(value, list):
+        return [resolve(v, lookup) for v in value]  # type: ignore[union-attr]
+    return value
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

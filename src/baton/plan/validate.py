@@ -1,0 +1,206 @@
+"""Plan loading and validation: every problem at once, before anything is written.
+
+Type problems come from the pydantic model (each step is checked on its own, so one bad
+step does not hide the others); graph and reference problems are checked on the steps
+that parsed. A plan with any problem raises :class:`PlanError` listing all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from baton.errors import PlanError, Problem
+from baton.plan.dag import find_cycle, topo_order
+from baton.plan.model import Plan, Step
+from baton.plan.refs import RefSyntaxError, find_refs, iter_strings, parse_ref
+from baton.tasks.registry import Registry
+from baton.validators import option_problems
+
+
+def _where(loc: Sequence[int | str], prefix: str = "") -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
+    return [Problem(_where(e["loc"], prefix), e["msg"]) for e in exc.errors()]
+
+
+def read_plan_text(text: str, source: str | None = None) -> Any:
+    """Parse YAML (JSON is YAML too, but is parsed by json for speed and exact errors)."""
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("{"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError([Problem("", f"not valid JSON: {exc}")], source) from None
+    except yaml.YAMLError as exc:
+        raise PlanError([Problem("", f"not valid YAML: {exc}")], source) from None
+
+
+def load_plan(path: str | Path, registry: Registry) -> Plan:
+    """Read, parse and validate a plan file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError([Problem("", f"no such file: {p}")], str(p)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError([Problem("", f"cannot read {p}: {exc}")], str(p)) from None
+    return parse_plan(read_plan_text(text, str(p)), registry, source=str(p))
+
+
+def parse_plan(raw: Any, registry: Registry, source: str | None = None) -> Plan:
+    """Validate a plan given as plain data (the parsed file); raise PlanError with all problems."""
+    if isinstance(raw, Plan):
+        return validate_plan(raw, registry, source)
+    if not isinstance(raw, Mapping):
+        raise PlanError([Problem("", "a plan must be a mapping with 'name' and 'steps'")], source)
+    problems: list[Problem] = []
+    steps_raw: Any = raw.get("steps")  # type: ignore[union-attr]
+    steps: list[Step] = []
+    if not isinstance(steps_raw, list):
+        problems.append(Problem("steps", "required: a list of steps"))
+    elif not steps_raw:
+        problems.append(Problem("steps", "a plan needs at least one step"))
+    else:
+        for i, s in enumerate(steps_raw):  # type: ignore[arg-type]
+            try:
+                steps.append(Step.model_validate(s))
+            except ValidationError as exc:
+                problems += _pydantic_problems(exc, f"steps[{i}]")
+    header = {k: v for k, v in raw.items() if k != "steps"}  # type: ignore[union-attr]
+    try:
+        plan = Plan.model_validate({**header, "steps": []})
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc)
+        plan = None
+    problems += graph_problems(steps, registry)
+    if problems or plan is None:
+        raise PlanError(problems, source)
+    return plan.model_copy(update={"steps": steps})
+
+
+def validate_plan(plan: Plan, registry: Registry, source: str | None = None) -> Plan:
+    """Check a plan built in Python; the model already holds the types."""
+    problems = graph_problems(plan.steps, registry)
+    if not plan.steps:
+        problems.insert(0, Problem("steps", "a plan needs at least one step"))
+    if problems:
+        raise PlanError(problems, source)
+    return plan
+
+
+def graph_problems(steps: Sequence[Step], registry: Registry) -> list[Problem]:
+    """Duplicate ids, unknown needs, cycles, unknown tasks, bad inputs and references."""
+    problems: list[Problem] = []
+    index: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        if step.id in index:
+            problems.append(
+                Problem(f"steps[{i}].id", f"duplicate step id {step.id!r} (first at steps[{index[step.id]}])")
+            )
+        else:
+            index[step.id] = i
+
+    needs: list[list[int]] = []
+    for i, step in enumerate(steps):
+        mine: list[int] = []
+        for need in step.needs:
+            if need == step.id:
+                problems.append(Problem(f"steps[{i}].needs", f"step {step.id!r} needs itself"))
+            elif need not in index:
+                problems.append(Problem(f"steps[{i}].needs", f"unknown step {need!r} in needs of {step.id!r}"))
+            else:
+                mine.append(index[need])
+        needs.append(mine)
+
+    _, leftover = topo_order(needs)
+    acyclic = not leftover
+    if leftover:
+        cycle = find_cycle(needs, leftover)
+        path = " -> ".join(steps[i].id for i in cycle)
+        problems.append(Problem("steps", f"cycle: {path}"))
+
+    ancestors = _ancestors(needs) if acyclic else None
+    for i, step in enumerate(steps):
+        where = f"steps[{i}]"
+        if step.task not in registry:
+            problems.append(Problem(f"{where}.task", f"unknown task {step.task!r} in step {step.id!r}"))
+        else:
+            for message in registry.get(step.task).check_inputs(step.inputs):
+                problems.append(Problem(f"{where}.with", f"{message} in step {step.id!r}"))
+        for j, v in enumerate(step.validate_):
+            for message in option_problems(v.kind, v.model_dump()):
+                problems.append(Problem(f"{where}.validate[{j}]", message))
+        problems += _reference_problems(step, where, index, needs if acyclic else None, ancestors)
+    return problems
+
+
+def _ancestors(needs: list[list[int]]) -> list[frozenset[int]] | None:
+    """Transitive needs of each node, or None when that would be too large to hold.
+
+    Reference checks only ask about steps named in references, so for big plans the
+    check walks needs on demand instead (see _reaches).
+    """
+    if len(needs) > 2000:
+        return None
+    order, _ = topo_order(needs)
+    out: list[frozenset[int]] = [frozenset()] * len(needs)
+    for node in order:
+        acc: set[int] = set()
+        for j in needs[node]:
+            acc.add(j)
+            acc |= out[j]
+        out[node] = frozenset(acc)
+    return out
+
+
+def _reaches(needs: list[list[int]], start: int, target: int) -> bool:
+    seen = {start}
+    stack = [start]
+    while stack:
+        for j in needs[stack.pop()]:
+            if j == target:
+                return True
+            if j not in seen:
+                seen.add(j)
+                stack.append(j)
+    return False
+
+
+def _reference_problems(
+    step: Step,
+    where: str,
+    index: Mapping[str, int],
+    needs: list[list[int]] | None,
+    ancestors: list[frozenset[int]] | None,
+) -> list[Problem]:
+    problems: list[Problem] = []
+    me = index.get(step.id)
+    for loc, text in iter_strings(step.inputs, f"{where}.with"):
+        for expr in find_refs(text):
+            try:
+                ref = parse_ref(expr)
+            except RefSyntaxError as exc:
+                problems.append(Problem(loc, str(exc)))
+                continue
+            target = index.get(ref.step)
+            if target is None:
+                problems.append(Problem(loc, f"reference to unknown step {ref.step!r}"))
+            elif me is not None and needs is not None and not (
+                target in ancestors[me] if ancestors is not None else _reaches(needs, me, target)
+            ):
+                problems.append(
+                    Problem(loc, f"step {step.id!r} references {ref.step!r} but does not (transitively) need it")
+                )
+    return problems

@@ -1,0 +1,180 @@
+"""The in-memory store: same rules as the durable ones, nothing kept.
+
+For tests (ours and users') and for throwaway runs. Every method runs without awaiting,
+so each is atomic with respect to the event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+from baton.errors import Conflict, NotFound
+from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
+from baton.store.base import AttemptRecord, Batch, CommitResult, RunRecord, StepRecord
+
+
+class MemoryStore:
+    """Store kept in dictionaries of this process."""
+
+    def __init__(self) -> None:
+        self.url = "memory://"
+        self._runs: dict[str, RunRecord] = {}
+        self._steps: dict[str, list[StepRecord]] = {}
+        self._attempts: dict[str, list[AttemptRecord]] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _resolve(self, run_id: str) -> RunRecord:
+        if run_id in self._runs:
+            return self._runs[run_id]
+        matches = [r for key, r in self._runs.items() if run_id and key.startswith(run_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise NotFound(f"run id prefix {run_id!r} is ambiguous")
+        raise NotFound(f"no run {run_id!r}")
+
+    async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
+        if run.id in self._runs:
+            raise Conflict(f"run {run.id} exists")
+        self._runs[run.id] = replace(run, plan=copy.deepcopy(run.plan))
+        self._steps[run.id] = [replace(s) for s in steps]
+        self._attempts[run.id] = []
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        return replace(self._resolve(run_id))
+
+    async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
+        runs = [r for r in self._runs.values() if status is None or r.status is status]
+        runs.sort(key=lambda r: r.created_at, reverse=True)
+        return [replace(r) for r in runs[:limit]]
+
+    async def get_steps(self, run_id: str) -> list[StepRecord]:
+        return [replace(s) for s in self._steps[self._resolve(run_id).id]]
+
+    async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
+        attempts = self._attempts[self._resolve(run_id).id]
+        return [replace(a) for a in sorted(attempts, key=lambda a: (a.finished_at or 0.0))]
+
+    async def acquire_run(self, run_id: str, owner: str, lease_s: float, now: float) -> RunRecord:
+        run = self._resolve(run_id)
+        if run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
+            raise Conflict(f"run {run.id} is {run.status}; it cannot be executed")
+        if run.owner not in (None, owner) and (run.lease_expires_at or 0.0) >= now:
+            raise Conflict(f"run {run.id} is being executed by {run.owner}")
+        run.owner, run.lease_expires_at = owner, now + lease_s
+        run.status = RunStatus.RUNNING
+        run.started_at = run.started_at or now
+        for step in self._steps[run.id]:
+            if step.status is StepStatus.RUNNING and (step.lease_expires_at or 0.0) < now:
+                self._attempts[run.id].append(
+                    AttemptRecord(run.id, step.step_id, step.attempt, "lost", step.started_at, now,
+                                  "worker lost (lease expired)", step.lease_owner)
+                )
+                step.status, step.lease_owner, step.lease_expires_at = StepStatus.READY, None, None
+        return replace(run)
+
+    async def release_run(self, run_id: str, owner: str) -> None:
+        run = self._resolve(run_id)
+        if run.owner == owner:
+            run.owner = run.lease_expires_at = None
+            for step in self._steps[run.id]:
+                if step.status is StepStatus.RUNNING and step.lease_owner == owner:
+                    step.lease_expires_at = 0.0
+
+    async def heartbeat(
+        self, owner: str, lease_s: float, now: float, run_ids: list[str]
+    ) -> dict[str, RunStatus | None]:
+        for run in self._runs.values():
+            if run.owner == owner:
+                run.lease_expires_at = now + lease_s
+                for step in self._steps[run.id]:
+                    if step.status is StepStatus.RUNNING and step.lease_owner == owner:
+                        step.lease_expires_at = now + lease_s
+        out: dict[str, RunStatus | None] = {}
+        for run_id in run_ids:
+            run = self._runs.get(run_id)
+            out[run_id] = run.status if run is not None and run.owner == owner else None
+        return out
+
+    async def orphaned_runs(self, now: float) -> list[str]:
+        return [
+            r.id
+            for r in sorted(self._runs.values(), key=lambda r: r.created_at)
+            if r.status is RunStatus.RUNNING and (r.owner is None or (r.lease_expires_at or 0.0) < now)
+        ]
+
+    async def commit(self, batch: Batch) -> CommitResult:
+        run = self._runs.get(batch.run_id)
+        if run is None:
+            raise NotFound(f"no run {batch.run_id!r}")
+        result = CommitResult(run_status=run.status)
+        if run.owner != batch.owner:
+            result.lost = True
+            result.rejected_finishes = [f.idx for f in batch.finishes]
+            result.rejected_claims = [c.idx for c in batch.claims]
+            return result
+        steps = self._steps[run.id]
+        for f in batch.finishes:
+            s = steps[f.idx]
+            if s.status is not StepStatus.RUNNING or s.attempt != f.attempt or s.lease_owner != batch.owner:
+                result.rejected_finishes.append(f.idx)
+                continue
+            s.status, s.error, s.finished_at, s.not_before = f.status, f.error, f.finished_at, f.not_before
+            s.output = json.loads(f.output) if f.output is not None else None
+            s.lease_owner = s.lease_expires_at = None
+            self._attempts[run.id].append(
+                AttemptRecord(run.id, s.step_id, f.attempt, f.outcome, f.started_at, f.finished_at,
+                              f.error, batch.owner)
+            )
+        for m in batch.marks:
+            s = steps[m.idx]
+            if s.status in STEP_SOURCES[m.status]:
+                s.status = m.status
+                s.error = m.error if m.error is not None else s.error
+                if m.status.terminal:
+                    s.finished_at = batch.now
+        for c in batch.claims:
+            s = steps[c.idx]
+            if (
+                run.status is not RunStatus.RUNNING
+                or s.status not in STEP_SOURCES[StepStatus.RUNNING]
+                or s.attempt != c.attempt - 1
+            ):
+                result.rejected_claims.append(c.idx)
+                continue
+            s.status, s.attempt, s.started_at = StepStatus.RUNNING, c.attempt, c.started_at
+            s.lease_owner, s.lease_expires_at = batch.owner, batch.now + batch.lease_s
+            s.finished_at = s.not_before = None
+        if batch.run_status is not None and run.status in RUN_SOURCES[batch.run_status]:
+            self._set(run, batch.run_status, batch.now, batch.run_error)
+        result.run_status = run.status
+        return result
+
+    @staticmethod
+    def _set(run: RunRecord, status: RunStatus, now: float, error: str | None) -> None:
+        run.status = status
+        run.error = error if error is not None else run.error
+        if status.terminal:
+            run.finished_at = now
+
+    async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
+        run = self._resolve(run_id)
+        if run.status is not status:
+            if run.status not in RUN_SOURCES[status]:
+                raise Conflict(f"run {run.id} is {run.status}; it cannot become {status}")
+            self._set(run, status, now, None)
+        if status is RunStatus.CANCELLED:
+            owner_alive = run.owner is not None and (run.lease_expires_at or 0.0) >= now
+            for s in self._steps[run.id]:
+                idle = s.status in (StepStatus.PENDING, StepStatus.READY, StepStatus.RETRYING)
+                if idle or (s.status is StepStatus.RUNNING and not owner_alive):
+                    s.status, s.error, s.finished_at = StepStatus.CANCELLED, "run cancelled", now
+                    s.lease_owner = s.lease_expires_at = None
+        return replace(run)

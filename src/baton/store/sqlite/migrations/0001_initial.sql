@@ -1,0 +1,48 @@
+-- Runs, their steps and the attempts of each step.
+CREATE TABLE runs (
+    id               TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    plan             TEXT NOT NULL,
+    workdir          TEXT NOT NULL DEFAULT '',
+    created_at       REAL NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    owner            TEXT,
+    lease_expires_at REAL,
+    error            TEXT,
+    total_steps      INTEGER NOT NULL
+);
+CREATE INDEX runs_by_created ON runs (created_at);
+CREATE INDEX runs_by_status ON runs (status);
+
+CREATE TABLE steps (
+    run_id           TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    idx              INTEGER NOT NULL,
+    step_id          TEXT NOT NULL,
+    task             TEXT NOT NULL,
+    wave             INTEGER NOT NULL,
+    status           TEXT NOT NULL,
+    attempt          INTEGER NOT NULL DEFAULT 0,
+    lease_owner      TEXT,
+    lease_expires_at REAL,
+    not_before       REAL,
+    output           TEXT,
+    error            TEXT,
+    started_at       REAL,
+    finished_at      REAL,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE INDEX steps_running_by_owner ON steps (lease_owner) WHERE status = 'running';
+
+CREATE TABLE attempts (
+    run_id      TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    step_idx    INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    started_at  REAL,
+    finished_at REAL,
+    error       TEXT,
+    owner       TEXT,
+    PRIMARY KEY (run_id, step_idx, attempt)
+);

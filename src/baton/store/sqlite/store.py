@@ -1,0 +1,383 @@
+"""The SQLite store: the embedded default.
+
+WAL journal, a busy timeout and ``BEGIN IMMEDIATE`` for every write, so several processes
+can share one file. Calls run on the caller's thread: a write transaction here takes tens
+of microseconds, less than a hop to a worker thread would cost, and a batch per executor
+turn keeps the number of transactions low.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from baton.errors import Conflict, NotFound, StoreError
+from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
+from baton.store.base import (
+    AttemptRecord,
+    Batch,
+    CommitResult,
+    RunRecord,
+    StepRecord,
+)
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
+    queries: dict[str, str] = {}
+    name = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("-- name:"):
+            if name:
+                queries[name] = "\n".join(lines).strip()
+            name, lines = line.split(":", 1)[1].strip(), []
+        elif name is not None and not line.startswith("--"):
+            lines.append(line)
+    if name:
+        queries[name] = "\n".join(lines).strip()
+    return queries
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files(__package__).joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+Q = _load_queries()
+_TERMINAL_RUN = {s for s in RunStatus if s.terminal}
+
+
+def _sources(statuses: frozenset[Any]) -> str:
+    return json.dumps(sorted(str(s) for s in statuses))
+
+
+_STEP_SOURCES_JSON = {target: _sources(src) for target, src in STEP_SOURCES.items()}
+_RUN_SOURCES_JSON = {target: _sources(src) for target, src in RUN_SOURCES.items()}
+
+
+def _run(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        name=row["name"],
+        status=RunStatus(row["status"]),
+        plan=json.loads(row["plan"]),
+        created_at=row["created_at"],
+        workdir=row["workdir"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        owner=row["owner"],
+        lease_expires_at=row["lease_expires_at"],
+        error=row["error"],
+        total_steps=row["total_steps"],
+    )
+
+
+def _step(row: sqlite3.Row) -> StepRecord:
+    output = row["output"]
+    return StepRecord(
+        run_id=row["run_id"],
+        idx=row["idx"],
+        step_id=row["step_id"],
+        task=row["task"],
+        wave=row["wave"],
+        status=StepStatus(row["status"]),
+        attempt=row["attempt"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        not_before=row["not_before"],
+        output=json.loads(output) if output is not None else None,
+        error=row["error"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+class SQLiteStore:
+    """Store on one SQLite file (``sqlite:///path`` or a plain path)."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0, synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._synchronous = synchronous
+        self._db: sqlite3.Connection | None = None
+
+    # -- connection ------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self.open_sync()
+
+    def open_sync(self) -> None:
+        if self._db is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from None
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._db = db
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            self._db = None
+            raise StoreError(f"{self.path} is not a usable baton database: {exc}") from None
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in _migrations():
+                if number > version:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {number}")
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- runs ------------------------------------------------------------------------
+
+    async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
+        with self._write() as db:
+            db.execute(
+                Q["insert_run"],
+                {
+                    "id": run.id,
+                    "name": run.name,
+                    "status": str(run.status),
+                    "plan": json.dumps(run.plan),
+                    "workdir": run.workdir,
+                    "created_at": run.created_at,
+                    "started_at": run.started_at,
+                    "finished_at": run.finished_at,
+                    "owner": run.owner,
+                    "lease_expires_at": run.lease_expires_at,
+                    "error": run.error,
+                    "total_steps": run.total_steps,
+                },
+            )
+            db.executemany(
+                Q["insert_step"],
+                ((run.id, s.idx, s.step_id, s.task, s.wave, str(s.status)) for s in steps),
+            )
+
+    def _resolve_id(self, run_id: str) -> str:
+        if self.db.execute(Q["get_run"], (run_id,)).fetchone() is not None:
+            return run_id
+        escaped = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.db.execute(Q["find_run_by_prefix"], (escaped,)).fetchall() if run_id else []
+        if len(rows) == 1:
+            return str(rows[0]["id"])
+        if len(rows) > 1:
+            raise NotFound(f"run id prefix {run_id!r} is ambiguous")
+        raise NotFound(f"no run {run_id!r}")
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        row = self.db.execute(Q["get_run"], (self._resolve_id(run_id),)).fetchone()
+        return _run(row)
+
+    async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
+        if status is None:
+            rows = self.db.execute(Q["list_runs"], (limit,)).fetchall()
+        else:
+            rows = self.db.execute(Q["list_runs_by_status"], (str(status), limit)).fetchall()
+        return [_run(r) for r in rows]
+
+    async def get_steps(self, run_id: str) -> list[StepRecord]:
+        return [_step(r) for r in self.db.execute(Q["get_steps"], (self._resolve_id(run_id),))]
+
+    async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
+        rows = self.db.execute(Q["get_attempts"], (self._resolve_id(run_id),)).fetchall()
+        return [
+            AttemptRecord(
+                run_id=r["run_id"],
+                step_id=r["step_id"],
+                attempt=r["attempt"],
+                status=r["status"],
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
+                error=r["error"],
+                owner=r["owner"],
+            )
+            for r in rows
+        ]
+
+    # -- ownership ---------------------------------------------------------------------
+
+    async def acquire_run(self, run_id: str, owner: str, lease_s: float, now: float) -> RunRecord:
+        run_id = self._resolve_id(run_id)
+        with self._write() as db:
+            taken = db.execute(
+                Q["take_run"], {"id": run_id, "owner": owner, "expires": now + lease_s, "now": now}
+            ).rowcount
+            if not taken:
+                row = db.execute(Q["get_run"], (run_id,)).fetchone()
+                status = row["status"]
+                if status not in ("pending", "running"):
+                    raise Conflict(f"run {run_id} is {status}; it cannot be executed")
+                raise Conflict(f"run {run_id} is being executed by {row['owner']}")
+            for lost in db.execute(Q["expired_running_steps"], (run_id, now)).fetchall():
+                db.execute(Q["requeue_lost_step"], (run_id, lost["idx"], lost["attempt"]))
+                db.execute(
+                    Q["insert_attempt"],
+                    (run_id, lost["idx"], lost["attempt"], "lost", lost["started_at"], now,
+                     "worker lost (lease expired)", lost["lease_owner"]),
+                )
+            return _run(db.execute(Q["get_run"], (run_id,)).fetchone())
+
+    async def release_run(self, run_id: str, owner: str) -> None:
+        with self._write() as db:
+            db.execute(Q["release_run"], (run_id, owner))
+            db.execute(Q["expire_step_leases"], (run_id, owner))
+
+    async def heartbeat(
+        self, owner: str, lease_s: float, now: float, run_ids: list[str]
+    ) -> dict[str, RunStatus | None]:
+        with self._write() as db:
+            db.execute(Q["renew_runs"], (now + lease_s, owner))
+            db.execute(Q["renew_steps"], (now + lease_s, owner))
+            out: dict[str, RunStatus | None] = {}
+            for run_id in run_ids:
+                row = db.execute(Q["run_control"], (run_id,)).fetchone()
+                out[run_id] = RunStatus(row["status"]) if row and row["owner"] == owner else None
+            return out
+
+    async def orphaned_runs(self, now: float) -> list[str]:
+        return [r["id"] for r in self.db.execute(Q["orphaned_runs"], (now,))]
+
+    # -- the executor's batch --------------------------------------------------------
+
+    async def commit(self, batch: Batch) -> CommitResult:
+        result = CommitResult()
+        with self._write() as db:
+            row = db.execute(Q["run_control"], (batch.run_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no run {batch.run_id!r}")
+            if row["owner"] != batch.owner:
+                result.lost = True
+                result.rejected_finishes = [f.idx for f in batch.finishes]
+                result.rejected_claims = [c.idx for c in batch.claims]
+                result.run_status = RunStatus(row["status"])
+                return result
+            run_status = RunStatus(row["status"])
+            rid, owner = batch.run_id, batch.owner
+
+            if batch.finishes:
+                rows = [
+                    (str(f.status), f.output, f.error, f.finished_at, f.not_before, rid, f.idx, f.attempt, owner)
+                    for f in batch.finishes
+                ]
+                applied = self._apply_many(db, Q["finish_step"], rows)
+                result.rejected_finishes = [f.idx for f, ok in zip(batch.finishes, applied, strict=True) if not ok]
+                db.executemany(
+                    Q["insert_attempt"],
+                    (
+                        (rid, f.idx, f.attempt, f.outcome, f.started_at, f.finished_at, f.error, owner)
+                        for f, ok in zip(batch.finishes, applied, strict=True)
+                        if ok
+                    ),
+                )
+
+            if batch.marks:
+                rows = [
+                    (str(m.status), m.error, m.status.terminal, batch.now, rid, m.idx, _STEP_SOURCES_JSON[m.status])
+                    for m in batch.marks
+                ]
+                self._apply_many(db, Q["mark_step"], rows)
+
+            if batch.claims:
+                if run_status is RunStatus.RUNNING:
+                    expires = batch.now + batch.lease_s
+                    rows = [
+                        (c.attempt, owner, expires, c.started_at, rid, c.idx, c.attempt - 1)
+                        for c in batch.claims
+                    ]
+                    applied = self._apply_many(db, Q["claim_step"], rows)
+                    result.rejected_claims = [c.idx for c, ok in zip(batch.claims, applied, strict=True) if not ok]
+                else:
+                    result.rejected_claims = [c.idx for c in batch.claims]
+
+            if batch.run_status is not None:
+                if self._set_run_status(db, rid, batch.run_status, batch.now, batch.run_error):
+                    run_status = batch.run_status
+            result.run_status = run_status
+        return result
+
+    @staticmethod
+    def _apply_many(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[bool]:
+        """Run a guarded UPDATE per row; which rows it applied to.
+
+        The fast path is one executemany; only when some row was guarded out does it redo
+        the rows one by one (inside a savepoint) to learn which.
+        """
+        db.execute("SAVEPOINT many")
+        changed = db.executemany(sql, rows).rowcount
+        if changed == len(rows):
+            db.execute("RELEASE many")
+            return [True] * len(rows)
+        db.execute("ROLLBACK TO many")
+        applied = [db.execute(sql, row).rowcount == 1 for row in rows]
+        db.execute("RELEASE many")
+        return applied
+
+    @staticmethod
+    def _set_run_status(
+        db: sqlite3.Connection, run_id: str, status: RunStatus, now: float, error: str | None
+    ) -> bool:
+        terminal = status.terminal
+        return (
+            db.execute(
+                Q["set_run_status"],
+                (str(status), error, terminal, now, run_id, _RUN_SOURCES_JSON[status]),
+            ).rowcount
+            == 1
+        )
+
+    async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
+        run_id = self._resolve_id(run_id)
+        with self._write() as db:
+            row = db.execute(Q["get_run"], (run_id,)).fetchone()
+            current = RunStatus(row["status"])
+            if current is not status and not self._set_run_status(db, run_id, status, now, None):
+                raise Conflict(f"run {run_id} is {current}; it cannot become {status}")
+            if status is RunStatus.CANCELLED:
+                db.execute(Q["cancel_idle_steps"], (now, run_id))
+                owner_alive = row["owner"] is not None and (row["lease_expires_at"] or 0) >= now
+                if not owner_alive:
+                    db.execute(Q["cancel_orphan_running_steps"], (now, run_id))
+            return _run(db.execute(Q["get_run"], (run_id,)).fetchone())

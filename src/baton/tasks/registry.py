@@ -1,0 +1,169 @@
+"""The task registry: named units of work and how to call them.
+
+A task is a Python callable (sync or async). It receives a step's inputs as keyword
+arguments; a parameter annotated with :class:`TaskContext` receives the attempt's context
+(run and step ids, attempt number, idempotency key). Sync callables run in a worker thread
+so that a blocking handler never stalls the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from baton.errors import UnknownTask
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a handler may know about the attempt it runs in."""
+
+    run_id: str
+    step_id: str
+    attempt: int
+    workdir: Path = field(default_factory=Path.cwd)
+    temperature: float | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across attempts of the same step; pass it to the outside world."""
+        return f"{self.run_id}:{self.step_id}"
+
+
+Estimator = Callable[[Mapping[str, Any]], float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDef:
+    """A registered task."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    context_param: str | None
+    params: frozenset[str]
+    required: frozenset[str]
+    takes_any: bool
+    estimate: Estimator | None = None
+    description: str = ""
+
+    @classmethod
+    def of(cls, name: str, fn: Callable[..., Any], estimate: Estimator | None = None) -> TaskDef:
+        sig = inspect.signature(fn)
+        context_param = None
+        params: set[str] = set()
+        required: set[str] = set()
+        takes_any = False
+        for p in sig.parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                takes_any = True
+                continue
+            if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
+                continue
+            if p.annotation in (TaskContext, "TaskContext"):
+                context_param = p.name
+                continue
+            params.add(p.name)
+            if p.default is p.empty:
+                required.add(p.name)
+        doc = inspect.getdoc(fn) or ""
+        return cls(
+            name=name,
+            fn=fn,
+            is_async=inspect.iscoroutinefunction(fn),
+            context_param=context_param,
+            params=frozenset(params),
+            required=frozenset(required),
+            takes_any=takes_any,
+            estimate=estimate,
+            description=doc.splitlines()[0] if doc else "",
+        )
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> list[str]:
+        """Problems with the input names (values are checked by the handler at run time)."""
+        problems = [f"missing input {name!r}" for name in sorted(self.required - inputs.keys())]
+        if not self.takes_any:
+            unknown = sorted(set(inputs) - self.params)
+            problems += [
+                f"unknown input {name!r} (task {self.name} takes: {', '.join(sorted(self.params)) or 'nothing'})"
+                for name in unknown
+            ]
+        return problems
+
+    async def invoke(self, inputs: Mapping[str, Any], ctx: TaskContext) -> Any:
+        kwargs = dict(inputs)
+        if self.context_param is not None:
+            kwargs[self.context_param] = ctx
+        if self.is_async:
+            return await self.fn(**kwargs)
+        return await asyncio.to_thread(self.fn, **kwargs)
+
+
+_catalogue: dict[str, TaskDef] = {}
+
+
+@overload
+def task(fn: F, /) -> F: ...
+@overload
+def task(*, name: str | None = None, estimate: Estimator | None = None) -> Callable[[F], F]: ...
+def task(
+    fn: F | None = None, /, *, name: str | None = None, estimate: Estimator | None = None
+) -> F | Callable[[F], F]:
+    """Declare a Python callable as a task; engines created afterwards can run it.
+
+    The name defaults to ``module.function``; ``estimate`` optionally predicts a run time
+    in seconds from the inputs, which the scheduler uses to order ready steps.
+    """
+
+    def register(f: F) -> F:
+        task_name = name or f"{f.__module__}.{f.__qualname__}"
+        _catalogue[task_name] = TaskDef.of(task_name, f, estimate)
+        return f
+
+    return register(fn) if fn is not None else register
+
+
+class Registry:
+    """The tasks one engine can run: built-ins, ``@task`` declarations, explicit additions."""
+
+    def __init__(self, tasks: Iterable[TaskDef] = ()) -> None:
+        self._tasks: dict[str, TaskDef] = {}
+        for t in tasks:
+            self._tasks[t.name] = t
+
+    @classmethod
+    def default(cls) -> Registry:
+        from baton.tasks.builtins import BUILTINS
+
+        return cls([*BUILTINS, *_catalogue.values()])
+
+    def add(
+        self, fn: Callable[..., Any], *, name: str | None = None, estimate: Estimator | None = None
+    ) -> TaskDef:
+        task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+        definition = TaskDef.of(task_name, fn, estimate)
+        self._tasks[task_name] = definition
+        return definition
+
+    def refresh(self) -> None:
+        """Pick up ``@task`` declarations made since the registry was built."""
+        for t in _catalogue.values():
+            self._tasks.setdefault(t.name, t)
+
+    def get(self, name: str) -> TaskDef:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTask(f"unknown task {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
