@@ -20,6 +20,7 @@ from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import RunExecutor
 from baton.errors import Conflict, UsageError
 from baton.plan.analysis import analyze
+from baton.plan.dag import Dag
 from baton.plan.model import Plan, Step
 from baton.plan.validate import load_plan, parse_plan, validate_plan
 from baton.status import RunStatus, StepStatus
@@ -27,6 +28,43 @@ from baton.store import RunRecord, StepRecord, Store, store_for
 from baton.tasks.registry import Registry
 
 PlanSource = Plan | Mapping[str, Any] | str | Path
+
+
+def new_owner_id() -> str:
+    """``host:pid:random``: unique per process, and tells whether the holder is alive."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True when ``owner`` names a process of this host that no longer exists.
+
+    Lets a restart on the same machine take over at once after a crash (``kill -9``)
+    instead of waiting for the lease to lapse; holders on other hosts wait for the lease.
+    """
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def new_run_id() -> str:
@@ -41,6 +79,7 @@ class RunHandle:
     run_id: str
     task: asyncio.Task[RunStatus]
     engine: Engine
+    executor: RunExecutor
 
     async def wait(self) -> RunRecord:
         """Wait until the run stops executing here; the run as the store has it then."""
@@ -66,7 +105,7 @@ class Engine:
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         self.registry = registry or Registry.default()
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.owner = owner or new_owner_id()
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.cancel_grace_s = cancel_grace_s
@@ -166,7 +205,7 @@ class Engine:
         self.emit(Event("run.pending", run_id, data={"name": plan.name, "steps": len(steps)}))
         if not start:
             return run_id
-        return await self._start(run_id)
+        return await self._start(run_id, (plan, dag, steps))
 
     async def run(self, source: PlanSource) -> RunRecord:
         """Submit a plan and wait for it to stop (completed, failed, paused or cancelled)."""
@@ -187,17 +226,27 @@ class Engine:
 
     # -- execution ----------------------------------------------------------------------------
 
-    async def _start(self, run_id: str) -> RunHandle:
+    async def _start(
+        self, run_id: str, fresh: tuple[Plan, Dag, list[StepRecord]] | None = None
+    ) -> RunHandle:
+        """Acquire the run and execute it here; ``fresh`` skips reading back a run just written."""
         if run_id in self._handles:
             return self._handles[run_id]
-        run = await self.store.acquire_run(run_id, self.owner, self.lease_s, time.time())
-        plan = Plan.model_validate(run.plan)
-        records = await self.store.get_steps(run.id)
-        executor = RunExecutor(self, run, plan, records)
+        current = await self.store.get_run(run_id) if fresh is None else None
+        dead = current.owner if current is not None and owner_is_dead(current.owner) else None
+        run = await self.store.acquire_run(run_id, self.owner, self.lease_s, time.time(), dead_owner=dead)
+        if fresh is not None:
+            plan, dag, records = fresh
+        else:
+            assert current is not None
+            plan = Plan.model_validate(current.plan)
+            dag = analyze(plan, self.registry)
+            records = await self.store.get_steps(run.id)
+        executor = RunExecutor(self, run, plan, dag, records)
         self._executors[run.id] = executor
         self._control.pop(run.id, None)
         task = asyncio.create_task(self._drive(run.id, executor), name=f"baton-run-{run.id}")
-        handle = RunHandle(run.id, task, self)
+        handle = RunHandle(run.id, task, self, executor)
         self._handles[run.id] = handle
         self._ensure_heartbeat()
         return handle
@@ -273,10 +322,17 @@ class Engine:
         return await self._start(run.id)
 
     async def recover(self) -> list[RunHandle]:
-        """Take over every run whose owner's lease expired, and execute it here."""
+        """Take over every run whose owner is gone, and execute it here.
+
+        Gone: its lease expired, or it was a process of this host that no longer exists.
+        """
         await self.open()
         handles: list[RunHandle] = []
-        for run_id in await self.store.orphaned_runs(time.time()):
+        orphans = await self.store.orphaned_runs(time.time())
+        for run in await self.store.list_runs(limit=1000, status=RunStatus.RUNNING):
+            if run.id not in orphans and owner_is_dead(run.owner):
+                orphans.append(run.id)
+        for run_id in orphans:
             try:
                 handles.append(await self._start(run_id))
             except Conflict:

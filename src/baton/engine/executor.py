@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from baton.engine.events import Event
 from baton.errors import BatonError, StepTimeout
-from baton.plan.analysis import analyze
+from baton.plan.dag import Dag
 from baton.plan.model import Plan, RetryPolicy
 from baton.plan.refs import Ref, has_refs, resolve
 from baton.status import RunStatus, StepStatus
@@ -49,13 +49,15 @@ class _Result:
 class RunExecutor:
     """Executes one run in this process while it holds the run's lease."""
 
-    def __init__(self, engine: Engine, run: RunRecord, plan: Plan, records: list[StepRecord]) -> None:
+    def __init__(
+        self, engine: Engine, run: RunRecord, plan: Plan, dag: Dag, records: list[StepRecord]
+    ) -> None:
         self.engine = engine
         self.run_id = run.id
         self.plan = plan
         self.workdir = run.workdir
         registry = engine.registry
-        self.dag = analyze(plan, registry)
+        self.dag = dag
         n = len(plan.steps)
         policy = plan.policy
         self.max_parallel = policy.effective_max_parallel(engine.default_max_parallel)
@@ -215,6 +217,16 @@ class RunExecutor:
     def _lookup(self, ref: Ref) -> Any:
         return ref.pick(self.outputs[self.index[ref.step]])
 
+    def _context(self, i: int, attempt: int) -> TaskContext:
+        temps = self.retries[i].temperatures
+        return TaskContext(
+            run_id=self.run_id,
+            step_id=self.dag.ids[i],
+            attempt=attempt,
+            workdir=self.workdir_path,
+            temperature=temps[min(attempt, len(temps)) - 1] if temps else None,
+        )
+
     async def _attempt(self, i: int, attempt: int) -> None:
         step = self.plan.steps[i]
         started = time.time()
@@ -223,17 +235,14 @@ class RunExecutor:
         result = _Result(i, attempt, started, started, "failed")
         try:
             inputs = resolve(step.inputs, self._lookup) if self.templated[i] else step.inputs
-            retry = self.retries[i]
-            temps = retry.temperatures
-            ctx = TaskContext(
-                run_id=self.run_id,
-                step_id=step.id,
-                attempt=attempt,
-                workdir=self.workdir_path,
-                temperature=temps[min(attempt, len(temps)) - 1] if temps else None,
-            )
-            async with asyncio.timeout(self.timeouts[i]):
-                value = await self.tasks[i].invoke(inputs, ctx)
+            task = self.tasks[i]
+            ctx = self._context(i, attempt) if task.context_param is not None else None
+            timeout = self.timeouts[i]
+            if timeout is None:
+                value = await task.invoke(inputs, ctx)
+            else:
+                async with asyncio.timeout(timeout):
+                    value = await task.invoke(inputs, ctx)
             result.output_json = json.dumps(value, ensure_ascii=False, allow_nan=False)
             errors = run_checks(value, self.validators[i]) if self.validators[i] else []
             if errors:
@@ -268,7 +277,7 @@ class RunExecutor:
             while True:
                 self.wake.clear()
                 now = time.time()
-                batch = Batch(self.run_id, engine.owner, now=now, lease_s=engine.lease_s)
+                batch = Batch(self.run_id, engine.owner, now=now)
                 results, self.results = self.results, []
                 for r in results:
                     self._absorb(r, batch)

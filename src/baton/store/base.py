@@ -20,7 +20,8 @@ class RunRecord:
     id: str
     name: str
     status: RunStatus
-    plan: dict[str, Any]
+    #: the plan in file form; None where a call does not load it (only get_run does).
+    plan: dict[str, Any] | None
     created_at: float
     workdir: str = ""
     started_at: float | None = None
@@ -40,8 +41,8 @@ class StepRecord:
     wave: int
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
+    #: who runs the current attempt; it holds it under the run's lease.
     lease_owner: str | None = None
-    lease_expires_at: float | None = None
     not_before: float | None = None
     output: Any = None
     error: str | None = None
@@ -110,7 +111,6 @@ class Batch:
     run_status: RunStatus | None = None
     run_error: str | None = None
     now: float = 0.0
-    lease_s: float = 30.0
 
     def __bool__(self) -> bool:
         return bool(self.finishes or self.marks or self.claims or self.run_status)
@@ -151,19 +151,24 @@ class Store(Protocol):
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         """All finished attempts of a run, oldest first."""
 
-    async def acquire_run(self, run_id: str, owner: str, lease_s: float, now: float) -> RunRecord:
+    async def acquire_run(
+        self, run_id: str, owner: str, lease_s: float, now: float, *, dead_owner: str | None = None
+    ) -> RunRecord:
         """Take ownership of a run to execute it.
 
         Allowed when the run is pending or running and has no owner, is owned by ``owner``
-        already, or its owner's lease expired. A pending run becomes running. Steps left
-        ``running`` under an expired lease get a ``lost`` attempt and go back to ready.
+        already, its owner's lease expired, or its owner is ``dead_owner`` (a holder the
+        caller knows is dead, such as a killed process on this host). A pending run becomes
+        running. Steps left ``running`` by anyone else (their holder's lease is gone with
+        the run's) get a ``lost`` attempt and go back to ready.
         Conflict when someone else holds a live lease or the run cannot execute.
         """
 
     async def release_run(self, run_id: str, owner: str) -> None:
         """Give up ownership (a paused run, or a worker shutting down).
 
-        Steps still running under the owner's lease become claimable at once.
+        Steps still running under the owner's lease lose their holder: whoever acquires
+        the run next requeues them, and a late write from the old holder is rejected.
         """
 
     async def heartbeat(

@@ -53,7 +53,7 @@ class MemoryStore:
     async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
         runs = [r for r in self._runs.values() if status is None or r.status is status]
         runs.sort(key=lambda r: r.created_at, reverse=True)
-        return [replace(r) for r in runs[:limit]]
+        return [replace(r, plan=None) for r in runs[:limit]]
 
     async def get_steps(self, run_id: str) -> list[StepRecord]:
         return [replace(s) for s in self._steps[self._resolve(run_id).id]]
@@ -62,23 +62,26 @@ class MemoryStore:
         attempts = self._attempts[self._resolve(run_id).id]
         return [replace(a) for a in sorted(attempts, key=lambda a: (a.finished_at or 0.0))]
 
-    async def acquire_run(self, run_id: str, owner: str, lease_s: float, now: float) -> RunRecord:
+    async def acquire_run(
+        self, run_id: str, owner: str, lease_s: float, now: float, *, dead_owner: str | None = None
+    ) -> RunRecord:
         run = self._resolve(run_id)
         if run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
             raise Conflict(f"run {run.id} is {run.status}; it cannot be executed")
-        if run.owner not in (None, owner) and (run.lease_expires_at or 0.0) >= now:
+        live = run.owner not in (None, owner, dead_owner) and (run.lease_expires_at or 0.0) >= now
+        if live:
             raise Conflict(f"run {run.id} is being executed by {run.owner}")
         run.owner, run.lease_expires_at = owner, now + lease_s
         run.status = RunStatus.RUNNING
         run.started_at = run.started_at or now
         for step in self._steps[run.id]:
-            if step.status is StepStatus.RUNNING and (step.lease_expires_at or 0.0) < now:
+            if step.status is StepStatus.RUNNING and step.lease_owner != owner:
                 self._attempts[run.id].append(
                     AttemptRecord(run.id, step.step_id, step.attempt, "lost", step.started_at, now,
-                                  "worker lost (lease expired)", step.lease_owner)
+                                  "lost: its worker stopped or its lease expired", step.lease_owner)
                 )
-                step.status, step.lease_owner, step.lease_expires_at = StepStatus.READY, None, None
-        return replace(run)
+                step.status, step.lease_owner = StepStatus.READY, None
+        return replace(run, plan=None)
 
     async def release_run(self, run_id: str, owner: str) -> None:
         run = self._resolve(run_id)
@@ -86,7 +89,7 @@ class MemoryStore:
             run.owner = run.lease_expires_at = None
             for step in self._steps[run.id]:
                 if step.status is StepStatus.RUNNING and step.lease_owner == owner:
-                    step.lease_expires_at = 0.0
+                    step.lease_owner = None
 
     async def heartbeat(
         self, owner: str, lease_s: float, now: float, run_ids: list[str]
@@ -94,9 +97,6 @@ class MemoryStore:
         for run in self._runs.values():
             if run.owner == owner:
                 run.lease_expires_at = now + lease_s
-                for step in self._steps[run.id]:
-                    if step.status is StepStatus.RUNNING and step.lease_owner == owner:
-                        step.lease_expires_at = now + lease_s
         out: dict[str, RunStatus | None] = {}
         for run_id in run_ids:
             run = self._runs.get(run_id)
@@ -128,7 +128,7 @@ class MemoryStore:
                 continue
             s.status, s.error, s.finished_at, s.not_before = f.status, f.error, f.finished_at, f.not_before
             s.output = json.loads(f.output) if f.output is not None else None
-            s.lease_owner = s.lease_expires_at = None
+            s.lease_owner = None
             self._attempts[run.id].append(
                 AttemptRecord(run.id, s.step_id, f.attempt, f.outcome, f.started_at, f.finished_at,
                               f.error, batch.owner)
@@ -150,7 +150,7 @@ class MemoryStore:
                 result.rejected_claims.append(c.idx)
                 continue
             s.status, s.attempt, s.started_at = StepStatus.RUNNING, c.attempt, c.started_at
-            s.lease_owner, s.lease_expires_at = batch.owner, batch.now + batch.lease_s
+            s.lease_owner = batch.owner
             s.finished_at = s.not_before = None
         if batch.run_status is not None and run.status in RUN_SOURCES[batch.run_status]:
             self._set(run, batch.run_status, batch.now, batch.run_error)
@@ -176,5 +176,5 @@ class MemoryStore:
                 idle = s.status in (StepStatus.PENDING, StepStatus.READY, StepStatus.RETRYING)
                 if idle or (s.status is StepStatus.RUNNING and not owner_alive):
                     s.status, s.error, s.finished_at = StepStatus.CANCELLED, "run cancelled", now
-                    s.lease_owner = s.lease_expires_at = None
-        return replace(run)
+                    s.lease_owner = None
+        return replace(run, plan=None)

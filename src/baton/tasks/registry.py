@@ -96,10 +96,13 @@ class TaskDef:
             ]
         return problems
 
-    async def invoke(self, inputs: Mapping[str, Any], ctx: TaskContext) -> Any:
-        kwargs = dict(inputs)
+    async def invoke(self, inputs: Mapping[str, Any], ctx: TaskContext | None = None) -> Any:
+        """Call the handler; ``ctx`` is required when the handler takes a TaskContext."""
+        kwargs: Mapping[str, Any] = inputs
         if self.context_param is not None:
-            kwargs[self.context_param] = ctx
+            if ctx is None:
+                raise TypeError(f"task {self.name} needs a TaskContext")
+            kwargs = {**inputs, self.context_param: ctx}
         if self.is_async:
             return await self.fn(**kwargs)
         return await asyncio.to_thread(self.fn, **kwargs)

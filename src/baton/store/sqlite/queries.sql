@@ -17,10 +17,16 @@ SELECT * FROM runs WHERE id = ?;
 SELECT id FROM runs WHERE id LIKE ? || '%' ESCAPE '\' LIMIT 2;
 
 -- name: list_runs
-SELECT * FROM runs ORDER BY created_at DESC LIMIT ?;
+SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner, lease_expires_at, error, total_steps
+FROM runs ORDER BY created_at DESC LIMIT ?;
 
 -- name: list_runs_by_status
-SELECT * FROM runs WHERE status = ? ORDER BY created_at DESC LIMIT ?;
+SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner, lease_expires_at, error, total_steps
+FROM runs WHERE status = ? ORDER BY created_at DESC LIMIT ?;
+
+-- name: get_run_header
+SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner, lease_expires_at, error, total_steps
+FROM runs WHERE id = ?;
 
 -- name: get_steps
 SELECT * FROM steps WHERE run_id = ? ORDER BY idx;
@@ -33,14 +39,14 @@ WHERE a.run_id = ? ORDER BY a.finished_at, a.step_idx, a.attempt;
 UPDATE runs SET owner = :owner, lease_expires_at = :expires,
        status = 'running', started_at = COALESCE(started_at, :now)
 WHERE id = :id AND status IN ('pending', 'running')
-  AND (owner IS NULL OR owner = :owner OR lease_expires_at < :now);
+  AND (owner IS NULL OR owner = :owner OR lease_expires_at < :now OR owner = :dead);
 
--- name: expired_running_steps
+-- name: lost_running_steps
 SELECT idx, attempt, started_at, lease_owner FROM steps
-WHERE run_id = ? AND status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?);
+WHERE run_id = ? AND status = 'running' AND (lease_owner IS NULL OR lease_owner != ?);
 
 -- name: requeue_lost_step
-UPDATE steps SET status = 'ready', lease_owner = NULL, lease_expires_at = NULL
+UPDATE steps SET status = 'ready', lease_owner = NULL
 WHERE run_id = ? AND idx = ? AND status = 'running' AND attempt = ?;
 
 -- name: insert_attempt
@@ -50,25 +56,22 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 -- name: release_run
 UPDATE runs SET owner = NULL, lease_expires_at = NULL WHERE id = ? AND owner = ?;
 
--- name: expire_step_leases
-UPDATE steps SET lease_expires_at = 0 WHERE run_id = ? AND lease_owner = ? AND status = 'running';
+-- name: orphan_running_steps
+UPDATE steps SET lease_owner = NULL WHERE run_id = ? AND lease_owner = ? AND status = 'running';
 
 -- name: renew_runs
 UPDATE runs SET lease_expires_at = ? WHERE owner = ?;
-
--- name: renew_steps
-UPDATE steps SET lease_expires_at = ? WHERE lease_owner = ? AND status = 'running';
 
 -- name: run_control
 SELECT status, owner FROM runs WHERE id = ?;
 
 -- name: finish_step
 UPDATE steps SET status = ?, output = ?, error = ?, finished_at = ?, not_before = ?,
-       lease_owner = NULL, lease_expires_at = NULL
+       lease_owner = NULL
 WHERE run_id = ? AND idx = ? AND status = 'running' AND attempt = ? AND lease_owner = ?;
 
 -- name: claim_step
-UPDATE steps SET status = 'running', attempt = ?, lease_owner = ?, lease_expires_at = ?,
+UPDATE steps SET status = 'running', attempt = ?, lease_owner = ?,
        started_at = ?, finished_at = NULL, not_before = NULL
 WHERE run_id = ? AND idx = ? AND status IN ('pending', 'ready', 'retrying') AND attempt = ?;
 
@@ -82,14 +85,16 @@ UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = ?
 WHERE run_id = ? AND status IN ('pending', 'ready', 'retrying');
 
 -- name: cancel_orphan_running_steps
-UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = ?,
-       lease_owner = NULL, lease_expires_at = NULL
+UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = ?, lease_owner = NULL
 WHERE run_id = ? AND status = 'running';
 
 -- name: orphaned_runs
 SELECT id FROM runs
 WHERE status = 'running' AND (owner IS NULL OR lease_expires_at < ?)
 ORDER BY created_at;
+
+-- name: mark_ready
+UPDATE steps SET status = 'ready' WHERE run_id = ? AND idx = ? AND status = 'pending';
 
 -- name: mark_step
 UPDATE steps SET status = ?, error = COALESCE(?, error),

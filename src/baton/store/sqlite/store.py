@@ -70,7 +70,7 @@ def _run(row: sqlite3.Row) -> RunRecord:
         id=row["id"],
         name=row["name"],
         status=RunStatus(row["status"]),
-        plan=json.loads(row["plan"]),
+        plan=json.loads(row["plan"]) if row["plan"] is not None else None,
         created_at=row["created_at"],
         workdir=row["workdir"],
         started_at=row["started_at"],
@@ -93,7 +93,6 @@ def _step(row: sqlite3.Row) -> StepRecord:
         status=StepStatus(row["status"]),
         attempt=row["attempt"],
         lease_owner=row["lease_owner"],
-        lease_expires_at=row["lease_expires_at"],
         not_before=row["not_before"],
         output=json.loads(output) if output is not None else None,
         error=row["error"],
@@ -149,7 +148,8 @@ class SQLiteStore:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in _migrations():
                 if number > version:
-                    for statement in script.split(";"):
+                    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+                    for statement in code.split(";"):
                         if statement.strip():
                             db.execute(statement)
                     db.execute(f"PRAGMA user_version = {number}")
@@ -197,7 +197,7 @@ class SQLiteStore:
             )
 
     def _resolve_id(self, run_id: str) -> str:
-        if self.db.execute(Q["get_run"], (run_id,)).fetchone() is not None:
+        if self.db.execute(Q["run_control"], (run_id,)).fetchone() is not None:
             return run_id
         escaped = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         rows = self.db.execute(Q["find_run_by_prefix"], (escaped,)).fetchall() if run_id else []
@@ -239,38 +239,40 @@ class SQLiteStore:
 
     # -- ownership ---------------------------------------------------------------------
 
-    async def acquire_run(self, run_id: str, owner: str, lease_s: float, now: float) -> RunRecord:
+    async def acquire_run(
+        self, run_id: str, owner: str, lease_s: float, now: float, *, dead_owner: str | None = None
+    ) -> RunRecord:
         run_id = self._resolve_id(run_id)
         with self._write() as db:
             taken = db.execute(
-                Q["take_run"], {"id": run_id, "owner": owner, "expires": now + lease_s, "now": now}
+                Q["take_run"],
+                {"id": run_id, "owner": owner, "expires": now + lease_s, "now": now, "dead": dead_owner},
             ).rowcount
             if not taken:
-                row = db.execute(Q["get_run"], (run_id,)).fetchone()
+                row = db.execute(Q["get_run_header"], (run_id,)).fetchone()
                 status = row["status"]
                 if status not in ("pending", "running"):
                     raise Conflict(f"run {run_id} is {status}; it cannot be executed")
                 raise Conflict(f"run {run_id} is being executed by {row['owner']}")
-            for lost in db.execute(Q["expired_running_steps"], (run_id, now)).fetchall():
+            for lost in db.execute(Q["lost_running_steps"], (run_id, owner)).fetchall():
                 db.execute(Q["requeue_lost_step"], (run_id, lost["idx"], lost["attempt"]))
                 db.execute(
                     Q["insert_attempt"],
                     (run_id, lost["idx"], lost["attempt"], "lost", lost["started_at"], now,
-                     "worker lost (lease expired)", lost["lease_owner"]),
+                     "lost: its worker stopped or its lease expired", lost["lease_owner"]),
                 )
-            return _run(db.execute(Q["get_run"], (run_id,)).fetchone())
+            return _run(db.execute(Q["get_run_header"], (run_id,)).fetchone())
 
     async def release_run(self, run_id: str, owner: str) -> None:
         with self._write() as db:
             db.execute(Q["release_run"], (run_id, owner))
-            db.execute(Q["expire_step_leases"], (run_id, owner))
+            db.execute(Q["orphan_running_steps"], (run_id, owner))
 
     async def heartbeat(
         self, owner: str, lease_s: float, now: float, run_ids: list[str]
     ) -> dict[str, RunStatus | None]:
         with self._write() as db:
             db.execute(Q["renew_runs"], (now + lease_s, owner))
-            db.execute(Q["renew_steps"], (now + lease_s, owner))
             out: dict[str, RunStatus | None] = {}
             for run_id in run_ids:
                 row = db.execute(Q["run_control"], (run_id,)).fetchone()
@@ -314,19 +316,20 @@ class SQLiteStore:
                 )
 
             if batch.marks:
+                ready = [(rid, m.idx) for m in batch.marks if m.status is StepStatus.READY]
+                if ready:
+                    db.executemany(Q["mark_ready"], ready)
                 rows = [
                     (str(m.status), m.error, m.status.terminal, batch.now, rid, m.idx, _STEP_SOURCES_JSON[m.status])
                     for m in batch.marks
+                    if m.status is not StepStatus.READY
                 ]
-                self._apply_many(db, Q["mark_step"], rows)
+                if rows:
+                    db.executemany(Q["mark_step"], rows)
 
             if batch.claims:
                 if run_status is RunStatus.RUNNING:
-                    expires = batch.now + batch.lease_s
-                    rows = [
-                        (c.attempt, owner, expires, c.started_at, rid, c.idx, c.attempt - 1)
-                        for c in batch.claims
-                    ]
+                    rows = [(c.attempt, owner, c.started_at, rid, c.idx, c.attempt - 1) for c in batch.claims]
                     applied = self._apply_many(db, Q["claim_step"], rows)
                     result.rejected_claims = [c.idx for c, ok in zip(batch.claims, applied, strict=True) if not ok]
                 else:
@@ -371,7 +374,7 @@ class SQLiteStore:
     async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
         run_id = self._resolve_id(run_id)
         with self._write() as db:
-            row = db.execute(Q["get_run"], (run_id,)).fetchone()
+            row = db.execute(Q["get_run_header"], (run_id,)).fetchone()
             current = RunStatus(row["status"])
             if current is not status and not self._set_run_status(db, run_id, status, now, None):
                 raise Conflict(f"run {run_id} is {current}; it cannot become {status}")
@@ -380,4 +383,4 @@ class SQLiteStore:
                 owner_alive = row["owner"] is not None and (row["lease_expires_at"] or 0) >= now
                 if not owner_alive:
                     db.execute(Q["cancel_orphan_running_steps"], (now, run_id))
-            return _run(db.execute(Q["get_run"], (run_id,)).fetchone())
+            return _run(db.execute(Q["get_run_header"], (run_id,)).fetchone())

@@ -1,4 +1,6 @@
 -- Runs, their steps and the attempts of each step.
+-- A running step is held by its lease_owner under the lease of its run: the owner renews
+-- one row (the run's) however many steps it runs; when that lease lapses, all of them do.
 CREATE TABLE runs (
     id               TEXT PRIMARY KEY,
     name             TEXT NOT NULL,
@@ -25,7 +27,6 @@ CREATE TABLE steps (
     status           TEXT NOT NULL,
     attempt          INTEGER NOT NULL DEFAULT 0,
     lease_owner      TEXT,
-    lease_expires_at REAL,
     not_before       REAL,
     output           TEXT,
     error            TEXT,
@@ -33,7 +34,6 @@ CREATE TABLE steps (
     finished_at      REAL,
     PRIMARY KEY (run_id, idx)
 );
-CREATE INDEX steps_running_by_owner ON steps (lease_owner) WHERE status = 'running';
 
 CREATE TABLE attempts (
     run_id      TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
