@@ -47,7 +47,9 @@ def chain(n: int) -> list[dict[str, Any]]:
     return [{"id": f"c{i}", "task": "echo", "needs": [f"c{i - 1}"] if i else []} for i in range(n)]
 
 
-def random_dag(n: int, seed: int, task: str = "echo", window: int = 200, max_needs: int = 3) -> list[dict[str, Any]]:
+def random_dag(
+    n: int, seed: int, task: str = "echo", window: int = 200, max_needs: int = 3
+) -> list[dict[str, Any]]:
     """Each step needs 0..max_needs random earlier steps among the previous ``window``."""
     rng = random.Random(seed)
     steps: list[dict[str, Any]] = []
@@ -84,9 +86,7 @@ def raw_sqlite(db: Path, n: int, batch: int) -> float:
     con.execute("PRAGMA journal_mode = WAL")
     con.execute("PRAGMA synchronous = NORMAL")
     con.execute("PRAGMA busy_timeout = 10000")
-    con.execute(
-        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT NOT NULL, owner TEXT, output TEXT)"
-    )
+    con.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT NOT NULL, owner TEXT, output TEXT)")
     con.execute("BEGIN IMMEDIATE")
     con.executemany("INSERT INTO jobs (id, status) VALUES (?, 'ready')", ((i,) for i in range(n)))
     con.execute("COMMIT")
@@ -94,7 +94,9 @@ def raw_sqlite(db: Path, n: int, batch: int) -> float:
     for lo in range(0, n, batch):
         ids = [(i,) for i in range(lo, min(n, lo + batch))]
         con.execute("BEGIN IMMEDIATE")
-        con.executemany("UPDATE jobs SET status = 'running', owner = 'w' WHERE id = ? AND status = 'ready'", ids)
+        con.executemany(
+            "UPDATE jobs SET status = 'running', owner = 'w' WHERE id = ? AND status = 'ready'", ids
+        )
         con.execute("COMMIT")
         con.execute("BEGIN IMMEDIATE")
         con.executemany(
@@ -153,7 +155,11 @@ async def makespan(tmp: Path, repeat: int) -> dict[str, Any]:
     wave: list[float] = []
     for r in range(repeat):
         for barrier, sink in (("none", dataflow), ("wave", wave)):
-            plan = {"name": f"makespan-{barrier}", "policy": {"max_parallel": 8, "barrier": barrier}, "steps": steps}
+            plan = {
+                "name": f"makespan-{barrier}",
+                "policy": {"max_parallel": 8, "barrier": barrier},
+                "steps": steps,
+            }
             async with Engine(str(tmp / f"makespan-{barrier}-{r}.db")) as engine:
                 started = time.perf_counter()
                 record = await engine.run(plan)
@@ -174,20 +180,10 @@ async def makespan(tmp: Path, repeat: int) -> dict[str, Any]:
 
 
 def peak_rss(tmp: Path, steps: int) -> dict[str, Any]:
-    """Run a big random DAG in a child process and read its peak RSS."""
-    code = (
-        "import asyncio, sys\n"
-        "sys.path.insert(0, %r)\n"
-        "from engine import random_dag\n"
-        "from baton import Engine\n"
-        "async def main():\n"
-        "    async with Engine(%r) as e:\n"
-        "        r = await e.run({'name': 'big', 'policy': {'max_parallel': 256}, 'steps': random_dag(%d, 3)})\n"
-        "        print(r.status)\n"
-        "asyncio.run(main())\n"
-    ) % (str(Path(__file__).parent), str(tmp / "big.db"), steps)
+    """Run a big random DAG in a child process (this script again) and read its peak RSS."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    argv = [sys.executable, __file__, "--rss-child", str(steps), str(tmp / "big.db")]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0 or "completed" not in proc.stdout:
         raise SystemExit(f"peak RSS run failed: {proc.stdout} {proc.stderr}")
@@ -195,11 +191,24 @@ def peak_rss(tmp: Path, steps: int) -> dict[str, Any]:
     return {"steps": steps, "peak_rss_mib": round(kib / 1024, 1), "seconds": round(elapsed, 2)}
 
 
+async def rss_child(steps: int, db: str) -> None:
+    async with Engine(db) as engine:
+        plan = {"name": "big", "policy": {"max_parallel": 32}, "steps": random_dag(steps, seed=3)}
+        record = await engine.run(plan)
+    print(record.status)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one repeat, smaller memory run")
+    parser.add_argument("--rss-child", nargs=2, metavar=("STEPS", "DB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        asyncio.run(rss_child(int(args.rss_child[0]), args.rss_child[1]))
+        return
     repeat = 1 if args.quick else args.repeat
     with tempfile.TemporaryDirectory(prefix="baton-bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -59,6 +59,6 @@ def report(feature: str, module: dict[str, Any], tests: dict[str, Any]) -> str:
     """A short summary of what the pipeline produced."""
     return textwrap.dedent(
         f"""\
-        feature {feature}: {module['functions']} functions in {module['path']}
-        self-test: {tests['stdout'].strip()}"""
+        feature {feature}: {module["functions"]} functions in {module["path"]}
+        self-test: {tests["stdout"].strip()}"""
     )

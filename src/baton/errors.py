@@ -133,5 +133,5 @@ class StoreError(BatonError):
     http_status = 503
 
 
-class Cancelled(BaseException):  # noqa: N818 - mirrors asyncio.CancelledError
+class Cancelled(BaseException):
     """A run or step was cancelled; derives from BaseException so handlers do not swallow it."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 Check = Callable[[Any, Mapping[str, Any]], list[str]]
@@ -83,7 +83,7 @@ def option_problems(kind: str, opts: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def run_checks(output: Any, validators: list[Mapping[str, Any]]) -> list[str]:
+def run_checks(output: Any, validators: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every error the validators find in ``output`` (empty when all pass)."""
     errors: list[str] = []
     for spec in validators:
@@ -91,6 +91,6 @@ def run_checks(output: Any, validators: list[Mapping[str, Any]]) -> list[str]:
         field = spec.get("field")
         if isinstance(field, str) and field:
             for part in field.split("."):
-                value = value.get(part) if isinstance(value, dict) else None  # type: ignore[union-attr]
+                value = value.get(part) if isinstance(value, dict) else None
         errors += CHECKS[str(spec["kind"])](value, spec)
     return errors

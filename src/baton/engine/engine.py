@@ -7,6 +7,7 @@ keeps this process's leases alive, and recovers runs whose owner died.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -138,16 +139,12 @@ class Engine:
         for handle in list(self._handles.values()):
             handle.task.cancel()
         for handle in list(self._handles.values()):
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await handle.task
-            except (asyncio.CancelledError, Exception):
-                pass
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-            except asyncio.CancelledError:
-                pass
             self._heartbeat = None
         if self._open:
             await self.store.close()
@@ -198,9 +195,7 @@ class Engine:
             workdir=str(self.workdir),
             total_steps=len(plan.steps),
         )
-        steps = [
-            StepRecord(run_id, i, s.id, s.task, dag.wave[i]) for i, s in enumerate(plan.steps)
-        ]
+        steps = [StepRecord(run_id, i, s.id, s.task, dag.wave[i]) for i, s in enumerate(plan.steps)]
         await self.store.create_run(run, steps)
         self.emit(Event("run.pending", run_id, data={"name": plan.name, "steps": len(steps)}))
         if not start:
@@ -226,9 +221,7 @@ class Engine:
 
     # -- execution ----------------------------------------------------------------------------
 
-    async def _start(
-        self, run_id: str, fresh: tuple[Plan, Dag, list[StepRecord]] | None = None
-    ) -> RunHandle:
+    async def _start(self, run_id: str, fresh: tuple[Plan, Dag, list[StepRecord]] | None = None) -> RunHandle:
         """Acquire the run and execute it here; ``fresh`` skips reading back a run just written."""
         if run_id in self._handles:
             return self._handles[run_id]
@@ -354,7 +347,7 @@ class Engine:
             if handle is not None:
                 return await handle.wait()
             run = await self.store.get_run(run_id)
-            if run.status.terminal or run.status is RunStatus.PAUSED and run.owner is None:
+            if run.status.terminal or (run.status is RunStatus.PAUSED and run.owner is None):
                 return run
             if deadline is not None and time.monotonic() > deadline:
                 raise UsageError(f"run {run_id} did not stop within {timeout_s}s")

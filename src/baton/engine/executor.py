@@ -163,7 +163,17 @@ class RunExecutor:
             status, not_before = S.FAILED, None
         self.status[i] = status
         batch.finishes.append(
-            Finish(i, r.attempt, status, r.outcome, r.started_at, r.finished_at, r.output_json, r.error, not_before)
+            Finish(
+                i,
+                r.attempt,
+                status,
+                r.outcome,
+                r.started_at,
+                r.finished_at,
+                r.output_json,
+                r.error,
+                not_before,
+            )
         )
         if status is S.SUCCEEDED:
             self.outputs[i] = r.output
@@ -183,7 +193,10 @@ class RunExecutor:
         if self.run_status is not RunStatus.RUNNING:
             return []
         if self.barrier:
-            while self.current_wave < len(self.unfinished_in_wave) and not self.unfinished_in_wave[self.current_wave]:
+            while (
+                self.current_wave < len(self.unfinished_in_wave)
+                and not self.unfinished_in_wave[self.current_wave]
+            ):
                 self.current_wave += 1
         claimed: list[tuple[int, int]] = []
         deferred: list[tuple[float, int]] = []
@@ -286,9 +299,7 @@ class RunExecutor:
                     self._apply_control(control)
                 claimed = self._claim(batch, now)
                 batch.marks, self.pending_marks = self.pending_marks, []
-                finishing = (
-                    self.run_status is RunStatus.RUNNING and not self.unfinished and not self.running
-                )
+                finishing = self.run_status is RunStatus.RUNNING and not self.unfinished and not self.running
                 if finishing:
                     batch.run_status = RunStatus.FAILED if self.failed_any else RunStatus.COMPLETED
                     if self.failed_any:
@@ -308,9 +319,11 @@ class RunExecutor:
                         claimed = [(i, a) for i, a in claimed if i not in rejected]
                     if outcome.run_status is not None and outcome.run_status is not self.run_status:
                         self._apply_control(outcome.run_status)
-                    if finishing and outcome.run_status is batch.run_status:
-                        engine.emit(Event(f"run.{batch.run_status}", self.run_id))
-                        return RunStatus(batch.run_status)
+                    final = batch.run_status
+                    if finishing and final is not None and outcome.run_status is final:
+                        engine.emit(Event(f"run.{final}", self.run_id))
+                        await store.release_run(self.run_id, engine.owner)
+                        return final
                 for i, attempt in claimed:
                     self.started_at[i] = now
                     self.running[i] = asyncio.create_task(self._attempt(i, attempt))

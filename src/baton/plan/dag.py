@@ -65,9 +65,7 @@ class Dag:
     remaining: list[float]
 
     @classmethod
-    def build(
-        cls, ids: Sequence[str], needs: Sequence[Sequence[int]], weights: Sequence[float]
-    ) -> Dag:
+    def build(cls, ids: Sequence[str], needs: Sequence[Sequence[int]], weights: Sequence[float]) -> Dag:
         order, leftover = topo_order(needs)
         if leftover:
             raise ValueError("graph has a cycle")

@@ -16,9 +16,7 @@ STEP_ID_PATTERN = r"^[a-z0-9_-]+$"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", validate_by_name=True, validate_by_alias=True, frozen=True
-    )
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, frozen=True)
 
 
 class Complexity(StrEnum):
@@ -54,7 +52,7 @@ class RetryPolicy(_Model):
         Exponential (backoff_s * 2**(n-1)), capped, with +/- ``jitter`` spread so that
         many failing steps do not retry in lockstep. ``rand`` is uniform in [0, 1).
         """
-        base = min(self.backoff_s * (2 ** (failed_attempt - 1)), self.max_backoff_s)
+        base = min(self.backoff_s * 2.0 ** (failed_attempt - 1), self.max_backoff_s)
         return max(0.0, base * (1 + self.jitter * (2 * rand - 1)))
 
 

@@ -32,12 +32,12 @@ class Ref:
             if isinstance(key, int):
                 if not isinstance(value, list):
                     raise KeyError(f"{self.text}: {type(value).__name__} has no index {key}")
-                value = value[key]  # type: ignore[index]
+                value = value[key]
             else:
                 if not isinstance(value, dict):
                     raise KeyError(f"{self.text}: {type(value).__name__} has no field {key!r}")
-                value = value[key]  # type: ignore[index]
-        return value  # type: ignore[no-any-return]
+                value = value[key]
+        return value
 
 
 class RefSyntaxError(ValueError):
@@ -61,10 +61,10 @@ def iter_strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
     if isinstance(value, str):
         yield where, value
     elif isinstance(value, Mapping):
-        for key, item in value.items():  # type: ignore[union-attr]
+        for key, item in value.items():
             yield from iter_strings(item, f"{where}.{key}")
     elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):  # type: ignore[arg-type]
+        for i, item in enumerate(value):
             yield from iter_strings(item, f"{where}[{i}]")
 
 
@@ -89,9 +89,9 @@ def resolve(value: Any, lookup: Callable[[Ref], Any]) -> Any:
             return lookup(parse_ref(whole.group(1)))
         return _EXPR.sub(lambda m: _as_text(lookup(parse_ref(m.group(1)))), value)
     if isinstance(value, Mapping):
-        return {k: resolve(v, lookup) for k, v in value.items()}  # type: ignore[union-attr]
+        return {k: resolve(v, lookup) for k, v in value.items()}
     if isinstance(value, list):
-        return [resolve(v, lookup) for v in value]  # type: ignore[union-attr]
+        return [resolve(v, lookup) for v in value]
     return value
 
 

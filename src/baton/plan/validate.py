@@ -66,19 +66,19 @@ def parse_plan(raw: Any, registry: Registry, source: str | None = None) -> Plan:
     if not isinstance(raw, Mapping):
         raise PlanError([Problem("", "a plan must be a mapping with 'name' and 'steps'")], source)
     problems: list[Problem] = []
-    steps_raw: Any = raw.get("steps")  # type: ignore[union-attr]
+    steps_raw: Any = raw.get("steps")
     steps: list[Step] = []
     if not isinstance(steps_raw, list):
         problems.append(Problem("steps", "required: a list of steps"))
     elif not steps_raw:
         problems.append(Problem("steps", "a plan needs at least one step"))
     else:
-        for i, s in enumerate(steps_raw):  # type: ignore[arg-type]
+        for i, s in enumerate(steps_raw):
             try:
                 steps.append(Step.model_validate(s))
             except ValidationError as exc:
                 problems += _pydantic_problems(exc, f"steps[{i}]")
-    header = {k: v for k, v in raw.items() if k != "steps"}  # type: ignore[union-attr]
+    header = {k: v for k, v in raw.items() if k != "steps"}
     try:
         plan = Plan.model_validate({**header, "steps": []})
     except ValidationError as exc:
@@ -119,7 +119,9 @@ def graph_problems(steps: Sequence[Step], registry: Registry) -> list[Problem]:
             if need == step.id:
                 problems.append(Problem(f"steps[{i}].needs", f"step {step.id!r} needs itself"))
             elif need not in index:
-                problems.append(Problem(f"steps[{i}].needs", f"unknown step {need!r} in needs of {step.id!r}"))
+                problems.append(
+                    Problem(f"steps[{i}].needs", f"unknown step {need!r} in needs of {step.id!r}")
+                )
             else:
                 mine.append(index[need])
         needs.append(mine)
@@ -197,10 +199,14 @@ def _reference_problems(
             target = index.get(ref.step)
             if target is None:
                 problems.append(Problem(loc, f"reference to unknown step {ref.step!r}"))
-            elif me is not None and needs is not None and not (
-                target in ancestors[me] if ancestors is not None else _reaches(needs, me, target)
+            elif (
+                me is not None
+                and needs is not None
+                and not (target in ancestors[me] if ancestors is not None else _reaches(needs, me, target))
             ):
                 problems.append(
-                    Problem(loc, f"step {step.id!r} references {ref.step!r} but does not (transitively) need it")
+                    Problem(
+                        loc, f"step {step.id!r} references {ref.step!r} but does not (transitively) need it"
+                    )
                 )
     return problems

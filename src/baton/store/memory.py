@@ -60,7 +60,7 @@ class MemoryStore:
 
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         attempts = self._attempts[self._resolve(run_id).id]
-        return [replace(a) for a in sorted(attempts, key=lambda a: (a.finished_at or 0.0))]
+        return [replace(a) for a in sorted(attempts, key=lambda a: a.finished_at or 0.0)]
 
     async def acquire_run(
         self, run_id: str, owner: str, lease_s: float, now: float, *, dead_owner: str | None = None
@@ -77,8 +77,16 @@ class MemoryStore:
         for step in self._steps[run.id]:
             if step.status is StepStatus.RUNNING and step.lease_owner != owner:
                 self._attempts[run.id].append(
-                    AttemptRecord(run.id, step.step_id, step.attempt, "lost", step.started_at, now,
-                                  "lost: its worker stopped or its lease expired", step.lease_owner)
+                    AttemptRecord(
+                        run.id,
+                        step.step_id,
+                        step.attempt,
+                        "lost",
+                        step.started_at,
+                        now,
+                        "lost: its worker stopped or its lease expired",
+                        step.lease_owner,
+                    )
                 )
                 step.status, step.lease_owner = StepStatus.READY, None
         return replace(run, plan=None)
@@ -99,8 +107,8 @@ class MemoryStore:
                 run.lease_expires_at = now + lease_s
         out: dict[str, RunStatus | None] = {}
         for run_id in run_ids:
-            run = self._runs.get(run_id)
-            out[run_id] = run.status if run is not None and run.owner == owner else None
+            held = self._runs.get(run_id)
+            out[run_id] = held.status if held is not None and held.owner == owner else None
         return out
 
     async def orphaned_runs(self, now: float) -> list[str]:
@@ -130,8 +138,9 @@ class MemoryStore:
             s.output = json.loads(f.output) if f.output is not None else None
             s.lease_owner = None
             self._attempts[run.id].append(
-                AttemptRecord(run.id, s.step_id, f.attempt, f.outcome, f.started_at, f.finished_at,
-                              f.error, batch.owner)
+                AttemptRecord(
+                    run.id, s.step_id, f.attempt, f.outcome, f.started_at, f.finished_at, f.error, batch.owner
+                )
             )
         for m in batch.marks:
             s = steps[m.idx]

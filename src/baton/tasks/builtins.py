@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import os
@@ -67,9 +68,7 @@ def _import_callable(path: str) -> Any:
     return target
 
 
-async def python(
-    function: str, args: list[Any] | None = None, kwargs: dict[str, Any] | None = None
-) -> Any:
+async def python(function: str, args: list[Any] | None = None, kwargs: dict[str, Any] | None = None) -> Any:
     """Call a Python callable named by dotted path ('package.module:function')."""
     fn = _import_callable(function)
     if inspect.iscoroutinefunction(fn):
@@ -129,21 +128,18 @@ async def shell(
         _kill_group(proc)
         await proc.wait()
         raise
-    result = {"returncode": proc.returncode, "stdout": _tail(out), "stderr": _tail(err)}
+    stdout, stderr = _tail(out), _tail(err)
     if check and proc.returncode != 0:
-        detail = result["stderr"].strip().splitlines()[-5:]
+        detail = stderr.strip().splitlines()[-5:]
         raise TaskFailed(
-            f"shell: {argv[0]} exited with {proc.returncode}"
-            + (": " + " / ".join(detail) if detail else "")
+            f"shell: {argv[0]} exited with {proc.returncode}" + (": " + " / ".join(detail) if detail else "")
         )
-    return result
+    return {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr}
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 BUILTINS = [

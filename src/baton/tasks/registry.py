@@ -89,10 +89,10 @@ class TaskDef:
         """Problems with the input names (values are checked by the handler at run time)."""
         problems = [f"missing input {name!r}" for name in sorted(self.required - inputs.keys())]
         if not self.takes_any:
-            unknown = sorted(set(inputs) - self.params)
+            takes = ", ".join(sorted(self.params)) or "nothing"
             problems += [
-                f"unknown input {name!r} (task {self.name} takes: {', '.join(sorted(self.params)) or 'nothing'})"
-                for name in unknown
+                f"unknown input {name!r} (task {self.name} takes: {takes})"
+                for name in sorted(set(inputs) - self.params)
             ]
         return problems
 

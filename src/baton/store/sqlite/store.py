@@ -104,7 +104,9 @@ def _step(row: sqlite3.Row) -> StepRecord:
 class SQLiteStore:
     """Store on one SQLite file (``sqlite:///path`` or a plain path)."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout_s: float = 10.0, synchronous: str = "NORMAL"
+    ) -> None:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
@@ -148,7 +150,9 @@ class SQLiteStore:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in _migrations():
                 if number > version:
-                    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+                    code = "\n".join(
+                        line for line in script.splitlines() if not line.lstrip().startswith("--")
+                    )
                     for statement in code.split(";"):
                         if statement.strip():
                             db.execute(statement)
@@ -258,8 +262,16 @@ class SQLiteStore:
                 db.execute(Q["requeue_lost_step"], (run_id, lost["idx"], lost["attempt"]))
                 db.execute(
                     Q["insert_attempt"],
-                    (run_id, lost["idx"], lost["attempt"], "lost", lost["started_at"], now,
-                     "lost: its worker stopped or its lease expired", lost["lease_owner"]),
+                    (
+                        run_id,
+                        lost["idx"],
+                        lost["attempt"],
+                        "lost",
+                        lost["started_at"],
+                        now,
+                        "lost: its worker stopped or its lease expired",
+                        lost["lease_owner"],
+                    ),
                 )
             return _run(db.execute(Q["get_run_header"], (run_id,)).fetchone())
 
@@ -300,12 +312,24 @@ class SQLiteStore:
             rid, owner = batch.run_id, batch.owner
 
             if batch.finishes:
-                rows = [
-                    (str(f.status), f.output, f.error, f.finished_at, f.not_before, rid, f.idx, f.attempt, owner)
+                rows: list[tuple[Any, ...]] = [
+                    (
+                        str(f.status),
+                        f.output,
+                        f.error,
+                        f.finished_at,
+                        f.not_before,
+                        rid,
+                        f.idx,
+                        f.attempt,
+                        owner,
+                    )
                     for f in batch.finishes
                 ]
                 applied = self._apply_many(db, Q["finish_step"], rows)
-                result.rejected_finishes = [f.idx for f, ok in zip(batch.finishes, applied, strict=True) if not ok]
+                result.rejected_finishes = [
+                    f.idx for f, ok in zip(batch.finishes, applied, strict=True) if not ok
+                ]
                 db.executemany(
                     Q["insert_attempt"],
                     (
@@ -319,25 +343,37 @@ class SQLiteStore:
                 ready = [(rid, m.idx) for m in batch.marks if m.status is StepStatus.READY]
                 if ready:
                     db.executemany(Q["mark_ready"], ready)
-                rows = [
-                    (str(m.status), m.error, m.status.terminal, batch.now, rid, m.idx, _STEP_SOURCES_JSON[m.status])
+                marks: list[tuple[Any, ...]] = [
+                    (
+                        str(m.status),
+                        m.error,
+                        m.status.terminal,
+                        batch.now,
+                        rid,
+                        m.idx,
+                        _STEP_SOURCES_JSON[m.status],
+                    )
                     for m in batch.marks
                     if m.status is not StepStatus.READY
                 ]
-                if rows:
-                    db.executemany(Q["mark_step"], rows)
+                if marks:
+                    db.executemany(Q["mark_step"], marks)
 
             if batch.claims:
                 if run_status is RunStatus.RUNNING:
-                    rows = [(c.attempt, owner, c.started_at, rid, c.idx, c.attempt - 1) for c in batch.claims]
-                    applied = self._apply_many(db, Q["claim_step"], rows)
-                    result.rejected_claims = [c.idx for c, ok in zip(batch.claims, applied, strict=True) if not ok]
+                    claims = [
+                        (c.attempt, owner, c.started_at, rid, c.idx, c.attempt - 1) for c in batch.claims
+                    ]
+                    applied = self._apply_many(db, Q["claim_step"], claims)
+                    result.rejected_claims = [
+                        c.idx for c, ok in zip(batch.claims, applied, strict=True) if not ok
+                    ]
                 else:
                     result.rejected_claims = [c.idx for c in batch.claims]
 
-            if batch.run_status is not None:
-                if self._set_run_status(db, rid, batch.run_status, batch.now, batch.run_error):
-                    run_status = batch.run_status
+            final = batch.run_status
+            if final is not None and self._set_run_status(db, rid, final, batch.now, batch.run_error):
+                run_status = final
             result.run_status = run_status
         return result
 
