@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import RunExecutor
-from baton.errors import Conflict, UsageError
+from baton.errors import BatonError, Conflict, UsageError
 from baton.plan.analysis import analyze
 from baton.plan.dag import Dag
 from baton.plan.model import Plan, Step
@@ -27,6 +29,8 @@ from baton.plan.validate import load_plan, parse_plan, validate_plan
 from baton.status import RunStatus, StepStatus
 from baton.store import RunRecord, StepRecord, Store, store_for
 from baton.tasks.registry import Registry
+
+log = structlog.get_logger("baton.engine")
 
 PlanSource = Plan | Mapping[str, Any] | str | Path
 
@@ -267,7 +271,11 @@ class Engine:
             ids = list(self._executors)
             if not ids:
                 break
-            statuses = await self.store.heartbeat(self.owner, self.lease_s, time.time(), ids)
+            try:
+                statuses = await self.store.heartbeat(self.owner, self.lease_s, time.time(), ids)
+            except BatonError as exc:  # a busy or vanished database: try again next beat
+                log.warning("heartbeat failed", owner=self.owner, error=exc.message)
+                continue
             for run_id, status in statuses.items():
                 executor = self._executors.get(run_id)
                 if executor is None:

@@ -147,6 +147,9 @@ class RunExecutor:
 
     def _absorb(self, r: _Result, batch: Batch) -> None:
         i = r.idx
+        task = self.running.get(i)
+        if task is None or (r.attempt != self.attempt[i]):
+            return  # given up on after the cancel grace period; already recorded
         del self.running[i]
         self.started_at.pop(i, None)
         retry = self.retries[i]
@@ -341,6 +344,9 @@ class RunExecutor:
         if status is RunStatus.CANCELLED:
             for task in self.running.values():
                 task.cancel()
+            if self.running:
+                loop = asyncio.get_running_loop()
+                loop.call_later(self.engine.cancel_grace_s, self._give_up_running)
             for i, st in enumerate(self.status):
                 if st in (S.PENDING, S.READY, S.RETRYING):
                     self.status[i] = S.CANCELLED
@@ -379,13 +385,25 @@ class RunExecutor:
             await self.engine.store.release_run(self.run_id, self.engine.owner)
         return self.run_status
 
-    async def cancel_running(self, grace_s: float) -> None:
-        """Cancel running attempts; those that ignore it past the grace period are given up."""
-        tasks = list(self.running.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace_s)
+    def _give_up_running(self) -> None:
+        """Attempts still running a grace period after a cancel are recorded as cancelled.
+
+        Their tasks were asked to stop and ignored it (or run in a thread that cannot be
+        interrupted); the run does not wait for them, and their late results are dropped.
+        """
+        now = time.time()
+        for i in list(self.running):
+            self.results.append(
+                _Result(
+                    i,
+                    self.attempt[i],
+                    self.started_at.get(i, now),
+                    now,
+                    "cancelled",
+                    error=f"did not stop within the {self.engine.cancel_grace_s}s cancel grace period",
+                )
+            )
+        self.wake.set()
 
     def _emit(self, batch: Batch, rejected_finishes: list[int], rejected_claims: list[int]) -> None:
         engine = self.engine

@@ -166,9 +166,15 @@ class SQLiteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"database {self.path}: {exc}") from None
         try:
             yield db
+        except sqlite3.OperationalError as exc:
+            db.execute("ROLLBACK")
+            raise StoreError(f"database {self.path}: {exc}") from None
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -384,6 +390,8 @@ class SQLiteStore:
         The fast path is one executemany; only when some row was guarded out does it redo
         the rows one by one (inside a savepoint) to learn which.
         """
+        if len(rows) == 1:
+            return [db.execute(sql, rows[0]).rowcount == 1]
         db.execute("SAVEPOINT many")
         changed = db.executemany(sql, rows).rowcount
         if changed == len(rows):
