@@ -173,7 +173,8 @@ class Engine:
         if isinstance(source, Path):
             return load_plan(source, self.registry)
         if isinstance(source, str):
-            if "\n" not in source and (source.endswith((".yaml", ".yml", ".json")) or Path(source).is_file()):
+            text = source.lstrip()
+            if "\n" not in text and not text.startswith(("{", "name:")):
                 return load_plan(source, self.registry)
             from baton.plan.validate import read_plan_text
 

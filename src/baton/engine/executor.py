@@ -157,7 +157,8 @@ class RunExecutor:
             status, not_before = S.SUCCEEDED, None
         elif r.outcome == "cancelled":
             status, not_before = S.CANCELLED, None
-        elif r.attempt < retry.attempts and self.run_status is RunStatus.RUNNING:
+        elif r.attempt < retry.attempts and self.run_status is not RunStatus.CANCELLED:
+            # While paused the retry waits in the store; resume (here or elsewhere) runs it.
             status = S.RETRYING
             delay = retry.delay(r.attempt, self.rand.random())
             not_before = r.finished_at + delay
@@ -257,17 +258,21 @@ class RunExecutor:
             if timeout is None:
                 value = await task.invoke(inputs, ctx)
             else:
-                async with asyncio.timeout(timeout):
-                    value = await task.invoke(inputs, ctx)
+                deadline = asyncio.timeout(timeout)
+                try:
+                    async with deadline:
+                        value = await task.invoke(inputs, ctx)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise  # the handler's own timeout, not the step's
+                    result.outcome = "timeout"
+                    raise StepTimeout(f"attempt {attempt} timed out after {timeout}s") from None
             result.output_json = json.dumps(value, ensure_ascii=False, allow_nan=False)
             errors = run_checks(value, self.validators[i]) if self.validators[i] else []
             if errors:
                 result.error = "validation failed: " + "; ".join(errors)
             else:
                 result.outcome, result.output = "succeeded", value
-        except TimeoutError:
-            result.outcome = "timeout"
-            result.error = str(StepTimeout(f"attempt {attempt} timed out after {self.timeouts[i]}s"))
         except asyncio.CancelledError:
             result.outcome, result.error = "cancelled", "cancelled"
         except (TypeError, ValueError) as exc:

@@ -85,7 +85,7 @@ def resolve(value: Any, lookup: Callable[[Ref], Any]) -> Any:
         if "${{" not in value:
             return value
         whole = _EXPR.fullmatch(value)
-        if whole is not None:
+        if whole is not None and "${{" not in whole.group(1):
             return lookup(parse_ref(whole.group(1)))
         return _EXPR.sub(lambda m: _as_text(lookup(parse_ref(m.group(1)))), value)
     if isinstance(value, Mapping):

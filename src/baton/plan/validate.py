@@ -68,6 +68,7 @@ def parse_plan(raw: Any, registry: Registry, source: str | None = None) -> Plan:
     problems: list[Problem] = []
     steps_raw: Any = raw.get("steps")
     steps: list[Step] = []
+    typed: list[bool] = []
     if not isinstance(steps_raw, list):
         problems.append(Problem("steps", "required: a list of steps"))
     elif not steps_raw:
@@ -76,15 +77,18 @@ def parse_plan(raw: Any, registry: Registry, source: str | None = None) -> Plan:
         for i, s in enumerate(steps_raw):
             try:
                 steps.append(Step.model_validate(s))
+                typed.append(True)
             except ValidationError as exc:
                 problems += _pydantic_problems(exc, f"steps[{i}]")
+                steps.append(_partial_step(s, i))
+                typed.append(False)
     header = {k: v for k, v in raw.items() if k != "steps"}
     try:
         plan = Plan.model_validate({**header, "steps": []})
     except ValidationError as exc:
         problems += _pydantic_problems(exc)
         plan = None
-    problems += graph_problems(steps, registry)
+    problems += graph_problems(steps, registry, typed)
     if problems or plan is None:
         raise PlanError(problems, source)
     return plan.model_copy(update={"steps": steps})
@@ -100,8 +104,29 @@ def validate_plan(plan: Plan, registry: Registry, source: str | None = None) -> 
     return plan
 
 
-def graph_problems(steps: Sequence[Step], registry: Registry) -> list[Problem]:
-    """Duplicate ids, unknown needs, cycles, unknown tasks, bad inputs and references."""
+def _partial_step(raw: Any, position: int) -> Step:
+    """What can be read of a step that failed its type checks, so that the graph checks
+    still know it (its id, needs and references); the rest was reported already."""
+    data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    sid = data.get("id")
+    needs = data.get("needs")
+    inputs = data.get("with")
+    return Step.model_construct(
+        id=sid if isinstance(sid, str) else f"steps[{position}]",  # cannot clash: not a valid id
+        task="",
+        needs=[n for n in needs if isinstance(n, str)] if isinstance(needs, list) else [],
+        inputs=inputs if isinstance(inputs, dict) else {},
+    )
+
+
+def graph_problems(
+    steps: Sequence[Step], registry: Registry, typed: Sequence[bool] | None = None
+) -> list[Problem]:
+    """Duplicate ids, unknown needs, cycles, unknown tasks, bad inputs and references.
+
+    ``typed[i]`` False marks a step that failed its type checks: only its id, needs and
+    references take part (its other problems were reported already).
+    """
     problems: list[Problem] = []
     index: dict[str, int] = {}
     for i, step in enumerate(steps):
@@ -127,15 +152,17 @@ def graph_problems(steps: Sequence[Step], registry: Registry) -> list[Problem]:
         needs.append(mine)
 
     _, leftover = topo_order(needs)
-    acyclic = not leftover
     if leftover:
         cycle = find_cycle(needs, leftover)
         path = " -> ".join(steps[i].id for i in cycle)
         problems.append(Problem("steps", f"cycle: {path}"))
 
-    ancestors = _ancestors(needs) if acyclic else None
+    ancestors = None if leftover else _ancestors(needs)
     for i, step in enumerate(steps):
         where = f"steps[{i}]"
+        if typed is not None and not typed[i]:
+            problems += _reference_problems(step, where, index, needs, ancestors)
+            continue
         if step.task not in registry:
             problems.append(Problem(f"{where}.task", f"unknown task {step.task!r} in step {step.id!r}"))
         else:
@@ -144,15 +171,15 @@ def graph_problems(steps: Sequence[Step], registry: Registry) -> list[Problem]:
         for j, v in enumerate(step.validate_):
             for message in option_problems(v.kind, v.model_dump()):
                 problems.append(Problem(f"{where}.validate[{j}]", message))
-        problems += _reference_problems(step, where, index, needs if acyclic else None, ancestors)
+        problems += _reference_problems(step, where, index, needs, ancestors)
     return problems
 
 
 def _ancestors(needs: list[list[int]]) -> list[frozenset[int]] | None:
-    """Transitive needs of each node, or None when that would be too large to hold.
+    """Transitive needs of each node (for an acyclic graph), or None when too large to hold.
 
-    Reference checks only ask about steps named in references, so for big plans the
-    check walks needs on demand instead (see _reaches).
+    Reference checks only ask about steps named in references, so for big plans (and
+    cyclic ones) the check walks needs on demand instead (see _reaches).
     """
     if len(needs) > 2000:
         return None
@@ -184,7 +211,7 @@ def _reference_problems(
     step: Step,
     where: str,
     index: Mapping[str, int],
-    needs: list[list[int]] | None,
+    needs: list[list[int]],
     ancestors: list[frozenset[int]] | None,
 ) -> list[Problem]:
     problems: list[Problem] = []
@@ -199,10 +226,8 @@ def _reference_problems(
             target = index.get(ref.step)
             if target is None:
                 problems.append(Problem(loc, f"reference to unknown step {ref.step!r}"))
-            elif (
-                me is not None
-                and needs is not None
-                and not (target in ancestors[me] if ancestors is not None else _reaches(needs, me, target))
+            elif me is not None and not (
+                target in ancestors[me] if ancestors is not None else _reaches(needs, me, target)
             ):
                 problems.append(
                     Problem(

@@ -123,6 +123,10 @@ async def shell(
     try:
         async with asyncio.timeout(timeout_s):
             out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    except TimeoutError:
+        _kill_group(proc)
+        await proc.wait()
+        raise TaskFailed(f"shell: {argv[0]} timed out after {timeout_s}s and was killed") from None
     except BaseException:
         # Timeout or cancellation: the whole process group goes, not just the leader.
         _kill_group(proc)

@@ -36,6 +36,13 @@ class TaskContext:
         return f"{self.run_id}:{self.step_id}"
 
 
+def _is_context(annotation: Any) -> bool:
+    """A TaskContext annotation, also as a string (``from __future__ import annotations``)."""
+    if annotation is TaskContext:
+        return True
+    return isinstance(annotation, str) and annotation.rpartition(".")[2] == "TaskContext"
+
+
 Estimator = Callable[[Mapping[str, Any]], float | None]
 
 
@@ -66,7 +73,7 @@ class TaskDef:
                 continue
             if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
                 continue
-            if p.annotation in (TaskContext, "TaskContext"):
+            if _is_context(p.annotation):
                 context_param = p.name
                 continue
             params.add(p.name)

@@ -183,6 +183,12 @@ class SQLiteStore:
     # -- runs ------------------------------------------------------------------------
 
     async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
+        try:
+            self._insert_run(run, steps)
+        except sqlite3.IntegrityError:
+            raise Conflict(f"run {run.id} exists") from None
+
+    def _insert_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
         with self._write() as db:
             db.execute(
                 Q["insert_run"],
