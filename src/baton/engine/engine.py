@@ -233,14 +233,19 @@ class Engine:
         current = await self.store.get_run(run_id) if fresh is None else None
         dead = current.owner if current is not None and owner_is_dead(current.owner) else None
         run = await self.store.acquire_run(run_id, self.owner, self.lease_s, time.time(), dead_owner=dead)
-        if fresh is not None:
-            plan, dag, records = fresh
-        else:
-            assert current is not None
-            plan = Plan.model_validate(current.plan)
-            dag = analyze(plan, self.registry)
-            records = await self.store.get_steps(run.id)
-        executor = RunExecutor(self, run, plan, dag, records)
+        try:
+            if fresh is not None:
+                plan, dag, records = fresh
+            else:
+                assert current is not None
+                plan = validate_plan(Plan.model_validate(current.plan), self.registry)
+                dag = analyze(plan, self.registry)
+                records = await self.store.get_steps(run.id)
+            executor = RunExecutor(self, run, plan, dag, records)
+        except BaseException:
+            # Cannot execute it here (say, its tasks are not imported): let others try.
+            await self.store.release_run(run.id, self.owner)
+            raise
         self._executors[run.id] = executor
         self._control.pop(run.id, None)
         task = asyncio.create_task(self._drive(run.id, executor), name=f"baton-run-{run.id}")
@@ -313,8 +318,13 @@ class Engine:
         await self.open()
         run = await self.store.get_run(run_id)
         if run.status is RunStatus.PAUSED:
-            run = await self.store.set_run_status(run.id, RunStatus.RUNNING, time.time())
             executor = self._executors.get(run.id)
+            if executor is None and self._held_elsewhere(run):
+                raise Conflict(
+                    f"run {run.id} is still held by {run.owner}, which is finishing its running "
+                    "steps; resume it once that process has let go"
+                )
+            run = await self.store.set_run_status(run.id, RunStatus.RUNNING, time.time())
             if executor is not None:  # still draining here: just let it go on
                 self._control[run.id] = RunStatus.RUNNING
                 executor.wake.set()
@@ -322,6 +332,15 @@ class Engine:
         elif run.status.terminal:
             raise Conflict(f"run {run.id} is {run.status}; there is nothing to resume")
         return await self._start(run.id)
+
+    def _held_elsewhere(self, run: RunRecord) -> bool:
+        """Another live process holds the run's lease."""
+        return (
+            run.owner is not None
+            and run.owner != self.owner
+            and (run.lease_expires_at or 0.0) >= time.time()
+            and not owner_is_dead(run.owner)
+        )
 
     async def recover(self) -> list[RunHandle]:
         """Take over every run whose owner is gone, and execute it here.
@@ -339,6 +358,8 @@ class Engine:
                 handles.append(await self._start(run_id))
             except Conflict:
                 continue  # another process was faster
+            except BatonError as exc:
+                log.warning("cannot recover run here", run_id=run_id, error=exc.message)
         return handles
 
     # -- reading -------------------------------------------------------------------------------

@@ -64,24 +64,26 @@ class RunExecutor:
         self.barrier = policy.barrier == "wave"
         default_timeout = policy.effective_timeout_s()
         default_retry = policy.retry or _NO_RETRY
-        self.tasks: list[TaskDef] = [registry.get(s.task) for s in plan.steps]
+        by_name = {name: registry.get(name) for name in {s.task for s in plan.steps}}
+        self.tasks: list[TaskDef] = [by_name[s.task] for s in plan.steps]
         self.timeouts: list[float | None] = [
             s.timeout_s if s.timeout_s is not None else default_timeout for s in plan.steps
         ]
         self.retries: list[RetryPolicy] = [s.retry or default_retry for s in plan.steps]
-        self.templated = [has_refs(s.inputs) for s in plan.steps]
+        self.templated = [bool(s.inputs) and has_refs(s.inputs) for s in plan.steps]
         self.validators = [[v.model_dump() for v in s.validate_] for s in plan.steps]
 
         self.status: list[StepStatus] = [r.status for r in records]
         self.attempt: list[int] = [r.attempt for r in records]
         self.outputs: dict[int, Any] = {r.idx: r.output for r in records if r.status is S.SUCCEEDED}
-        self.waiting: list[int] = [
-            sum(1 for j in self.dag.needs[i] if self.status[j] is not S.SUCCEEDED) for i in range(n)
-        ]
-        self.unfinished_in_wave: list[int] = [0] * (max(self.dag.wave, default=0) + 1)
-        for i in range(n):
-            if not self.status[i].terminal:
-                self.unfinished_in_wave[self.dag.wave[i]] += 1
+        self.waiting: list[int] = [len(ns) for ns in dag.needs]
+        for i in self.outputs:
+            for d in dag.dependents[i]:
+                self.waiting[d] -= 1
+        self.unfinished_in_wave: list[int] = [0] * (max(dag.wave, default=0) + 1)
+        for i, st in enumerate(self.status):
+            if st not in _TERMINAL:
+                self.unfinished_in_wave[dag.wave[i]] += 1
         self.unfinished = sum(self.unfinished_in_wave)
         self.current_wave = 0
         self.workdir_path = engine.workdir_path(run.workdir)
@@ -267,7 +269,7 @@ class RunExecutor:
                         raise  # the handler's own timeout, not the step's
                     result.outcome = "timeout"
                     raise StepTimeout(f"attempt {attempt} timed out after {timeout}s") from None
-            result.output_json = json.dumps(value, ensure_ascii=False, allow_nan=False)
+            result.output_json = _encode(value)
             errors = run_checks(value, self.validators[i]) if self.validators[i] else []
             if errors:
                 result.error = "validation failed: " + "; ".join(errors)
@@ -354,7 +356,8 @@ class RunExecutor:
                 loop.call_later(self.engine.cancel_grace_s, self._give_up_running)
             for i, st in enumerate(self.status):
                 if st in (S.PENDING, S.READY, S.RETRYING):
-                    self.status[i] = S.CANCELLED
+                    self.status[i] = S.CANCELLED  # the store cancelled these with the run
+                    self.engine.emit(Event("step.cancelled", self.run_id, self.dag.ids[i]))
         elif status is RunStatus.RUNNING:
             for i, st in enumerate(self.status):
                 if st in (S.READY, S.RETRYING) or (st is S.PENDING and self.waiting[i] == 0):
@@ -430,3 +433,6 @@ class RunExecutor:
 
 
 _BLOCKING = frozenset({S.FAILED, S.SKIPPED, S.CANCELLED})
+_TERMINAL = frozenset(st for st in StepStatus if st.terminal)
+#: one encoder for every output (json.dumps with options builds a new one per call).
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode

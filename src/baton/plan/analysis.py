@@ -15,11 +15,12 @@ def step_estimates(steps: list[Step], registry: Registry) -> list[float]:
     Steps with no estimate weigh the median of the known ones (1.0 when none is known),
     so that critical-path-first ordering still counts them.
     """
+    estimators = {name: registry.get(name).estimate for name in {s.task for s in steps} if name in registry}
     known: list[float | None] = []
     for step in steps:
         guess = step.estimate_s
-        if guess is None and step.task in registry:
-            estimate = registry.get(step.task).estimate
+        if guess is None:
+            estimate = estimators.get(step.task)
             if estimate is not None:
                 try:
                     guess = estimate(step.inputs)
@@ -34,5 +35,5 @@ def step_estimates(steps: list[Step], registry: Registry) -> list[float]:
 def analyze(plan: Plan, registry: Registry) -> Dag:
     """The plan's DAG with critical-path weights (call after validation)."""
     index = {s.id: i for i, s in enumerate(plan.steps)}
-    needs = [[index[n] for n in s.needs] for s in plan.steps]
+    needs = [[index[n] for n in s.needs] if s.needs else [] for s in plan.steps]
     return Dag.build([s.id for s in plan.steps], needs, step_estimates(plan.steps, registry))

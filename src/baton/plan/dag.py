@@ -9,15 +9,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-def topo_order(needs: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
-    """Kahn's order of the nodes, and the nodes left over (which lie on or behind cycles)."""
-    n = len(needs)
-    indegree = [len(ns) for ns in needs]
-    dependents: list[list[int]] = [[] for _ in range(n)]
+def dependents_of(needs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The reverse edges: for each node, the nodes that need it."""
+    dependents: list[list[int]] = [[] for _ in needs]
     for i, ns in enumerate(needs):
         for j in ns:
             dependents[j].append(i)
-    order = [i for i in range(n) if indegree[i] == 0]
+    return dependents
+
+
+def topo_order(
+    needs: Sequence[Sequence[int]], dependents: Sequence[Sequence[int]] | None = None
+) -> tuple[list[int], list[int]]:
+    """Kahn's order of the nodes, and the nodes left over (which lie on or behind cycles)."""
+    n = len(needs)
+    indegree = [len(ns) for ns in needs]
+    if dependents is None:
+        dependents = dependents_of(needs)
+    order = [i for i in range(n) if not indegree[i]]
     head = 0
     while head < len(order):
         node = order[head]
@@ -66,21 +75,24 @@ class Dag:
 
     @classmethod
     def build(cls, ids: Sequence[str], needs: Sequence[Sequence[int]], weights: Sequence[float]) -> Dag:
-        order, leftover = topo_order(needs)
+        dependents = dependents_of(needs)
+        order, leftover = topo_order(needs, dependents)
         if leftover:
             raise ValueError("graph has a cycle")
         n = len(ids)
-        dependents: list[list[int]] = [[] for _ in range(n)]
-        for i, ns in enumerate(needs):
-            for j in ns:
-                dependents[j].append(i)
         wave = [0] * n
         for node in order:
-            if needs[node]:
-                wave[node] = 1 + max(wave[j] for j in needs[node])
+            depth = 0
+            for j in needs[node]:
+                if wave[j] >= depth:
+                    depth = wave[j] + 1
+            wave[node] = depth
         remaining = [0.0] * n
         for node in reversed(order):
-            tail = max((remaining[d] for d in dependents[node]), default=0.0)
+            tail = 0.0
+            for d in dependents[node]:
+                if remaining[d] > tail:
+                    tail = remaining[d]
             remaining[node] = weights[node] + tail
         return cls(list(ids), [list(ns) for ns in needs], dependents, order, wave, remaining)
 

@@ -151,27 +151,28 @@ def graph_problems(
                 mine.append(index[need])
         needs.append(mine)
 
-    _, leftover = topo_order(needs)
+    _, leftover = topo_order(needs)  # Kahn leaves the nodes on (or behind) cycles
     if leftover:
         cycle = find_cycle(needs, leftover)
         path = " -> ".join(steps[i].id for i in cycle)
         problems.append(Problem("steps", f"cycle: {path}"))
 
     ancestors = None if leftover else _ancestors(needs)
+    tasks = {name: registry.get(name) for name in {s.task for s in steps} if name in registry}
     for i, step in enumerate(steps):
         where = f"steps[{i}]"
-        if typed is not None and not typed[i]:
+        if typed is None or typed[i]:
+            task = tasks.get(step.task)
+            if task is None:
+                problems.append(Problem(f"{where}.task", f"unknown task {step.task!r} in step {step.id!r}"))
+            else:
+                for message in task.check_inputs(step.inputs):
+                    problems.append(Problem(f"{where}.with", f"{message} in step {step.id!r}"))
+            for j, v in enumerate(step.validate_):
+                for message in option_problems(v.kind, v.model_dump()):
+                    problems.append(Problem(f"{where}.validate[{j}]", message))
+        if step.inputs:
             problems += _reference_problems(step, where, index, needs, ancestors)
-            continue
-        if step.task not in registry:
-            problems.append(Problem(f"{where}.task", f"unknown task {step.task!r} in step {step.id!r}"))
-        else:
-            for message in registry.get(step.task).check_inputs(step.inputs):
-                problems.append(Problem(f"{where}.with", f"{message} in step {step.id!r}"))
-        for j, v in enumerate(step.validate_):
-            for message in option_problems(v.kind, v.model_dump()):
-                problems.append(Problem(f"{where}.validate[{j}]", message))
-        problems += _reference_problems(step, where, index, needs, ancestors)
     return problems
 
 

@@ -1,0 +1,673 @@
+"""The command line: ``baton run|validate|runs|show|pause|resume|cancel``.
+
+Each command is a thin layer over the Engine, run with ``asyncio.run``. Errors are mapped to
+exit codes in one place (:func:`_execute`): a BatonError prints ``error: ...`` and exits with
+its ``exit_code``, anything else is an internal error; no traceback reaches the user. With
+``--json`` a command prints exactly one JSON document on stdout, errors included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import structlog
+import typer
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
+from baton.engine import Engine, RunHandle
+from baton.errors import BatonError, NotFound, UsageError
+from baton.plan import Policy, analyze
+from baton.status import RunStatus, StepStatus
+from baton.store import DEFAULT_DB, AttemptRecord, RunRecord, SQLiteStore, StepRecord
+
+EXIT_OK, EXIT_FAILED, EXIT_PAUSED = 0, 1, 3  # bad input is 2: BatonError.exit_code
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+REFRESH_S = 0.1  # at most ~10 redraws a second
+PREVIEW_CHARS = 80
+WAVE_IDS_SHOWN = 8
+
+app = typer.Typer(
+    name="baton",
+    help="Run plans (DAGs of steps) durably, and look at what happened.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DbOption = Annotated[
+    str,
+    typer.Option("--db", envvar="BATON_DB", help="Database: a file path, sqlite:///path or memory://."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
+ImportOption = Annotated[
+    list[str] | None,
+    typer.Option("--import", metavar="MODULE", help="Import a module so its @baton.task functions register."),
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress output; the result summary only.")
+]
+PlanArg = Annotated[
+    Path, typer.Argument(metavar="PLAN", help="Plan file (YAML or JSON).", show_default=False)
+]
+RunArg = Annotated[
+    str, typer.Argument(metavar="RUN", help="Run id, or a unique prefix of one.", show_default=False)
+]
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Session:
+    """What an interrupt handler needs to know about the command it interrupted."""
+
+    json: bool
+    db: str
+    run_id: str | None = None
+
+
+def _execute(session: _Session, body: Callable[[], Awaitable[int]]) -> NoReturn:
+    """Run a command's coroutine and exit with the code its outcome maps to."""
+    try:
+        code = asyncio.run(_with_sigterm(body))
+    except BatonError as exc:
+        code = _report(session, exc.to_dict(), exc.message, exc.exit_code)
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        code = EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED
+        kind = message = "interrupted" if interrupted else "terminated"
+        if session.run_id is not None:
+            message += (
+                f"; run {session.run_id} stopped in this process and can continue with: "
+                f"{_resume_hint(session.run_id, session.db)}"
+            )
+        doc: dict[str, object] = {"code": kind, "message": message, "run_id": session.run_id}
+        _report(session, doc, message, code)
+    except Exception as exc:
+        message = f"internal: {type(exc).__name__}: {exc}"
+        code = _report(session, {"code": "internal", "message": message}, message, EXIT_FAILED)
+    raise typer.Exit(code)
+
+
+async def _with_sigterm(body: Callable[[], Awaitable[int]]) -> int:
+    """SIGTERM cancels the command like Ctrl-C does, so leases are released on the way out."""
+    loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+    installed = False
+    if current is not None:
+        try:
+            loop.add_signal_handler(signal.SIGTERM, current.cancel)
+            installed = True
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
+    try:
+        return await body()
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _report(session: _Session, doc: dict[str, object], message: str, code: int) -> int:
+    _err.print(Text(f"error: {message}", style="red"))
+    if session.json:
+        _emit_json({"error": doc})
+    return code
+
+
+def _emit_json(doc: object) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _import_modules(modules: Sequence[str] | None) -> None:
+    """Import user modules so their ``@task`` declarations register (before any Engine exists)."""
+    if not modules:
+        return
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules next to the plan work
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise UsageError(f"cannot import module {name!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _engine(db: str, *, must_exist: bool = False) -> Engine:
+    """An engine on ``db``; with ``must_exist``, a missing SQLite file is NotFound, not created."""
+    engine = Engine(db)
+    store = engine.store
+    if must_exist and isinstance(store, SQLiteStore) and not store.path.exists():
+        raise NotFound(f"no database at {store.path} (set --db or BATON_DB)")
+    return engine
+
+
+def _resume_hint(run_id: str, db: str) -> str:
+    hint = f"baton resume {run_id}"
+    return hint if db == DEFAULT_DB else f"{hint} --db {shlex.quote(db)}"
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _local(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def _seconds(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else max(0.0, end - start)
+
+
+def _preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+    if value is None:
+        return ""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _exit_code(status: RunStatus) -> int:
+    if status is RunStatus.COMPLETED:
+        return EXIT_OK
+    if status is RunStatus.PAUSED:
+        return EXIT_PAUSED
+    return EXIT_FAILED
+
+
+# -- JSON shapes -------------------------------------------------------------------------------
+
+
+def _run_json(run: RunRecord) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "name": run.name,
+        "status": str(run.status),
+        "error": run.error,
+        "total_steps": run.total_steps,
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "duration_s": _seconds(run.started_at, run.finished_at),
+        "owner": run.owner,
+    }
+
+
+def _step_json(step: StepRecord) -> dict[str, Any]:
+    return {
+        "id": step.step_id,
+        "task": step.task,
+        "wave": step.wave,
+        "status": str(step.status),
+        "attempts": step.attempt,
+        "started_at": _iso(step.started_at),
+        "finished_at": _iso(step.finished_at),
+        "duration_s": _seconds(step.started_at, step.finished_at),
+        "error": step.error,
+        "output": step.output,
+    }
+
+
+def _attempt_json(attempt: AttemptRecord) -> dict[str, Any]:
+    return {
+        "step": attempt.step_id,
+        "attempt": attempt.attempt,
+        "status": attempt.status,
+        "duration_s": _seconds(attempt.started_at, attempt.finished_at),
+        "error": attempt.error,
+    }
+
+
+@dataclass(slots=True)
+class _RunView:
+    """A run as the store has it, with its steps and finished attempts."""
+
+    run: RunRecord
+    steps: list[StepRecord]
+    attempts: list[AttemptRecord]
+
+    @classmethod
+    async def load(cls, engine: Engine, run_id: str) -> _RunView:
+        run = await engine.store.get_run(run_id)
+        return cls(run, await engine.store.get_steps(run.id), await engine.store.get_attempts(run.id))
+
+    def to_json(self) -> dict[str, Any]:
+        """The run's fields, with its steps and attempts nested."""
+        return {
+            **_run_json(self.run),
+            "steps": [_step_json(s) for s in self.steps],
+            "attempts": [_attempt_json(a) for a in self.attempts],
+        }
+
+    def count(self, status: StepStatus) -> int:
+        return sum(1 for s in self.steps if s.status is status)
+
+
+async def _watch(engine: Engine, handle: RunHandle, view: _RunView) -> RunRecord:
+    """Wait for the run, redrawing a live per-wave display at most ~10 times a second."""
+    progress = Progress.of(view.run, view.steps)
+    unsubscribe = engine.subscribe(progress.on_event)
+    waiter = asyncio.ensure_future(handle.wait())  # shielded inside: cancelling it leaves the run
+    try:
+        with Live(
+            progress.render(), console=_out, auto_refresh=False, redirect_stdout=False, redirect_stderr=False
+        ) as live:
+            while not waiter.done():
+                await asyncio.wait([waiter], timeout=REFRESH_S)
+                live.update(progress.render(), refresh=True)
+            record = waiter.result()
+            # The last frame from the store: a cancel marks idle steps without events.
+            final = Progress.of(record, await engine.store.get_steps(record.id))
+            final.status, final.started = str(record.status), progress.started
+            final.retries, final.finished_here = progress.retries, progress.finished_here
+            live.update(final.render(), refresh=True)
+            return record
+    finally:
+        waiter.cancel()
+        unsubscribe()
+
+
+# -- following a run to its end ----------------------------------------------------------------
+
+
+async def _recover(engine: Engine, session: _Session, quiet: bool) -> list[RunHandle]:
+    """Take over runs on this database whose process died; they finish alongside ours."""
+    try:
+        handles = await engine.recover()
+    except BatonError as exc:
+        # One orphan that cannot run here (say, its tasks are not imported) must not stop ours.
+        _err.print(Text(f"warning: could not recover orphaned runs: {exc.message}", style="yellow"))
+        return []
+    for handle in handles:
+        run = await engine.store.get_run(handle.run_id)
+        if not session.json and not quiet:
+            _out.print(Text(f"recovered run {run.id} ({run.name}): its process stopped; continuing it here"))
+    return handles
+
+
+async def _follow(
+    engine: Engine,
+    handle: RunHandle,
+    session: _Session,
+    quiet: bool,
+    recovered: list[RunHandle],
+    verb: str,
+) -> int:
+    """Show progress until the run stops here, then the summary; the exit code."""
+    session.run_id = handle.run_id
+    view = await _RunView.load(engine, handle.run_id)
+    live = not session.json and not quiet and _out.is_terminal
+    if not session.json and not quiet:
+        policy = Policy.model_validate((view.run.plan or {}).get("policy", {}))
+        done = view.count(StepStatus.SUCCEEDED)
+        _out.print(
+            Text(
+                f"run {view.run.id} {verb}: {view.run.name}, {len(view.steps)} steps"
+                + (f" ({done} already succeeded)" if done else "")
+                + f", max_parallel {policy.effective_max_parallel(engine.default_max_parallel)}"
+            )
+        )
+    record = await _watch(engine, handle, view) if live else await handle.wait()
+    session.run_id = None  # ours has stopped: an interrupt from here on leaves nothing to resume
+    others = []
+    for other in recovered:
+        if other.run_id == handle.run_id:
+            continue
+        if not session.json and not quiet and not other.task.done():
+            _out.print(Text(f"waiting for recovered run {other.run_id} to finish"))
+        result = await other.wait()
+        others.append({"id": result.id, "name": result.name, "status": str(result.status)})
+    view = await _RunView.load(engine, record.id)
+    if session.json:
+        _emit_json({**view.to_json(), "recovered": others})
+    else:
+        for other_doc in others:
+            _out.print(Text(f"recovered run {other_doc['id']} ({other_doc['name']}): {other_doc['status']}"))
+        _print_summary(view, session.db)
+    return _exit_code(view.run.status)
+
+
+RESULTS_SHOWN = 3
+RESULT_LINES = 12
+
+
+def _print_results(view: _RunView) -> None:
+    """The outputs of the final steps (those no other step needs): what the run produced."""
+    needed = {n for s in (view.run.plan or {}).get("steps", []) for n in s.get("needs", [])}
+    finals = [s for s in view.steps if s.step_id not in needed and s.status is StepStatus.SUCCEEDED]
+    for s in finals[:RESULTS_SHOWN]:
+        text = s.output if isinstance(s.output, str) else json.dumps(s.output, ensure_ascii=False)
+        lines = text.splitlines() or [""]
+        _out.print(Text(f"  result of {s.step_id}:", style="bold"))
+        for line in lines[:RESULT_LINES]:
+            _out.print(Text(f"    {line[:200]}"))
+        if len(lines) > RESULT_LINES:
+            _out.print(Text(f"    ... ({len(lines) - RESULT_LINES} more lines: baton show {view.run.id})"))
+    if len(finals) > RESULTS_SHOWN:
+        _out.print(Text(f"  (+{len(finals) - RESULTS_SHOWN} more final steps: baton show {view.run.id})"))
+
+
+def _print_summary(view: _RunView, db: str) -> None:
+    run = view.run
+    ended = run.finished_at if run.finished_at is not None else time.time()
+    _out.print(
+        Text.assemble(
+            f"run {run.id} ({run.name}): ",
+            styled(str(run.status)),
+            f" in {human_s(_seconds(run.started_at, ended))}",
+        )
+    )
+    counts = {st: view.count(st) for st in StepStatus}
+    shown = [StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED]
+    shown += [st for st in StepStatus if st not in shown and counts[st]]
+    _out.print(Text(f"  steps: {', '.join(f'{counts[st]} {st}' for st in shown)} ({len(view.steps)} total)"))
+    failed = [s for s in view.steps if s.status is StepStatus.FAILED]
+    if failed:
+        _out.print(Text("  failed steps:", style="red"))
+        for s in failed:
+            tries = f" ({s.attempt} attempts)" if s.attempt > 1 else ""
+            _out.print(Text(f"    {s.step_id}: {s.error or 'failed'}{tries}"))
+    skipped = [s.step_id for s in view.steps if s.status is StepStatus.SKIPPED]
+    if skipped:
+        more = f" (+{len(skipped) - WAVE_IDS_SHOWN} more)" if len(skipped) > WAVE_IDS_SHOWN else ""
+        ids = ", ".join(skipped[:WAVE_IDS_SHOWN])
+        _out.print(Text(f"  skipped (a step they need did not succeed): {ids}{more}"))
+    _print_results(view)
+    if run.status is RunStatus.PAUSED:
+        _out.print(Text(f"  continue with: {_resume_hint(run.id, db)}"))
+    elif not run.status.terminal:
+        _out.print(
+            Text(f"  the run stopped executing here (another process took it over); see: baton show {run.id}")
+        )
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    plan: PlanArg,
+    db: DbOption = DEFAULT_DB,
+    max_parallel: Annotated[
+        int | None,
+        typer.Option("--max-parallel", min=1, help="Run at most N steps at once (overrides the plan)."),
+    ] = None,
+    json_out: JsonOption = False,
+    imports: ImportOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Validate a plan, run it to the end with live progress, and summarise the result.
+
+    Exit codes: 0 completed, 1 failed or cancelled, 2 bad input, 3 paused, 130 interrupted.
+    """
+    session = _Session(json_out, db)
+
+    async def body() -> int:
+        _import_modules(imports)
+        engine = _engine(db)
+        loaded = engine.load(plan)  # before the store opens: a bad plan writes nothing
+        if max_parallel is not None:
+            policy = loaded.policy.model_copy(update={"max_parallel": max_parallel})
+            loaded = loaded.model_copy(update={"policy": policy})
+        async with engine:
+            recovered = await _recover(engine, session, quiet)
+            handle = await engine.submit(loaded)
+            assert isinstance(handle, RunHandle)  # submit(start=True) always returns one
+            return await _follow(engine, handle, session, quiet, recovered, "started")
+
+    _execute(session, body)
+
+
+@app.command()
+def resume(
+    run_id: RunArg,
+    db: DbOption = DEFAULT_DB,
+    json_out: JsonOption = False,
+    imports: ImportOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Continue a paused run, or one whose process died, here; then like `baton run`.
+
+    A run that another live process is executing is not taken over (exit 2).
+    """
+    session = _Session(json_out, db)
+
+    async def body() -> int:
+        _import_modules(imports)
+        async with _engine(db, must_exist=True) as engine:
+            handle = await engine.resume(run_id)
+            return await _follow(engine, handle, session, quiet, [], "resumed")
+
+    _execute(session, body)
+
+
+@app.command()
+def validate(
+    plan: PlanArg,
+    db: DbOption = DEFAULT_DB,
+    json_out: JsonOption = False,
+    imports: ImportOption = None,
+) -> None:
+    """Check a plan without running it: steps, waves, critical path, effective max_parallel."""
+    session = _Session(json_out, db)
+
+    async def body() -> int:
+        _import_modules(imports)
+        engine = _engine(db)  # never opened: validating touches no database
+        try:
+            loaded = engine.load(plan)
+            dag = analyze(loaded, engine.registry)
+            parallel = loaded.policy.effective_max_parallel(engine.default_max_parallel)
+        finally:
+            await engine.close()
+        waves, path = dag.waves, dag.critical_path()
+        if json_out:
+            _emit_json(
+                {
+                    "valid": True,
+                    "plan": str(plan),
+                    "name": loaded.name,
+                    "steps": len(loaded.steps),
+                    "waves": waves,
+                    "critical_path": {
+                        "steps": path,
+                        "length": len(path),
+                        "estimate_s": dag.critical_path_weight(),
+                    },
+                    "max_parallel": parallel,
+                }
+            )
+            return EXIT_OK
+        _out.print(Text.assemble(f"plan {loaded.name} ({plan}): ", ("valid", "green")))
+        _out.print(Text(f"  steps: {len(loaded.steps)}, waves: {len(waves)}, max_parallel: {parallel}"))
+        _out.print(Text("  waves:"))
+        for w, ids in enumerate(waves[:WAVES_SHOWN]):
+            more = f" … (+{len(ids) - WAVE_IDS_SHOWN} more)" if len(ids) > WAVE_IDS_SHOWN else ""
+            _out.print(Text(f"    {w}: {', '.join(ids[:WAVE_IDS_SHOWN])}{more}"))
+        if len(waves) > WAVES_SHOWN:
+            _out.print(Text(f"    … {len(waves) - WAVES_SHOWN} more waves"))
+        plural = "" if len(path) == 1 else "s"
+        estimate = human_s(dag.critical_path_weight())
+        _out.print(
+            Text(f"  critical path: {' -> '.join(path)} ({len(path)} step{plural}, ~{estimate} estimated)")
+        )
+        return EXIT_OK
+
+    _execute(session, body)
+
+
+@app.command()
+def runs(
+    db: DbOption = DEFAULT_DB,
+    status: Annotated[RunStatus | None, typer.Option("--status", help="Only runs with this status.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many runs, newest first.")] = 20,
+    json_out: JsonOption = False,
+) -> None:
+    """List runs, newest first."""
+    session = _Session(json_out, db)
+
+    async def body() -> int:
+        engine = _engine(db)
+        store = engine.store
+        found: list[RunRecord] = []
+        if not (isinstance(store, SQLiteStore) and not store.path.exists()):  # no file: no runs
+            async with engine:
+                found = await store.list_runs(limit=limit, status=status)
+        if json_out:
+            _emit_json({"runs": [_run_json(r) for r in found]})
+            return EXIT_OK
+        if not found:
+            _out.print("no runs")
+            return EXIT_OK
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
+        table.add_column("id", no_wrap=True)
+        table.add_column("name", overflow="fold", min_width=8)
+        table.add_column("status", no_wrap=True)
+        table.add_column("steps", justify="right", no_wrap=True)
+        table.add_column("created", no_wrap=True)
+        table.add_column("duration", justify="right", no_wrap=True)
+        for r in found:
+            table.add_row(
+                r.id,
+                Text(r.name),
+                styled(str(r.status)),
+                str(r.total_steps),
+                _local(r.created_at),
+                human_s(_seconds(r.started_at, r.finished_at)),
+            )
+        _out.print(table)
+        return EXIT_OK
+
+    _execute(session, body)
+
+
+@app.command()
+def show(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = False) -> None:
+    """A run and each of its steps; the attempt history of steps that were retried."""
+    session = _Session(json_out, db)
+
+    async def body() -> int:
+        async with _engine(db, must_exist=True) as engine:
+            view = await _RunView.load(engine, run_id)
+        if json_out:
+            _emit_json(view.to_json())
+            return EXIT_OK
+        _print_run(view)
+        return EXIT_OK
+
+    _execute(session, body)
+
+
+def _print_run(view: _RunView) -> None:
+    run = view.run
+    _out.print(Text.assemble(f"run {run.id} ({run.name}): ", styled(str(run.status))))
+    if run.error:
+        _out.print(Text(f"  error: {run.error}", style="red"))
+    _out.print(
+        Text(
+            f"  created {_local(run.created_at)}, started {_local(run.started_at) or '-'}, "
+            f"finished {_local(run.finished_at) or '-'}"
+            + (f", took {human_s(_seconds(run.started_at, run.finished_at))}" if run.finished_at else "")
+        )
+    )
+    if run.owner and not run.status.terminal:
+        _out.print(Text(f"  executed by {run.owner}"))
+    heads = ("step", "wave", "status", "attempts", "duration")
+    rows = [
+        (
+            s.step_id,
+            str(s.wave),
+            str(s.status),
+            str(s.attempt),
+            human_s(_seconds(s.started_at, s.finished_at)),
+        )
+        for s in view.steps
+    ]
+    # The output preview gets the width the other columns leave (cell padding, table edges).
+    used = sum(max(len(h), *(len(r[k]) for r in rows)) + 2 for k, h in enumerate(heads))
+    room = min(PREVIEW_CHARS, max(16, _out.width - used - 6))
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False)
+    for h in heads:
+        table.add_column(h, justify="left" if h in ("step", "status") else "right", no_wrap=True)
+    table.add_column("output", overflow="ellipsis", no_wrap=True)
+    for s, row in zip(view.steps, rows, strict=True):
+        table.add_row(*row[:2], styled(row[2]), *row[3:], Text(_preview(s.output, room)))
+    _out.print(table)
+    # Errors are listed in full below the table: a table cell would cut or fold them.
+    errors = [s for s in view.steps if s.error]
+    if errors:
+        _out.print(Text("errors:", style="bold"))
+        for s in errors:
+            _out.print(Text.assemble(f"  {s.step_id} ", styled(str(s.status)), f": {s.error}"))
+    retried = {s.step_id for s in view.steps if s.attempt > 1}
+    history = [a for a in view.attempts if a.step_id in retried]
+    if history:
+        _out.print(Text("attempts of retried steps:", style="bold"))
+        for a in history:
+            _out.print(
+                Text.assemble(
+                    f"  {a.step_id} #{a.attempt}: ",
+                    styled(a.status),
+                    f" {human_s(_seconds(a.started_at, a.finished_at))}",
+                    (f"  {a.error}" if a.error else ""),
+                )
+            )
+
+
+def _control(run_id: str, db: str, json_out: bool, status: RunStatus) -> None:
+    session = _Session(json_out, db)
+
+    async def body() -> int:
+        async with _engine(db, must_exist=True) as engine:
+            record = await (engine.pause(run_id) if status is RunStatus.PAUSED else engine.cancel(run_id))
+        if json_out:
+            _emit_json(_run_json(record))
+            return EXIT_OK
+        _out.print(Text.assemble(f"run {record.id} ({record.name}): ", styled(str(record.status))))
+        if status is RunStatus.PAUSED:
+            hint = _resume_hint(record.id, db)
+            _out.print(Text(f"  steps already running finish first; continue with: {hint}"))
+        else:
+            _out.print(Text("  no new step starts; running steps are stopped"))
+        return EXIT_OK
+
+    _execute(session, body)
+
+
+@app.command()
+def pause(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = False) -> None:
+    """Pause a run: no new step starts, running ones finish; `baton resume` continues it."""
+    _control(run_id, db, json_out, RunStatus.PAUSED)
+
+
+@app.command()
+def cancel(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = False) -> None:
+    """Cancel a run: no new step starts, running ones are stopped."""
+    _control(run_id, db, json_out, RunStatus.CANCELLED)
+
+
+def main() -> None:
+    """Entry point of the ``baton`` command."""
+    # structlog prints to stdout by default; stdout belongs to results (and --json documents).
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        app(prog_name="baton")
+    except Exception as exc:  # a last resort: commands map their own errors
+        _err.print(Text(f"error: internal: {type(exc).__name__}: {exc}", style="red"))
+        sys.exit(EXIT_FAILED)
