@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from baton import Engine, RunStatus
+from baton.runtime import GC_THRESHOLDS, tune_gc
 
 
 def fan_out(n: int) -> list[dict[str, Any]]:
@@ -114,9 +116,9 @@ def median_of(samples: list[dict[str, float]]) -> dict[str, float]:
 
 async def throughput(tmp: Path, repeat: int) -> dict[str, Any]:
     cases = {
-        "fan_out_10000": (fan_out(10_000), 32),
+        "fan_out_10000": (fan_out(10_000), 64),
         "chain_1000": (chain(1000), 8),
-        "random_dag_10000": (random_dag(10_000, seed=7), 32),
+        "random_dag_10000": (random_dag(10_000, seed=7), 64),
     }
     out: dict[str, Any] = {}
     raw_loop: list[float] = []
@@ -183,6 +185,8 @@ def peak_rss(tmp: Path, steps: int) -> dict[str, Any]:
     """Run a big random DAG in a child process (this script again) and read its peak RSS."""
     started = time.perf_counter()
     argv = [sys.executable, __file__, "--rss-child", str(steps), str(tmp / "big.db")]
+    if gc.get_threshold()[0] < GC_THRESHOLDS[0]:
+        argv.append("--default-gc")
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0 or "completed" not in proc.stdout:
@@ -205,7 +209,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one repeat, smaller memory run")
     parser.add_argument("--rss-child", nargs=2, metavar=("STEPS", "DB"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--default-gc", action="store_true", help="keep CPython's GC thresholds (the CLI raises them)"
+    )
     args = parser.parse_args()
+    if not args.default_gc:
+        tune_gc()
     if args.rss_child:
         asyncio.run(rss_child(int(args.rss_child[0]), args.rss_child[1]))
         return
@@ -220,6 +229,7 @@ def main() -> None:
                 "platform": platform.platform(),
             },
             "repeat": repeat,
+            "gc": "default" if args.default_gc else "tuned as the baton CLI does (baton.runtime.tune_gc)",
         }
         result["throughput"] = asyncio.run(throughput(tmp, repeat))
         result["makespan"] = asyncio.run(makespan(tmp, max(1, min(repeat, 3))))

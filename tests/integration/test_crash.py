@@ -115,7 +115,9 @@ def _check_finished(db: Path, log: Path, run_id: str, ids: list[str], committed:
         )
         (run_status,) = con.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
         lost = con.execute(
-            "SELECT COUNT(*) FROM attempts WHERE run_id = ? AND status = 'lost'", (run_id,)
+            "SELECT COUNT(*) FROM attempts a JOIN steps s ON s.id = a.step"
+            " WHERE s.run_id = ? AND a.status = 'lost'",
+            (run_id,),
         ).fetchone()[0]
     finally:
         con.close()

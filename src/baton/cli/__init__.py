@@ -33,6 +33,7 @@ from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
 from baton.engine import Engine, RunHandle
 from baton.errors import BatonError, NotFound, UsageError
 from baton.plan import Policy, analyze
+from baton.runtime import tune_gc
 from baton.status import RunStatus, StepStatus
 from baton.store import DEFAULT_DB, AttemptRecord, RunRecord, SQLiteStore, StepRecord
 
@@ -666,6 +667,7 @@ def main() -> None:
     """Entry point of the ``baton`` command."""
     # structlog prints to stdout by default; stdout belongs to results (and --json documents).
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    tune_gc()
     try:
         app(prog_name="baton")
     except Exception as exc:  # a last resort: commands map their own errors

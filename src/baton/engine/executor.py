@@ -339,6 +339,11 @@ class RunExecutor:
                     self.running[i] = asyncio.create_task(self._attempt(i, attempt))
                 if self.run_status is not RunStatus.RUNNING and not self.running and not self.results:
                     return await self._stop()
+                if claimed:
+                    # One pass of the event loop runs the new attempts; those that finish
+                    # without waiting (no-op and cached work) are absorbed in the next turn
+                    # without a second pass to wake this loop.
+                    await asyncio.sleep(0)
                 if not self.results:
                     await self.wake.wait()
         except asyncio.CancelledError:

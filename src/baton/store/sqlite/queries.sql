@@ -2,13 +2,16 @@
 
 -- name: insert_run
 INSERT INTO runs (id, name, status, plan, workdir, created_at, started_at, finished_at,
-                  owner, lease_expires_at, error, total_steps)
+                  owner, lease_expires_at, error, total_steps, step_base)
 VALUES (:id, :name, :status, :plan, :workdir, :created_at, :started_at, :finished_at,
-        :owner, :lease_expires_at, :error, :total_steps);
+        :owner, :lease_expires_at, :error, :total_steps, :step_base);
+
+-- name: next_step_base
+SELECT COALESCE(MAX(id), 0) + 1 FROM steps;
 
 -- name: insert_step
-INSERT INTO steps (run_id, idx, step_id, task, wave, status)
-VALUES (?, ?, ?, ?, ?, ?);
+INSERT INTO steps (id, run_id, idx, step_id, task, wave, status)
+VALUES (?, ?, ?, ?, ?, ?, ?);
 
 -- name: get_run
 SELECT * FROM runs WHERE id = ?;
@@ -28,12 +31,15 @@ FROM runs WHERE status = ? ORDER BY created_at DESC LIMIT ?;
 SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner, lease_expires_at, error, total_steps
 FROM runs WHERE id = ?;
 
+-- name: step_range
+SELECT step_base, step_base + total_steps - 1 AS step_last FROM runs WHERE id = ?;
+
 -- name: get_steps
-SELECT * FROM steps WHERE run_id = ? ORDER BY idx;
+SELECT * FROM steps WHERE id BETWEEN ? AND ? ORDER BY id;
 
 -- name: get_attempts
-SELECT a.*, s.step_id FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.idx = a.step_idx
-WHERE a.run_id = ? ORDER BY a.finished_at, a.step_idx, a.attempt;
+SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
+WHERE a.step BETWEEN ? AND ? ORDER BY a.finished_at, a.step, a.attempt;
 
 -- name: take_run
 UPDATE runs SET owner = :owner, lease_expires_at = :expires,
@@ -42,38 +48,39 @@ WHERE id = :id AND status IN ('pending', 'running')
   AND (owner IS NULL OR owner = :owner OR lease_expires_at < :now OR owner = :dead);
 
 -- name: lost_running_steps
-SELECT idx, attempt, started_at, lease_owner FROM steps
-WHERE run_id = ? AND status = 'running' AND (lease_owner IS NULL OR lease_owner != ?);
+SELECT id, attempt, started_at, lease_owner FROM steps
+WHERE id BETWEEN ? AND ? AND status = 'running' AND (lease_owner IS NULL OR lease_owner != ?);
 
 -- name: requeue_lost_step
 UPDATE steps SET status = 'ready', lease_owner = NULL
-WHERE run_id = ? AND idx = ? AND status = 'running' AND attempt = ?;
+WHERE id = ? AND status = 'running' AND attempt = ?;
 
 -- name: insert_attempt
-INSERT OR REPLACE INTO attempts (run_id, step_idx, attempt, status, started_at, finished_at, error, owner)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+INSERT OR REPLACE INTO attempts (step, attempt, status, started_at, finished_at, error, owner)
+VALUES (?, ?, ?, ?, ?, ?, ?);
 
 -- name: release_run
 UPDATE runs SET owner = NULL, lease_expires_at = NULL WHERE id = ? AND owner = ?;
 
 -- name: orphan_running_steps
-UPDATE steps SET lease_owner = NULL WHERE run_id = ? AND lease_owner = ? AND status = 'running';
+UPDATE steps SET lease_owner = NULL
+WHERE id BETWEEN ? AND ? AND lease_owner = ? AND status = 'running';
 
 -- name: renew_runs
 UPDATE runs SET lease_expires_at = ? WHERE owner = ?;
 
 -- name: run_control
-SELECT status, owner FROM runs WHERE id = ?;
+SELECT status, owner, step_base FROM runs WHERE id = ?;
 
 -- name: finish_step
 UPDATE steps SET status = ?, output = ?, error = ?, finished_at = ?, not_before = ?,
        lease_owner = NULL
-WHERE run_id = ? AND idx = ? AND status = 'running' AND attempt = ? AND lease_owner = ?;
+WHERE id = ? AND status = 'running' AND attempt = ? AND lease_owner = ?;
 
 -- name: claim_step
 UPDATE steps SET status = 'running', attempt = ?, lease_owner = ?,
        started_at = ?, finished_at = NULL, not_before = NULL
-WHERE run_id = ? AND idx = ? AND status IN ('pending', 'ready', 'retrying') AND attempt = ?;
+WHERE id = ? AND status IN ('pending', 'ready', 'retrying') AND attempt = ?;
 
 -- name: set_run_status
 UPDATE runs SET status = ?, error = COALESCE(?, error),
@@ -82,11 +89,11 @@ WHERE id = ? AND status IN (SELECT value FROM json_each(?));
 
 -- name: cancel_idle_steps
 UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = ?
-WHERE run_id = ? AND status IN ('pending', 'ready', 'retrying');
+WHERE id BETWEEN ? AND ? AND status IN ('pending', 'ready', 'retrying');
 
 -- name: cancel_orphan_running_steps
 UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = ?, lease_owner = NULL
-WHERE run_id = ? AND status = 'running';
+WHERE id BETWEEN ? AND ? AND status = 'running';
 
 -- name: orphaned_runs
 SELECT id FROM runs
@@ -94,9 +101,9 @@ WHERE status = 'running' AND (owner IS NULL OR lease_expires_at < ?)
 ORDER BY created_at;
 
 -- name: mark_ready
-UPDATE steps SET status = 'ready' WHERE run_id = ? AND idx = ? AND status = 'pending';
+UPDATE steps SET status = 'ready' WHERE id = ? AND status = 'pending';
 
 -- name: mark_step
 UPDATE steps SET status = ?, error = COALESCE(?, error),
        finished_at = CASE WHEN ? THEN ? ELSE finished_at END
-WHERE run_id = ? AND idx = ? AND status IN (SELECT value FROM json_each(?));
+WHERE id = ? AND status IN (SELECT value FROM json_each(?));

@@ -190,6 +190,7 @@ class SQLiteStore:
 
     def _insert_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
         with self._write() as db:
+            base = db.execute(Q["next_step_base"]).fetchone()[0]
             db.execute(
                 Q["insert_run"],
                 {
@@ -205,12 +206,18 @@ class SQLiteStore:
                     "lease_expires_at": run.lease_expires_at,
                     "error": run.error,
                     "total_steps": run.total_steps,
+                    "step_base": base,
                 },
             )
             db.executemany(
                 Q["insert_step"],
-                ((run.id, s.idx, s.step_id, s.task, s.wave, str(s.status)) for s in steps),
+                ((base + s.idx, run.id, s.idx, s.step_id, s.task, s.wave, str(s.status)) for s in steps),
             )
+
+    def _range(self, db: sqlite3.Connection, run_id: str) -> tuple[int, int]:
+        """The first and last step id of a run."""
+        row = db.execute(Q["step_range"], (run_id,)).fetchone()
+        return int(row[0]), int(row[1])
 
     def _resolve_id(self, run_id: str) -> str:
         if self.db.execute(Q["run_control"], (run_id,)).fetchone() is not None:
@@ -235,10 +242,12 @@ class SQLiteStore:
         return [_run(r) for r in rows]
 
     async def get_steps(self, run_id: str) -> list[StepRecord]:
-        return [_step(r) for r in self.db.execute(Q["get_steps"], (self._resolve_id(run_id),))]
+        span = self._range(self.db, self._resolve_id(run_id))
+        return [_step(r) for r in self.db.execute(Q["get_steps"], span)]
 
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
-        rows = self.db.execute(Q["get_attempts"], (self._resolve_id(run_id),)).fetchall()
+        span = self._range(self.db, self._resolve_id(run_id))
+        rows = self.db.execute(Q["get_attempts"], span).fetchall()
         return [
             AttemptRecord(
                 run_id=r["run_id"],
@@ -270,13 +279,13 @@ class SQLiteStore:
                 if status not in ("pending", "running"):
                     raise Conflict(f"run {run_id} is {status}; it cannot be executed")
                 raise Conflict(f"run {run_id} is being executed by {row['owner']}")
-            for lost in db.execute(Q["lost_running_steps"], (run_id, owner)).fetchall():
-                db.execute(Q["requeue_lost_step"], (run_id, lost["idx"], lost["attempt"]))
+            first, last = self._range(db, run_id)
+            for lost in db.execute(Q["lost_running_steps"], (first, last, owner)).fetchall():
+                db.execute(Q["requeue_lost_step"], (lost["id"], lost["attempt"]))
                 db.execute(
                     Q["insert_attempt"],
                     (
-                        run_id,
-                        lost["idx"],
+                        lost["id"],
                         lost["attempt"],
                         "lost",
                         lost["started_at"],
@@ -290,7 +299,7 @@ class SQLiteStore:
     async def release_run(self, run_id: str, owner: str) -> None:
         with self._write() as db:
             db.execute(Q["release_run"], (run_id, owner))
-            db.execute(Q["orphan_running_steps"], (run_id, owner))
+            db.execute(Q["orphan_running_steps"], (*self._range(db, run_id), owner))
 
     async def heartbeat(
         self, owner: str, lease_s: float, now: float, run_ids: list[str]
@@ -321,7 +330,7 @@ class SQLiteStore:
                 result.run_status = RunStatus(row["status"])
                 return result
             run_status = RunStatus(row["status"])
-            rid, owner = batch.run_id, batch.owner
+            rid, owner, base = batch.run_id, batch.owner, row["step_base"]
 
             if batch.finishes:
                 rows: list[tuple[Any, ...]] = [
@@ -331,8 +340,7 @@ class SQLiteStore:
                         f.error,
                         f.finished_at,
                         f.not_before,
-                        rid,
-                        f.idx,
+                        base + f.idx,
                         f.attempt,
                         owner,
                     )
@@ -342,17 +350,18 @@ class SQLiteStore:
                 result.rejected_finishes = [
                     f.idx for f, ok in zip(batch.finishes, applied, strict=True) if not ok
                 ]
-                db.executemany(
-                    Q["insert_attempt"],
-                    (
-                        (rid, f.idx, f.attempt, f.outcome, f.started_at, f.finished_at, f.error, owner)
-                        for f, ok in zip(batch.finishes, applied, strict=True)
-                        if ok
-                    ),
-                )
+                attempts = [
+                    (base + f.idx, f.attempt, f.outcome, f.started_at, f.finished_at, f.error, owner)
+                    for f, ok in zip(batch.finishes, applied, strict=True)
+                    if ok
+                ]
+                if len(attempts) == 1:
+                    db.execute(Q["insert_attempt"], attempts[0])
+                elif attempts:
+                    db.executemany(Q["insert_attempt"], attempts)
 
             if batch.marks:
-                ready = [(rid, m.idx) for m in batch.marks if m.status is StepStatus.READY]
+                ready = [(base + m.idx,) for m in batch.marks if m.status is StepStatus.READY]
                 if ready:
                     db.executemany(Q["mark_ready"], ready)
                 marks: list[tuple[Any, ...]] = [
@@ -361,8 +370,7 @@ class SQLiteStore:
                         m.error,
                         m.status.terminal,
                         batch.now,
-                        rid,
-                        m.idx,
+                        base + m.idx,
                         _STEP_SOURCES_JSON[m.status],
                     )
                     for m in batch.marks
@@ -374,7 +382,7 @@ class SQLiteStore:
             if batch.claims:
                 if run_status is RunStatus.RUNNING:
                     claims = [
-                        (c.attempt, owner, c.started_at, rid, c.idx, c.attempt - 1) for c in batch.claims
+                        (c.attempt, owner, c.started_at, base + c.idx, c.attempt - 1) for c in batch.claims
                     ]
                     applied = self._apply_many(db, Q["claim_step"], claims)
                     result.rejected_claims = [
@@ -429,8 +437,9 @@ class SQLiteStore:
             if current is not status and not self._set_run_status(db, run_id, status, now, None):
                 raise Conflict(f"run {run_id} is {current}; it cannot become {status}")
             if status is RunStatus.CANCELLED:
-                db.execute(Q["cancel_idle_steps"], (now, run_id))
+                first, last = self._range(db, run_id)
+                db.execute(Q["cancel_idle_steps"], (now, first, last))
                 owner_alive = row["owner"] is not None and (row["lease_expires_at"] or 0) >= now
                 if not owner_alive:
-                    db.execute(Q["cancel_orphan_running_steps"], (now, run_id))
+                    db.execute(Q["cancel_orphan_running_steps"], (now, first, last))
             return _run(db.execute(Q["get_run_header"], (run_id,)).fetchone())

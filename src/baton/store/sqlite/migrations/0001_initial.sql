@@ -1,4 +1,6 @@
 -- Runs, their steps and the attempts of each step.
+-- A run's steps get consecutive integer ids from step_base on, so the executor's writes
+-- find a step by its rowid (one b-tree descent) and a run's steps are one id range.
 -- A running step is held by its lease_owner under the lease of its run: the owner renews
 -- one row (the run's) however many steps it runs; when that lease lapses, all of them do.
 CREATE TABLE runs (
@@ -13,13 +15,15 @@ CREATE TABLE runs (
     owner            TEXT,
     lease_expires_at REAL,
     error            TEXT,
-    total_steps      INTEGER NOT NULL
+    total_steps      INTEGER NOT NULL,
+    step_base        INTEGER NOT NULL
 );
 CREATE INDEX runs_by_created ON runs (created_at);
 CREATE INDEX runs_by_status ON runs (status);
 
 CREATE TABLE steps (
-    run_id           TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    id               INTEGER PRIMARY KEY,
+    run_id           TEXT NOT NULL,
     idx              INTEGER NOT NULL,
     step_id          TEXT NOT NULL,
     task             TEXT NOT NULL,
@@ -31,18 +35,16 @@ CREATE TABLE steps (
     output           TEXT,
     error            TEXT,
     started_at       REAL,
-    finished_at      REAL,
-    PRIMARY KEY (run_id, idx)
+    finished_at      REAL
 );
 
 CREATE TABLE attempts (
-    run_id      TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
-    step_idx    INTEGER NOT NULL,
+    step        INTEGER NOT NULL,
     attempt     INTEGER NOT NULL,
     status      TEXT NOT NULL,
     started_at  REAL,
     finished_at REAL,
     error       TEXT,
     owner       TEXT,
-    PRIMARY KEY (run_id, step_idx, attempt)
-);
+    PRIMARY KEY (step, attempt)
+) WITHOUT ROWID;
