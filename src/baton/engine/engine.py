@@ -87,9 +87,12 @@ class RunHandle:
     executor: RunExecutor
 
     async def wait(self) -> RunRecord:
-        """Wait until the run stops executing here; the run as the store has it then."""
+        """Wait until the run stops executing here; the run as the store has it then.
+
+        The record comes without its plan (``engine.get_run`` reads that too).
+        """
         await asyncio.shield(self.task)
-        return await self.engine.store.get_run(self.run_id)
+        return await self.engine.store.get_run(self.run_id, with_plan=False)
 
 
 class Engine:

@@ -139,8 +139,11 @@ class Store(Protocol):
     async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
         """Insert a run and all its steps at once."""
 
-    async def get_run(self, run_id: str) -> RunRecord:
-        """The run; NotFound if there is none (a unique id prefix is accepted)."""
+    async def get_run(self, run_id: str, *, with_plan: bool = True) -> RunRecord:
+        """The run; NotFound if there is none (a unique id prefix is accepted).
+
+        ``with_plan=False`` leaves ``plan`` None: reading a large plan back is not free.
+        """
 
     async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
         """Newest first."""

@@ -47,8 +47,9 @@ class MemoryStore:
         self._steps[run.id] = [replace(s) for s in steps]
         self._attempts[run.id] = []
 
-    async def get_run(self, run_id: str) -> RunRecord:
-        return replace(self._resolve(run_id))
+    async def get_run(self, run_id: str, *, with_plan: bool = True) -> RunRecord:
+        run = self._resolve(run_id)
+        return replace(run) if with_plan else replace(run, plan=None)
 
     async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
         runs = [r for r in self._runs.values() if status is None or r.status is status]

@@ -230,9 +230,9 @@ class SQLiteStore:
             raise NotFound(f"run id prefix {run_id!r} is ambiguous")
         raise NotFound(f"no run {run_id!r}")
 
-    async def get_run(self, run_id: str) -> RunRecord:
-        row = self.db.execute(Q["get_run"], (self._resolve_id(run_id),)).fetchone()
-        return _run(row)
+    async def get_run(self, run_id: str, *, with_plan: bool = True) -> RunRecord:
+        query = Q["get_run"] if with_plan else Q["get_run_header"]
+        return _run(self.db.execute(query, (self._resolve_id(run_id),)).fetchone())
 
     async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
         if status is None:
