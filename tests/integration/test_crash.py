@@ -53,8 +53,16 @@ def _plan(path: Path, chains: int = 4, length: int = 10) -> list[str]:
     return [s["id"] for s in steps]
 
 
-def _baton(*args: str, env: dict[str, str]) -> list[str]:
-    return [sys.executable, "-m", "baton", *args]
+def _baton(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "baton", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _lines(log: Path) -> list[str]:
@@ -138,14 +146,7 @@ def test_kill_9_then_resume_reruns_nothing_committed(
     run_id, committed = _kill_mid_run(db, plan, log, env)
     assert 0 < len(committed) < len(ids)
 
-    done = subprocess.run(
-        [sys.executable, "-m", "baton", "resume", run_id, "--db", str(db), "--import", "sidefx", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _baton("resume", run_id, "--db", str(db), "--import", "sidefx", "--json", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["status"] == "completed"
     _check_finished(db, log, run_id, ids, committed)
@@ -159,13 +160,6 @@ def test_a_later_baton_run_finishes_the_orphaned_run(
 
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"name": "other", "steps": [{"id": "one", "task": "echo"}]}))
-    done = subprocess.run(
-        [sys.executable, "-m", "baton", "run", str(other), "--db", str(db), "--import", "sidefx", "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _baton("run", str(other), "--db", str(db), "--import", "sidefx", "--quiet", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     _check_finished(db, log, run_id, ids, committed)
