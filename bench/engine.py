@@ -124,9 +124,10 @@ async def throughput(tmp: Path, repeat: int) -> dict[str, Any]:
     raw_loop: list[float] = []
     raw_batched: list[float] = []
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
-    for r in range(repeat):
-        for name, (steps, max_parallel) in cases.items():
+    for name, (steps, max_parallel) in cases.items():
+        for r in range(repeat):
             runs[name].append(await timed_run(tmp / f"{name}-{r}.db", name, steps, max_parallel))
+    for r in range(repeat):
         raw_loop.append(raw_sqlite(tmp / f"raw-loop-{r}.db", 10_000, 1))
         raw_batched.append(raw_sqlite(tmp / f"raw-batch-{r}.db", 10_000, 256))
     for name, samples in runs.items():

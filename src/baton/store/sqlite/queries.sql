@@ -101,7 +101,9 @@ WHERE status = 'running' AND (owner IS NULL OR lease_expires_at < ?)
 ORDER BY created_at;
 
 -- name: mark_ready
-UPDATE steps SET status = 'ready' WHERE id = ? AND status = 'pending';
+-- Many at once (a fan-out makes thousands ready together): ids as one JSON array.
+UPDATE steps SET status = 'ready'
+WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending';
 
 -- name: mark_step
 UPDATE steps SET status = ?, error = COALESCE(?, error),

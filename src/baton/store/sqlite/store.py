@@ -361,9 +361,9 @@ class SQLiteStore:
                     db.executemany(Q["insert_attempt"], attempts)
 
             if batch.marks:
-                ready = [(base + m.idx,) for m in batch.marks if m.status is StepStatus.READY]
+                ready = [base + m.idx for m in batch.marks if m.status is StepStatus.READY]
                 if ready:
-                    db.executemany(Q["mark_ready"], ready)
+                    db.execute(Q["mark_ready"], (json.dumps(ready),))
                 marks: list[tuple[Any, ...]] = [
                     (
                         str(m.status),
