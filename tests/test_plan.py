@@ -364,8 +364,20 @@ def test_duplicate_ids(registry: Registry) -> None:
 
 
 def test_unknown_task(registry: Registry) -> None:
-    problems = problems_of({"name": "p", "steps": [step("a", "llm.nothing")]}, registry)
-    assert problems == [Problem("steps[0].task", "unknown task 'llm.nothing' in step 'a'")]
+    problems = problems_of(
+        {"name": "p", "steps": [step("a", "llm.nothing"), step("b", "llm.other")]}, registry
+    )
+    assert [p.where for p in problems] == ["steps[0].task", "steps[1].task"]
+    first, second = (p.message for p in problems)
+    # The first one says what is known and how a @baton.task becomes known; once is enough.
+    assert first.startswith("unknown task 'llm.nothing' in step 'a' (known: echo, fail, python, shell, sleep")
+    assert "--import MODULE" in first
+    assert second == "unknown task 'llm.other' in step 'b'"
+
+
+def test_a_step_with_a_type_error_still_gets_its_task_checked(registry: Registry) -> None:
+    problems = problems_of({"name": "p", "steps": [step("a", "nope", timeout_s="x")]}, registry)
+    assert [p.where for p in problems] == ["steps[0].timeout_s", "steps[0].task"]
 
 
 def test_reference_to_a_step_that_is_not_needed(registry: Registry) -> None:

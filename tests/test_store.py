@@ -838,3 +838,23 @@ def test_store_for_urls(tmp_path: Path) -> None:
     assert isinstance(by_path, SQLiteStore) and by_path.path == tmp_path / "b.db"
     with pytest.raises(UsageError, match="postgres"):
         store_for("postgres://localhost/db")
+
+
+def test_database_urls_choose_the_store_and_its_durability(tmp_path: Path) -> None:
+    assert isinstance(store_for("memory://"), MemoryStore)
+    plain = store_for(str(tmp_path / "a.db"))
+    full = store_for(f"sqlite:///{tmp_path / 'b.db'}?synchronous=full")
+    assert isinstance(plain, SQLiteStore) and isinstance(full, SQLiteStore)
+    plain.open_sync()
+    full.open_sync()
+    try:
+        # PRAGMA synchronous: 1 is NORMAL, 2 is FULL.
+        assert plain.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+        assert full.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        plain.db.close()
+        full.db.close()
+    with pytest.raises(UsageError, match="the one option is synchronous"):
+        store_for(f"sqlite:///{tmp_path / 'c.db'}?synchronous=sometimes")
+    with pytest.raises(UsageError, match="unsupported database URL scheme 'mysql'"):
+        store_for("mysql://localhost/x")

@@ -109,11 +109,12 @@ def _partial_step(raw: Any, position: int) -> Step:
     still know it (its id, needs and references); the rest was reported already."""
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     sid = data.get("id")
+    task = data.get("task")
     needs = data.get("needs")
     inputs = data.get("with")
     return Step.model_construct(
         id=sid if isinstance(sid, str) else f"steps[{position}]",  # cannot clash: not a valid id
-        task="",
+        task=task if isinstance(task, str) else "",
         needs=[n for n in needs if isinstance(n, str)] if isinstance(needs, list) else [],
         inputs=inputs if isinstance(inputs, dict) else {},
     )
@@ -159,12 +160,23 @@ def graph_problems(
 
     ancestors = None if leftover else _ancestors(needs)
     tasks = {name: registry.get(name) for name in {s.task for s in steps} if name in registry}
+    hinted = False
     for i, step in enumerate(steps):
         where = f"steps[{i}]"
+        task = tasks.get(step.task)
+        if task is None and step.task:
+            message = f"unknown task {step.task!r} in step {step.id!r}"
+            if not hinted:
+                hinted = True
+                message += (
+                    f" (known: {', '.join(registry.names())}; a @baton.task is known once its "
+                    "module is imported: --import MODULE)"
+                )
+            problems.append(Problem(f"{where}.task", message))
         if typed is None or typed[i]:
-            task = tasks.get(step.task)
             if task is None:
-                problems.append(Problem(f"{where}.task", f"unknown task {step.task!r} in step {step.id!r}"))
+                if not step.task:
+                    problems.append(Problem(f"{where}.task", f"step {step.id!r} names no task"))
             else:
                 for message in task.check_inputs(step.inputs):
                     problems.append(Problem(f"{where}.with", f"{message} in step {step.id!r}"))
