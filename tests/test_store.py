@@ -27,7 +27,7 @@ from baton.store import (
     Store,
     store_for,
 )
-from baton.store.sqlite.store import _migrations
+from baton.store.sql import load_migrations
 
 R, S = RunStatus, StepStatus
 T0 = 1_000_000.0
@@ -776,7 +776,7 @@ async def test_sqlite_uses_wal(db_path: Path) -> None:
 
 
 async def test_sqlite_migrations_are_versioned_and_applied_once(db_path: Path) -> None:
-    latest = max(number for number, _ in _migrations())
+    latest = max(number for number, _ in load_migrations("baton.store.sqlite"))
     store = SQLiteStore(db_path)
     await store.open()
     await new_run(store)

@@ -12,49 +12,15 @@ import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from baton.errors import Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
-from baton.store.base import (
-    AttemptRecord,
-    Batch,
-    CommitResult,
-    RunRecord,
-    StepRecord,
-)
+from baton.store.base import AttemptRecord, Batch, CommitResult, RunRecord, StepRecord
+from baton.store.sql import load_migrations, load_queries, run_from_row, step_from_row
 
-
-def _load_queries() -> dict[str, str]:
-    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
-    queries: dict[str, str] = {}
-    name = None
-    lines: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("-- name:"):
-            if name:
-                queries[name] = "\n".join(lines).strip()
-            name, lines = line.split(":", 1)[1].strip(), []
-        elif name is not None and not line.startswith("--"):
-            lines.append(line)
-    if name:
-        queries[name] = "\n".join(lines).strip()
-    return queries
-
-
-def _migrations() -> list[tuple[int, str]]:
-    folder = resources.files(__package__).joinpath("migrations")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
-Q = _load_queries()
-_TERMINAL_RUN = {s for s in RunStatus if s.terminal}
+Q = load_queries(__package__)
 
 
 def _sources(statuses: frozenset[Any]) -> str:
@@ -63,42 +29,6 @@ def _sources(statuses: frozenset[Any]) -> str:
 
 _STEP_SOURCES_JSON = {target: _sources(src) for target, src in STEP_SOURCES.items()}
 _RUN_SOURCES_JSON = {target: _sources(src) for target, src in RUN_SOURCES.items()}
-
-
-def _run(row: sqlite3.Row) -> RunRecord:
-    return RunRecord(
-        id=row["id"],
-        name=row["name"],
-        status=RunStatus(row["status"]),
-        plan=json.loads(row["plan"]) if row["plan"] is not None else None,
-        created_at=row["created_at"],
-        workdir=row["workdir"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        owner=row["owner"],
-        lease_expires_at=row["lease_expires_at"],
-        error=row["error"],
-        total_steps=row["total_steps"],
-    )
-
-
-def _step(row: sqlite3.Row) -> StepRecord:
-    output = row["output"]
-    return StepRecord(
-        run_id=row["run_id"],
-        idx=row["idx"],
-        step_id=row["step_id"],
-        task=row["task"],
-        wave=row["wave"],
-        status=StepStatus(row["status"]),
-        attempt=row["attempt"],
-        lease_owner=row["lease_owner"],
-        not_before=row["not_before"],
-        output=json.loads(output) if output is not None else None,
-        error=row["error"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-    )
 
 
 class SQLiteStore:
@@ -148,14 +78,10 @@ class SQLiteStore:
     def _migrate(self) -> None:
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in _migrations():
+            for number, statements in load_migrations(__package__):
                 if number > version:
-                    code = "\n".join(
-                        line for line in script.splitlines() if not line.lstrip().startswith("--")
-                    )
-                    for statement in code.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
+                    for statement in statements:
+                        db.execute(statement)
                     db.execute(f"PRAGMA user_version = {number}")
 
     async def close(self) -> None:
@@ -232,18 +158,18 @@ class SQLiteStore:
 
     async def get_run(self, run_id: str, *, with_plan: bool = True) -> RunRecord:
         query = Q["get_run"] if with_plan else Q["get_run_header"]
-        return _run(self.db.execute(query, (self._resolve_id(run_id),)).fetchone())
+        return run_from_row(self.db.execute(query, (self._resolve_id(run_id),)).fetchone())
 
     async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
         if status is None:
             rows = self.db.execute(Q["list_runs"], (limit,)).fetchall()
         else:
             rows = self.db.execute(Q["list_runs_by_status"], (str(status), limit)).fetchall()
-        return [_run(r) for r in rows]
+        return [run_from_row(r) for r in rows]
 
     async def get_steps(self, run_id: str) -> list[StepRecord]:
         span = self._range(self.db, self._resolve_id(run_id))
-        return [_step(r) for r in self.db.execute(Q["get_steps"], span)]
+        return [step_from_row(r) for r in self.db.execute(Q["get_steps"], span)]
 
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         span = self._range(self.db, self._resolve_id(run_id))
@@ -294,7 +220,7 @@ class SQLiteStore:
                         lost["lease_owner"],
                     ),
                 )
-            return _run(db.execute(Q["get_run_header"], (run_id,)).fetchone())
+            return run_from_row(db.execute(Q["get_run_header"], (run_id,)).fetchone())
 
     async def release_run(self, run_id: str, owner: str) -> None:
         with self._write() as db:
@@ -442,4 +368,4 @@ class SQLiteStore:
                 owner_alive = row["owner"] is not None and (row["lease_expires_at"] or 0) >= now
                 if not owner_alive:
                     db.execute(Q["cancel_orphan_running_steps"], (now, first, last))
-            return _run(db.execute(Q["get_run_header"], (run_id,)).fetchone())
+            return run_from_row(db.execute(Q["get_run_header"], (run_id,)).fetchone())
