@@ -429,7 +429,7 @@ def test_unknown_runs_bad_urls_and_usage_errors_exit_2(tmp_path: Path) -> None:
             ["show", "ffff", "--db", db],
             ["cancel", "nope", "--db", db, "--json"],
             ["resume", "0123", "--db", missing_db],
-            ["runs", "--db", "postgres://somewhere/db"],
+            ["runs", "--db", "mongodb://somewhere/db"],
             ["validate", PLANS / "diamond.yaml", "--db", "mysql://x", "--json"],
             ["run"],
             ["frobnicate"],
@@ -441,7 +441,7 @@ def test_unknown_runs_bad_urls_and_usage_errors_exit_2(tmp_path: Path) -> None:
     assert resume_no_db.code == 2 and "no database at" in resume_no_db.err
     assert not missing_db.parent.exists()
     assert bad_url.code == 2
-    assert "unsupported database URL scheme 'postgres'" in bad_url.err
+    assert "unsupported database URL scheme 'mongodb'" in bad_url.err
     assert bad_url_json.code == 2 and bad_url_json.json()["error"]["code"] == "usage"
     assert no_plan.code == 2 and "Missing argument 'PLAN'" in no_plan.err
     assert no_command.code == 2 and "No such command 'frobnicate'" in no_command.err

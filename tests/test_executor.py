@@ -26,6 +26,8 @@ import baton
 from baton import Engine, Event, Registry, RunHandle, RunStatus, StepStatus, TaskContext
 from baton.errors import PlanError, TaskFailed
 from baton.store import MemoryStore, SQLiteStore, Store
+from baton.store.postgres import PostgresStore
+from tests.conftest import PG_URL
 
 R, S = RunStatus, StepStatus
 
@@ -142,12 +144,15 @@ async def ctx_by_module(ctx: baton.TaskContext) -> str:
 StoreFactory = Callable[[], Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def stores(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     """Each call gives a store object on the same data: another process's view of it."""
     if request.param == "memory":
         shared = MemoryStore()
         return lambda: shared
+    if request.param == "postgres":
+        schema = request.getfixturevalue("pg_schema")
+        return lambda: PostgresStore(PG_URL, schema=schema)
     path = tmp_path / "baton.db"
     return lambda: SQLiteStore(path)
 

@@ -27,16 +27,24 @@ from baton.store import (
     Store,
     store_for,
 )
+from baton.store.postgres import PostgresStore
 from baton.store.sql import load_migrations
+from tests.conftest import PG_URL
 
 R, S = RunStatus, StepStatus
 T0 = 1_000_000.0
 LEASE = 30.0
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "baton.db")
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "sqlite":
+        s = SQLiteStore(tmp_path / "baton.db")
+    else:
+        s = PostgresStore(PG_URL, schema=request.getfixturevalue("pg_schema"))
     await s.open()
     yield s
     await s.close()
@@ -48,8 +56,7 @@ async def peer(store: Store) -> AsyncIterator[Store]:
     if isinstance(store, MemoryStore):
         yield store
         return
-    assert isinstance(store, SQLiteStore)
-    other = SQLiteStore(store.path)
+    other = SQLiteStore(store.path) if isinstance(store, SQLiteStore) else store_for(store.url)
     await other.open()
     yield other
     await other.close()
@@ -836,8 +843,19 @@ def test_store_for_urls(tmp_path: Path) -> None:
     assert isinstance(by_url, SQLiteStore) and by_url.path == tmp_path / "a.db"
     by_path = store_for(str(tmp_path / "b.db"))
     assert isinstance(by_path, SQLiteStore) and by_path.path == tmp_path / "b.db"
-    with pytest.raises(UsageError, match="postgres"):
-        store_for("postgres://localhost/db")
+    pg = store_for("postgresql://u@db.example:5432/baton?schema=jobs&sslmode=require")
+    assert isinstance(pg, PostgresStore)
+    # baton's option (schema) is taken out; libpq's (sslmode) go to the connection.
+    assert pg.url == "postgresql://u@db.example:5432/baton?sslmode=require&schema=jobs"
+    assert isinstance(store_for("postgres://localhost/db"), PostgresStore)
+
+
+async def test_an_unreachable_postgres_is_a_clear_store_error() -> None:
+    store = PostgresStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout_s=1)
+    with pytest.raises(
+        StoreError, match=r"cannot connect to PostgreSQL at postgresql://nobody@127\.0\.0\.1:1"
+    ):
+        await store.open()
 
 
 def test_database_urls_choose_the_store_and_its_durability(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from baton.errors import UsageError
 from baton.store.base import (
@@ -33,6 +33,8 @@ def store_for(url: str | None) -> Store:
     url = url or DEFAULT_DB
     if url.startswith("memory:"):
         return MemoryStore()
+    if url.startswith(("postgresql://", "postgres://")):
+        return _postgres(url)
     url, _, query = url.partition("?")
     options = dict(parse_qsl(query))
     synchronous = options.pop("synchronous", "normal").upper()
@@ -45,8 +47,21 @@ def store_for(url: str | None) -> Store:
         return SQLiteStore(url.removeprefix("sqlite:///"), synchronous=synchronous)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise UsageError(f"unsupported database URL scheme {scheme!r} (use sqlite:///path or memory://)")
+        raise UsageError(
+        f"unsupported database URL scheme {scheme!r} (use sqlite:///path, postgresql://... or memory://)"
+    )
     return SQLiteStore(Path(url), synchronous=synchronous)
+
+
+def _postgres(url: str) -> Store:
+    """``postgresql://...[?schema=NAME&...]``: ``schema`` is baton's; the rest goes to libpq."""
+    from baton.store.postgres import PostgresStore
+
+    base, _, query = url.partition("?")
+    options = parse_qsl(query, keep_blank_values=True)
+    schema = next((v for k, v in options if k == "schema"), None)
+    rest = urlencode([(k, v) for k, v in options if k != "schema"])
+    return PostgresStore(f"{base}?{rest}" if rest else base, schema=schema)
 
 
 __all__ = [

@@ -1,0 +1,5 @@
+"""The PostgreSQL store."""
+
+from baton.store.postgres.store import PostgresStore
+
+__all__ = ["PostgresStore"]
