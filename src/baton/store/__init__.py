@@ -48,8 +48,8 @@ def store_for(url: str | None) -> Store:
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise UsageError(
-        f"unsupported database URL scheme {scheme!r} (use sqlite:///path, postgresql://... or memory://)"
-    )
+            f"unsupported database URL scheme {scheme!r} (use sqlite:///path, postgresql://... or memory://)"
+        )
     return SQLiteStore(Path(url), synchronous=synchronous)
 
 
