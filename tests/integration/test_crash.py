@@ -23,8 +23,8 @@ import asyncio, os
 import baton
 
 @baton.task(name="sidefx.work")
-async def work(n: int, ctx: baton.TaskContext) -> dict:
-    await asyncio.sleep(0.04)
+async def work(n: int, ctx: baton.TaskContext, seconds: float = 0.04) -> dict:
+    await asyncio.sleep(seconds)
     with open(os.environ["SIDEFX_LOG"], "a") as f:
         f.write(ctx.step_id + "\\n")
         f.flush()
@@ -163,3 +163,70 @@ def test_a_later_baton_run_finishes_the_orphaned_run(
     done = _baton("run", str(other), "--db", str(db), "--import", "sidefx", "--quiet", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     _check_finished(db, log, run_id, ids, committed)
+
+
+def test_a_frozen_holders_late_write_is_rejected(
+    setup: tuple[Path, Path, Path, dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    """SIGSTOP a `baton run` past its lease; another process takes the run over and
+    finishes it; after SIGCONT the first one's late result is refused (fencing)."""
+    db, _, log, env, _ = setup
+    ids = [f"s{i}" for i in range(8)]
+    steps = [
+        {"id": sid, "task": "sidefx.work", "with": {"n": i, "seconds": 0.3}, "needs": ids[i - 1 : i]}
+        for i, sid in enumerate(ids)
+    ]
+    plan = tmp_path / "slow.json"
+    plan.write_text(json.dumps({"name": "frozen", "steps": steps}))
+    argv = [sys.executable, "-m", "baton", "run", str(plan), "--db", str(db), "--import", "sidefx"]
+    first = subprocess.Popen(
+        [*argv, "--quiet", "--lease-s", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_lines(log, 2, first)
+        os.kill(first.pid, signal.SIGSTOP)
+        con = sqlite3.connect(db)
+        try:
+            ((run_id,),) = con.execute("SELECT id FROM runs").fetchall()
+            committed = {
+                r[0]
+                for r in con.execute(
+                    "SELECT step_id FROM steps WHERE run_id = ? AND status = 'succeeded'", (run_id,)
+                )
+            }
+        finally:
+            con.close()
+        frozen_step = ids[len(committed)]  # a chain: the one it was running
+        time.sleep(1.5)  # past the 1 s lease
+
+        taken = _baton(
+            "resume", run_id, "--db", str(db), "--import", "sidefx", "--json", "--lease-s", "1", env=env
+        )
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+        assert json.loads(taken.stdout)["status"] == "completed"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    first.wait(timeout=30)
+
+    con = sqlite3.connect(db)
+    try:
+        attempts = con.execute(
+            "SELECT a.attempt, a.status, a.owner FROM attempts a JOIN steps s ON s.id = a.step"
+            " WHERE s.run_id = ? AND s.step_id = ? ORDER BY a.attempt",
+            (run_id, frozen_step),
+        ).fetchall()
+        statuses = {r[0] for r in con.execute("SELECT status FROM steps WHERE run_id = ?", (run_id,))}
+    finally:
+        con.close()
+    assert statuses == {"succeeded"}
+    frozen_owner = f":{first.pid}:"
+    # The frozen holder's attempt is on record as lost; the one that counts is the new holder's.
+    assert [(a, st) for a, st, _ in attempts] == [(1, "lost"), (2, "succeeded")]
+    assert frozen_owner in attempts[0][2] and frozen_owner not in attempts[1][2]
+    runs_per_step = collections.Counter(_lines(log))
+    assert all(runs_per_step[s] == 1 for s in committed), runs_per_step
+    # Its handler did finish after SIGCONT (a second line), but that result was refused.
+    assert runs_per_step[frozen_step] == 2

@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
-from baton.engine import Engine, RunHandle
+from baton.engine import DEFAULT_LEASE_S, Engine, RunHandle
 from baton.errors import BatonError, NotFound, UsageError
 from baton.plan import Policy, analyze
 from baton.runtime import tune_gc
@@ -61,6 +61,16 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON documen
 ImportOption = Annotated[
     list[str] | None,
     typer.Option("--import", metavar="MODULE", help="Import a module so its @baton.task functions register."),
+]
+LeaseOption = Annotated[
+    float,
+    typer.Option(
+        "--lease-s",
+        envvar="BATON_LEASE_S",
+        min=0.5,
+        help="How long this process's hold on a run lasts without a heartbeat; another process "
+        "may take the run over after that.",
+    ),
 ]
 QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress output; the result summary only.")
@@ -151,9 +161,9 @@ def _import_modules(modules: Sequence[str] | None) -> None:
             raise UsageError(f"cannot import module {name!r}: {type(exc).__name__}: {exc}") from None
 
 
-def _engine(db: str, *, must_exist: bool = False) -> Engine:
+def _engine(db: str, *, must_exist: bool = False, lease_s: float = DEFAULT_LEASE_S) -> Engine:
     """An engine on ``db``; with ``must_exist``, a missing SQLite file is NotFound, not created."""
-    engine = Engine(db)
+    engine = Engine(db, lease_s=lease_s)
     store = engine.store
     if must_exist and isinstance(store, SQLiteStore) and not store.path.exists():
         raise NotFound(f"no database at {store.path} (set --db or BATON_DB)")
@@ -412,6 +422,7 @@ def run(
     json_out: JsonOption = False,
     imports: ImportOption = None,
     quiet: QuietOption = False,
+    lease_s: LeaseOption = DEFAULT_LEASE_S,
 ) -> None:
     """Validate a plan, run it to the end with live progress, and summarise the result.
 
@@ -421,7 +432,7 @@ def run(
 
     async def body() -> int:
         _import_modules(imports)
-        engine = _engine(db)
+        engine = _engine(db, lease_s=lease_s)
         loaded = engine.load(plan)  # before the store opens: a bad plan writes nothing
         if max_parallel is not None:
             policy = loaded.policy.model_copy(update={"max_parallel": max_parallel})
@@ -442,6 +453,7 @@ def resume(
     json_out: JsonOption = False,
     imports: ImportOption = None,
     quiet: QuietOption = False,
+    lease_s: LeaseOption = DEFAULT_LEASE_S,
 ) -> None:
     """Continue a paused run, or one whose process died, here; then like `baton run`.
 
@@ -451,7 +463,7 @@ def resume(
 
     async def body() -> int:
         _import_modules(imports)
-        async with _engine(db, must_exist=True) as engine:
+        async with _engine(db, must_exist=True, lease_s=lease_s) as engine:
             handle = await engine.resume(run_id)
             return await _follow(engine, handle, session, quiet, [], "resumed")
 

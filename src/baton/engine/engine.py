@@ -32,6 +32,9 @@ from baton.tasks.registry import Registry
 
 log = structlog.get_logger("baton.engine")
 
+#: how long a process's hold on a run lasts without a heartbeat (renewed every poll_s).
+DEFAULT_LEASE_S = 15.0
+
 PlanSource = Plan | Mapping[str, Any] | str | Path
 
 
@@ -104,7 +107,7 @@ class Engine:
         *,
         registry: Registry | None = None,
         owner: str | None = None,
-        lease_s: float = 15.0,
+        lease_s: float = DEFAULT_LEASE_S,
         poll_s: float = 0.2,
         cancel_grace_s: float = 5.0,
         default_max_parallel: int = 8,
