@@ -24,7 +24,7 @@ import pytest
 
 import baton
 from baton import Engine, Event, Registry, RunHandle, RunStatus, StepStatus, TaskContext
-from baton.errors import PlanError, TaskFailed
+from baton.errors import Conflict, PlanError, TaskFailed
 from baton.store import MemoryStore, SQLiteStore, Store
 from baton.store.postgres import PostgresStore
 from tests.conftest import PG_URL
@@ -774,6 +774,34 @@ CHAIN = plan(
 )
 
 
+async def test_a_live_holder_renews_its_lease_through_a_long_step(
+    stores: StoreFactory, tmp_path: Path
+) -> None:
+    calls: Counter[str] = Counter()
+    hold = {"b": asyncio.Event()}
+    registry = counting_registry(calls, hold)
+    async with Engine(
+        stores(), owner="A", lease_s=0.3, poll_s=0.05, registry=registry, workdir=tmp_path
+    ) as a:
+        handle = await submit(a, CHAIN)
+        await until(lambda: calls["b"] == 1, what="b running in A")
+        await asyncio.sleep(1.0)  # more than three leases long
+        async with Engine(stores(), owner="B", poll_s=0.05, registry=registry, workdir=tmp_path) as b:
+            assert await b.recover() == []
+            with pytest.raises(Conflict, match="being executed by A"):
+                await b.resume(handle.run_id)
+        hold["b"].set()
+        record = await handle.wait()
+        history = await a.store.get_attempts(handle.run_id)
+    assert record.status is R.COMPLETED
+    assert dict(calls) == {"a": 1, "b": 1, "c": 1}
+    assert [(h.step_id, h.status, h.owner) for h in history] == [
+        ("a", "succeeded", "A"),
+        ("b", "succeeded", "A"),
+        ("c", "succeeded", "A"),
+    ]
+
+
 async def test_an_orphaned_run_is_recovered_without_rerunning_committed_steps(
     stores: StoreFactory, tmp_path: Path
 ) -> None:
@@ -1042,3 +1070,28 @@ async def test_context_annotated_through_the_module_is_recognised(mem_engine: En
     out = await mem_engine.execute("t.ctx_by_module")
     record = (await mem_engine.store.list_runs(limit=1))[0]
     assert out == f"{record.id}:call"
+
+
+async def test_a_run_timeout_cancels_what_is_left_and_fails_the_run(engine: Engine) -> None:
+    started = time.monotonic()
+    record = await engine.run(
+        {
+            "name": "slow",
+            "policy": {"run_timeout_s": 0.5},
+            "steps": [
+                {"id": "quick", "task": "sleep", "with": {"seconds": 0.05}},
+                {"id": "slow", "task": "sleep", "needs": ["quick"], "with": {"seconds": 30}},
+                {"id": "after", "task": "echo", "needs": ["slow"]},
+            ],
+        }
+    )
+    assert time.monotonic() - started < 10
+    assert record.status is R.FAILED
+    assert record.error == "run timed out after 0.5s"
+    steps = await step_map(engine, record.id)
+    assert {k: s.status for k, s in steps.items()} == {
+        "quick": S.SUCCEEDED,
+        "slow": S.CANCELLED,
+        "after": S.CANCELLED,
+    }
+    assert steps["after"].error == "run timed out after 0.5s"

@@ -100,6 +100,9 @@ class RunExecutor:
         self.pending_marks: list[Mark] = []
         self.fresh: list[int] = []  # pushed onto the heap this turn
         self.start_latencies: list[float] | None = [] if engine.measure_latency else None
+        self.run_started_at = run.started_at or time.time()
+        self.timed_out = False
+        self.stopping = False  # no new attempts (the run timed out)
         self._committed_at = 0.0
 
         now = time.time()
@@ -159,7 +162,7 @@ class RunExecutor:
             status, not_before = S.SUCCEEDED, None
         elif r.outcome == "cancelled":
             status, not_before = S.CANCELLED, None
-        elif r.attempt < retry.attempts and self.run_status is not RunStatus.CANCELLED:
+        elif r.attempt < retry.attempts and self.run_status is not RunStatus.CANCELLED and not self.stopping:
             # While paused the retry waits in the store; resume (here or elsewhere) runs it.
             status = S.RETRYING
             delay = retry.delay(r.attempt, self.rand.random())
@@ -296,6 +299,7 @@ class RunExecutor:
         engine = self.engine
         store = engine.store
         engine.emit(Event("run.running", self.run_id))
+        timer = self._arm_run_timeout()
         try:
             while True:
                 self.wake.clear()
@@ -307,12 +311,16 @@ class RunExecutor:
                 control = engine.control_of(self.run_id)
                 if control is not None and control is not self.run_status:
                     self._apply_control(control)
-                claimed = self._claim(batch, now)
+                if self.timed_out and not self.stopping:
+                    self._stop_for_timeout()
+                claimed = self._claim(batch, now) if not self.stopping else []
                 batch.marks, self.pending_marks = self.pending_marks, []
                 finishing = self.run_status is RunStatus.RUNNING and not self.unfinished and not self.running
                 if finishing:
                     batch.run_status = RunStatus.FAILED if self.failed_any else RunStatus.COMPLETED
-                    if self.failed_any:
+                    if self.timed_out:
+                        batch.run_error = f"run timed out after {self.plan.policy.run_timeout_s}s"
+                    elif self.failed_any:
                         batch.run_error = "; ".join(
                             f"{self.dag.ids[i]}: failed" for i, st in enumerate(self.status) if st is S.FAILED
                         )[:2000]
@@ -349,6 +357,38 @@ class RunExecutor:
         except asyncio.CancelledError:
             await self._abandon()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _arm_run_timeout(self) -> asyncio.TimerHandle | None:
+        """Per-run timeout, counted from the run's first start (resumes do not reset it)."""
+        limit = self.plan.policy.run_timeout_s
+        if limit is None:
+            return None
+
+        def expire() -> None:
+            self.timed_out = True
+            self.wake.set()
+
+        remaining = self.run_started_at + limit - time.time()
+        return asyncio.get_running_loop().call_later(max(0.0, remaining), expire)
+
+    def _stop_for_timeout(self) -> None:
+        """The run ran out of time: nothing new starts, running attempts are cancelled
+        (within the grace period) and every unfinished step ends cancelled; the run fails."""
+        self.stopping = True
+        self.failed_any = True
+        reason = f"run timed out after {self.plan.policy.run_timeout_s}s"
+        for i, st in enumerate(self.status):
+            if st in (S.PENDING, S.READY, S.RETRYING):
+                self.status[i] = S.CANCELLED
+                self._finished(i)
+                self.pending_marks.append(Mark(i, S.CANCELLED, reason))
+        for task in self.running.values():
+            task.cancel()
+        if self.running:
+            asyncio.get_running_loop().call_later(self.engine.cancel_grace_s, self._give_up_running)
 
     def _apply_control(self, status: RunStatus) -> None:
         """A pause, resume or cancel decided elsewhere (another process, the API)."""

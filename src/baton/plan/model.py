@@ -70,6 +70,7 @@ class Policy(_Model):
     complexity: Complexity | None = None
     mode: Literal["single", "sequential", "parallel"] | None = None
     timeout_s: float | None = Field(default=None, gt=0)
+    run_timeout_s: float | None = Field(default=None, gt=0)
     retry: RetryPolicy | None = None
     barrier: Literal["none", "wave"] = "none"
 
