@@ -1095,3 +1095,27 @@ async def test_a_run_timeout_cancels_what_is_left_and_fails_the_run(engine: Engi
         "after": S.CANCELLED,
     }
     assert steps["after"].error == "run timed out after 0.5s"
+
+
+async def test_each_attempt_sees_why_the_previous_failed_and_its_details_are_kept(engine: Engine) -> None:
+    registry = engine.registry
+
+    async def flaky(ctx: TaskContext) -> dict[str, Any]:
+        ctx.details["temperature"] = ctx.temperature
+        ctx.details["feedback"] = ctx.previous_error
+        if ctx.attempt < 3:
+            raise TaskFailed(f"bad answer {ctx.attempt}")
+        return {"previous_details": ctx.previous_details}
+
+    registry.add(flaky, name="t.flaky")
+    retry = {"attempts": 4, "backoff_s": 0.01, "temperatures": [0.7, 0.5, 0.3]}
+    record = await engine.run(plan(step("a", "t.flaky", retry=retry)))
+    assert record.status is R.COMPLETED
+    history = [(a.attempt, a.status, a.error, a.detail) for a in await engine.store.get_attempts(record.id)]
+    assert history == [
+        (1, "failed", "bad answer 1", {"temperature": 0.7, "feedback": None}),
+        (2, "failed", "bad answer 2", {"temperature": 0.5, "feedback": "bad answer 1"}),
+        (3, "succeeded", None, {"temperature": 0.3, "feedback": "bad answer 2"}),
+    ]
+    steps = await step_map(engine, record.id)
+    assert steps["a"].output == {"previous_details": {"temperature": 0.5, "feedback": "bad answer 1"}}

@@ -44,6 +44,8 @@ class _Result:
     output: Any = None
     output_json: str | None = None
     error: str | None = None
+    details: dict[str, Any] | None = None
+    details_json: str | None = None
 
 
 class RunExecutor:
@@ -74,6 +76,9 @@ class RunExecutor:
         self.validators = [[v.model_dump() for v in s.validate_] for s in plan.steps]
 
         self.status: list[StepStatus] = [r.status for r in records]
+        # What the last failed attempt of a step said, for the next one (error feedback).
+        self.last_error: list[str | None] = [r.error if r.status is S.RETRYING else None for r in records]
+        self.last_details: dict[int, dict[str, Any]] = {}
         self.attempt: list[int] = [r.attempt for r in records]
         self.outputs: dict[int, Any] = {r.idx: r.output for r in records if r.status is S.SUCCEEDED}
         self.waiting: list[int] = [len(ns) for ns in dag.needs]
@@ -171,6 +176,10 @@ class RunExecutor:
         else:
             status, not_before = S.FAILED, None
         self.status[i] = status
+        if status is S.RETRYING:
+            self.last_error[i] = r.error
+            if r.details:
+                self.last_details[i] = r.details
         batch.finishes.append(
             Finish(
                 i,
@@ -182,6 +191,7 @@ class RunExecutor:
                 r.output_json,
                 r.error,
                 not_before,
+                r.details_json,
             )
         )
         if status is S.SUCCEEDED:
@@ -241,12 +251,15 @@ class RunExecutor:
 
     def _context(self, i: int, attempt: int) -> TaskContext:
         temps = self.retries[i].temperatures
+        first = attempt == 1
         return TaskContext(
             run_id=self.run_id,
             step_id=self.dag.ids[i],
             attempt=attempt,
             workdir=self.workdir_path,
             temperature=temps[min(attempt, len(temps)) - 1] if temps else None,
+            previous_error=None if first else self.last_error[i],
+            previous_details=None if first else self.last_details.get(i),
         )
 
     async def _attempt(self, i: int, attempt: int) -> None:
@@ -255,6 +268,7 @@ class RunExecutor:
         if self.start_latencies is not None:
             self.start_latencies.append(time.perf_counter() - self._committed_at)
         result = _Result(i, attempt, started, started, "failed")
+        ctx: TaskContext | None = None
         try:
             inputs = resolve(step.inputs, self._lookup) if self.templated[i] else step.inputs
             task = self.tasks[i]
@@ -288,6 +302,13 @@ class RunExecutor:
             result.error = f"missing value: {exc.args[0] if exc.args else exc}"
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
+        if ctx is not None and ctx.details:
+            try:
+                result.details_json = _encode(ctx.details)
+                result.details = ctx.details
+            except (TypeError, ValueError) as exc:
+                result.details = {"unrecorded": f"details are not JSON: {exc}"}
+                result.details_json = _encode(result.details)
         result.finished_at = time.time()
         self.results.append(result)
         self.wake.set()

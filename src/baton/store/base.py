@@ -60,6 +60,8 @@ class AttemptRecord:
     finished_at: float | None
     error: str | None = None
     owner: str | None = None
+    #: what the handler recorded about the attempt (TaskContext.details).
+    detail: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ class Finish:
     output: str | None = None
     error: str | None = None
     not_before: float | None = None
+    detail: str | None = None  # JSON
 
 
 @dataclass(slots=True)

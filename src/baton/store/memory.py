@@ -140,7 +140,15 @@ class MemoryStore:
             s.lease_owner = None
             self._attempts[run.id].append(
                 AttemptRecord(
-                    run.id, s.step_id, f.attempt, f.outcome, f.started_at, f.finished_at, f.error, batch.owner
+                    run.id,
+                    s.step_id,
+                    f.attempt,
+                    f.outcome,
+                    f.started_at,
+                    f.finished_at,
+                    f.error,
+                    batch.owner,
+                    json.loads(f.detail) if f.detail is not None else None,
                 )
             )
         for m in batch.marks:

@@ -8,7 +8,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from baton.status import RunStatus, StepStatus
-from baton.store.base import RunRecord, StepRecord
+from baton.store.base import AttemptRecord, RunRecord, StepRecord
 
 
 def load_queries(package: str) -> dict[str, str]:
@@ -44,6 +44,21 @@ def load_migrations(package: str) -> list[tuple[int, list[str]]]:
 
 class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
+
+
+def attempt_from_row(row: Row) -> AttemptRecord:
+    detail = row["detail"]
+    return AttemptRecord(
+        run_id=row["run_id"],
+        step_id=row["step_id"],
+        attempt=row["attempt"],
+        status=row["status"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+        owner=row["owner"],
+        detail=json.loads(detail) if detail is not None else None,
+    )
 
 
 def run_from_row(row: Row) -> RunRecord:

@@ -28,7 +28,15 @@ class TaskContext:
     step_id: str
     attempt: int
     workdir: Path = field(default_factory=Path.cwd)
+    #: this attempt's place in the step's temperature schedule (retry.temperatures).
     temperature: float | None = None
+    #: why the previous attempt of this step failed (None on the first attempt).
+    previous_error: str | None = None
+    #: what the previous attempt recorded in its ``details`` (for example its issues).
+    previous_details: dict[str, Any] | None = None
+    #: what this attempt wants on record (JSON values): kept with the attempt, shown by
+    #: ``baton show``, whether the attempt succeeds or fails.
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def idempotency_key(self) -> str:

@@ -103,13 +103,14 @@ WHERE s.run_id = %(id)s AND s.idx = u.idx AND s.status = 'running' AND s.attempt
 RETURNING s.idx;
 
 -- name: insert_attempts
-INSERT INTO attempts (run_id, idx, attempt, status, started_at, finished_at, error, owner)
-SELECT %(id)s, u.idx, u.attempt, u.status, u.started_at, u.finished_at, u.error, %(owner)s
+INSERT INTO attempts (run_id, idx, attempt, status, started_at, finished_at, error, owner, detail)
+SELECT %(id)s, u.idx, u.attempt, u.status, u.started_at, u.finished_at, u.error, %(owner)s, u.detail
 FROM unnest(%(idx)s::int[], %(attempt)s::int[], %(status)s::text[], %(started_at)s::float8[],
-            %(finished_at)s::float8[], %(error)s::text[])
-     AS u (idx, attempt, status, started_at, finished_at, error)
+            %(finished_at)s::float8[], %(error)s::text[], %(detail)s::text[])
+     AS u (idx, attempt, status, started_at, finished_at, error, detail)
 ON CONFLICT (run_id, idx, attempt) DO UPDATE
-SET status = excluded.status, finished_at = excluded.finished_at, error = excluded.error;
+SET status = excluded.status, finished_at = excluded.finished_at, error = excluded.error,
+    detail = excluded.detail;
 
 -- name: mark_steps
 UPDATE steps s

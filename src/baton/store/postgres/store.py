@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from baton.errors import Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
 from baton.store.base import AttemptRecord, Batch, CommitResult, RunRecord, StepRecord
-from baton.store.sql import load_migrations, load_queries, run_from_row, step_from_row
+from baton.store.sql import attempt_from_row, load_migrations, load_queries, run_from_row, step_from_row
 
 Q = load_queries(__package__)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -186,19 +186,7 @@ class PostgresStore:
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         async with self._tx() as cur:
             await cur.execute(Q["get_attempts"], {"id": await self._resolve(cur, run_id)})
-            return [
-                AttemptRecord(
-                    run_id=r["run_id"],
-                    step_id=r["step_id"],
-                    attempt=r["attempt"],
-                    status=r["status"],
-                    started_at=r["started_at"],
-                    finished_at=r["finished_at"],
-                    error=r["error"],
-                    owner=r["owner"],
-                )
-                for r in await cur.fetchall()
-            ]
+            return [attempt_from_row(r) for r in await cur.fetchall()]
 
     # -- ownership ---------------------------------------------------------------------
 
@@ -294,6 +282,7 @@ class PostgresStore:
                             "started_at": [f.started_at for f in done],
                             "finished_at": [f.finished_at for f in done],
                             "error": [f.error for f in done],
+                            "detail": [f.detail for f in done],
                         },
                     )
 

@@ -56,8 +56,8 @@ UPDATE steps SET status = 'ready', lease_owner = NULL
 WHERE id = ? AND status = 'running' AND attempt = ?;
 
 -- name: insert_attempt
-INSERT OR REPLACE INTO attempts (step, attempt, status, started_at, finished_at, error, owner)
-VALUES (?, ?, ?, ?, ?, ?, ?);
+INSERT OR REPLACE INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: release_run
 UPDATE runs SET owner = NULL, lease_expires_at = NULL WHERE id = ? AND owner = ?;

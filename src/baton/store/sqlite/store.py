@@ -18,7 +18,7 @@ from typing import Any
 from baton.errors import Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
 from baton.store.base import AttemptRecord, Batch, CommitResult, RunRecord, StepRecord
-from baton.store.sql import load_migrations, load_queries, run_from_row, step_from_row
+from baton.store.sql import attempt_from_row, load_migrations, load_queries, run_from_row, step_from_row
 
 Q = load_queries(__package__)
 
@@ -174,19 +174,7 @@ class SQLiteStore:
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         span = self._range(self.db, self._resolve_id(run_id))
         rows = self.db.execute(Q["get_attempts"], span).fetchall()
-        return [
-            AttemptRecord(
-                run_id=r["run_id"],
-                step_id=r["step_id"],
-                attempt=r["attempt"],
-                status=r["status"],
-                started_at=r["started_at"],
-                finished_at=r["finished_at"],
-                error=r["error"],
-                owner=r["owner"],
-            )
-            for r in rows
-        ]
+        return [attempt_from_row(r) for r in rows]
 
     # -- ownership ---------------------------------------------------------------------
 
@@ -218,6 +206,7 @@ class SQLiteStore:
                         now,
                         "lost: its worker stopped or its lease expired",
                         lost["lease_owner"],
+                        None,
                     ),
                 )
             return run_from_row(db.execute(Q["get_run_header"], (run_id,)).fetchone())
@@ -277,7 +266,16 @@ class SQLiteStore:
                     f.idx for f, ok in zip(batch.finishes, applied, strict=True) if not ok
                 ]
                 attempts = [
-                    (base + f.idx, f.attempt, f.outcome, f.started_at, f.finished_at, f.error, owner)
+                    (
+                        base + f.idx,
+                        f.attempt,
+                        f.outcome,
+                        f.started_at,
+                        f.finished_at,
+                        f.error,
+                        owner,
+                        f.detail,
+                    )
                     for f, ok in zip(batch.finishes, applied, strict=True)
                     if ok
                 ]
