@@ -72,6 +72,16 @@ LeaseOption = Annotated[
         "may take the run over after that.",
     ),
 ]
+LlmOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--llm",
+        envvar="BATON_LLM",
+        metavar="FILE",
+        help="LLM config (models, providers, cassettes) for llm.* steps.",
+        show_default=False,
+    ),
+]
 QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress output; the result summary only.")
 ]
@@ -161,9 +171,11 @@ def _import_modules(modules: Sequence[str] | None) -> None:
             raise UsageError(f"cannot import module {name!r}: {type(exc).__name__}: {exc}") from None
 
 
-def _engine(db: str, *, must_exist: bool = False, lease_s: float = DEFAULT_LEASE_S) -> Engine:
+def _engine(
+    db: str, *, must_exist: bool = False, lease_s: float = DEFAULT_LEASE_S, llm: Path | None = None
+) -> Engine:
     """An engine on ``db``; with ``must_exist``, a missing SQLite file is NotFound, not created."""
-    engine = Engine(db, lease_s=lease_s)
+    engine = Engine(db, lease_s=lease_s, llm=llm)
     store = engine.store
     if must_exist and isinstance(store, SQLiteStore) and not store.path.exists():
         raise NotFound(f"no database at {store.path} (set --db or BATON_DB)")
@@ -423,6 +435,7 @@ def run(
     imports: ImportOption = None,
     quiet: QuietOption = False,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
+    llm: LlmOption = None,
 ) -> None:
     """Validate a plan, run it to the end with live progress, and summarise the result.
 
@@ -432,7 +445,7 @@ def run(
 
     async def body() -> int:
         _import_modules(imports)
-        engine = _engine(db, lease_s=lease_s)
+        engine = _engine(db, lease_s=lease_s, llm=llm)
         loaded = engine.load(plan)  # before the store opens: a bad plan writes nothing
         if max_parallel is not None:
             policy = loaded.policy.model_copy(update={"max_parallel": max_parallel})
@@ -454,6 +467,7 @@ def resume(
     imports: ImportOption = None,
     quiet: QuietOption = False,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
+    llm: LlmOption = None,
 ) -> None:
     """Continue a paused run, or one whose process died, here; then like `baton run`.
 
@@ -463,7 +477,7 @@ def resume(
 
     async def body() -> int:
         _import_modules(imports)
-        async with _engine(db, must_exist=True, lease_s=lease_s) as engine:
+        async with _engine(db, must_exist=True, lease_s=lease_s, llm=llm) as engine:
             handle = await engine.resume(run_id)
             return await _follow(engine, handle, session, quiet, [], "resumed")
 
@@ -476,13 +490,14 @@ def validate(
     db: DbOption = DEFAULT_DB,
     json_out: JsonOption = False,
     imports: ImportOption = None,
+    llm: LlmOption = None,
 ) -> None:
     """Check a plan without running it: steps, waves, critical path, effective max_parallel."""
     session = _Session(json_out, db)
 
     async def body() -> int:
         _import_modules(imports)
-        engine = _engine(db)  # never opened: validating touches no database
+        engine = _engine(db, llm=llm)  # never opened: validating touches no database
         try:
             loaded = engine.load(plan)
             dag = analyze(loaded, engine.registry)

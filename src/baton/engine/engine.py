@@ -22,6 +22,9 @@ import structlog
 from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import RunExecutor
 from baton.errors import BatonError, Conflict, UsageError
+from baton.llm.config import LLMConfig
+from baton.llm.gateway import Gateway
+from baton.llm.tasks import make_llm_tasks
 from baton.plan.analysis import analyze
 from baton.plan.dag import Dag
 from baton.plan.model import Plan, Step
@@ -113,9 +116,13 @@ class Engine:
         default_max_parallel: int = 8,
         workdir: str | Path | None = None,
         measure_latency: bool = False,
+        llm: LLMConfig | str | Path | None = None,
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         self.registry = registry or Registry.default()
+        config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
+        self.gateway = Gateway(config)
+        self.registry.extend(make_llm_tasks(self.gateway))
         self.owner = owner or new_owner_id()
         self.lease_s = lease_s
         self.poll_s = poll_s
@@ -156,6 +163,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
             self._heartbeat = None
+        await self.gateway.aclose()
         if self._open:
             await self.store.close()
             self._open = False

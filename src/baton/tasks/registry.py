@@ -52,6 +52,8 @@ def _is_context(annotation: Any) -> bool:
 
 
 Estimator = Callable[[Mapping[str, Any]], float | None]
+#: problems with a step's inputs that can be seen before the run starts
+Checker = Callable[[Mapping[str, Any]], list[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +69,16 @@ class TaskDef:
     takes_any: bool
     estimate: Estimator | None = None
     description: str = ""
+    check: Checker | None = None
 
     @classmethod
-    def of(cls, name: str, fn: Callable[..., Any], estimate: Estimator | None = None) -> TaskDef:
+    def of(
+        cls,
+        name: str,
+        fn: Callable[..., Any],
+        estimate: Estimator | None = None,
+        check: Checker | None = None,
+    ) -> TaskDef:
         sig = inspect.signature(fn)
         context_param = None
         params: set[str] = set()
@@ -98,13 +107,15 @@ class TaskDef:
             takes_any=takes_any,
             estimate=estimate,
             description=doc.splitlines()[0] if doc else "",
+            check=check,
         )
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> list[str]:
         """Problems with the input names (values are checked by the handler at run time)."""
+        problems = self.check(inputs) if self.check is not None else []
         if self.takes_any and not self.required:
-            return []
-        problems = [f"missing input {name!r}" for name in sorted(self.required - inputs.keys())]
+            return problems
+        problems += [f"missing input {name!r}" for name in sorted(self.required - inputs.keys())]
         if not self.takes_any:
             takes = ", ".join(sorted(self.params)) or "nothing"
             problems += [
@@ -154,6 +165,10 @@ class Registry:
 
     def __init__(self, tasks: Iterable[TaskDef] = ()) -> None:
         self._tasks: dict[str, TaskDef] = {}
+        self.extend(tasks)
+
+    def extend(self, tasks: Iterable[TaskDef]) -> None:
+        """Add (or replace) task definitions."""
         for t in tasks:
             self._tasks[t.name] = t
 

@@ -1,0 +1,120 @@
+"""LLM configuration: named models, each on a provider, with fallbacks.
+
+    default_model: fast
+    models:
+      fast: {provider: openai, model: gpt-4o-mini, api_key_env: OPENAI_API_KEY, fallbacks: [local]}
+      local: {provider: openai, base_url: "http://127.0.0.1:11434/v1", model: qwen2.5-coder}
+      claude: {provider: anthropic, model: claude-3-5-haiku-latest}
+      replay: {provider: scripted, cassette: cassettes/feature.yaml}
+
+Paths are relative to the file. A model on a hosted endpoint needs its key in the
+environment variable ``api_key_env`` (OPENAI_API_KEY / ANTHROPIC_API_KEY by default); local
+endpoints need none. Problems are reported before a run starts, naming the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from baton.errors import UsageError
+
+HOSTED = {
+    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "anthropic": ("https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+}
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: Literal["openai", "anthropic", "scripted"]
+    #: the provider's name for the model (default: the key in ``models``)
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    #: scripted: the cassette to answer from (or to record into, with record_from)
+    cassette: str | None = None
+    #: scripted: call this model and append its answers to the cassette
+    record_from: str | None = None
+    #: models to try, in order, when this one keeps failing
+    fallbacks: list[str] = Field(default_factory=list)
+
+    def key_env(self) -> str | None:
+        if self.api_key_env is not None:
+            return self.api_key_env
+        hosted = HOSTED.get(self.provider)
+        if hosted is not None and (self.base_url is None or self.base_url.rstrip("/") == hosted[0]):
+            return hosted[1]
+        return None
+
+
+class LLMConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    default_model: str | None = None
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    #: tries of one model on a transient error (429, 5xx, timeout) before its fallbacks
+    max_retries: int = Field(default=2, ge=0, le=10)
+    #: the longest wait honoured (Retry-After or backoff) between those tries
+    max_wait_s: float = Field(default=30.0, ge=0)
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LLMConfig:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise UsageError(f"LLM config {p} does not exist") from None
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"LLM config {p} cannot be read: {exc}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"LLM config {p}: expected a mapping with 'models'")
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as exc:
+            lines = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+            raise UsageError(f"LLM config {p}: " + "; ".join(lines)) from None
+        config.base_dir = p.resolve().parent
+        return config
+
+    def resolve(self, relative: str) -> Path:
+        path = Path(relative)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def problems(self, model: str | None) -> list[str]:
+        """What keeps ``model`` (or the default) from being called, fallbacks included."""
+        name = model or self.default_model
+        if name is None:
+            return ["no model named and no default_model configured (give an LLM config: --llm FILE)"]
+        seen: set[str] = set()
+        problems: list[str] = []
+        todo = [name]
+        while todo:
+            current = todo.pop(0)
+            if current in seen:
+                continue
+            seen.add(current)
+            spec = self.models.get(current)
+            if spec is None:
+                known = ", ".join(sorted(self.models)) or "none"
+                problems.append(f"model {current!r} is not configured (configured: {known})")
+                continue
+            env = spec.key_env()
+            if env is not None and not os.environ.get(env):
+                problems.append(f"model {current!r} needs its API key in ${env}, which is not set")
+            if spec.provider == "scripted":
+                if spec.cassette is None:
+                    problems.append(f"model {current!r} (scripted) names no cassette")
+                elif spec.record_from is None and not self.resolve(spec.cassette).is_file():
+                    problems.append(
+                        f"model {current!r}: cassette {self.resolve(spec.cassette)} does not exist"
+                    )
+                if spec.record_from is not None:
+                    todo.append(spec.record_from)
+            todo.extend(spec.fallbacks)
+        return problems

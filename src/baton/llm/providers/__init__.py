@@ -1,0 +1,1 @@
+"""Model providers: OpenAI-compatible HTTP, Anthropic Messages, scripted cassettes."""

@@ -1,0 +1,94 @@
+"""LLM tasks: steps that call a model through the gateway.
+
+``llm.generate`` sends a prompt and returns the answer (or the code or JSON in it). Its
+retries are the step's retries: each attempt runs at the step's temperature for that
+attempt (``retry.temperatures``, 0.7, 0.5, 0.3, 0.3 by default), and when the previous
+attempt was rejected — by a validator or by the extraction — the reason goes into the
+next prompt. Every attempt records its prompt, answer, model, tokens and latency.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from baton.errors import TaskFailed
+from baton.llm.extract import extract_code
+from baton.llm.gateway import Gateway
+from baton.llm.types import ChatRequest, Message
+from baton.plan.refs import has_refs
+from baton.tasks.registry import TaskContext, TaskDef
+
+DEFAULT_TEMPERATURES = (0.7, 0.5, 0.3, 0.3)
+EXTRACTS = ("text", "code", "json")
+
+
+def feedback(previous_error: str) -> str:
+    return f"\n\nYour previous answer was rejected:\n- {previous_error}\nAnswer again, fixing these problems."
+
+
+def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
+    """The LLM tasks of one engine, bound to its gateway."""
+
+    async def generate(
+        ctx: TaskContext,
+        prompt: str,
+        system: str | None = None,
+        model: str | None = None,
+        extract: str = "text",
+        language: str | None = None,
+        max_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        """Ask a model; the answer, or the code or JSON extracted from it."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TaskFailed("llm.generate: prompt must be a non-empty string")
+        content = prompt + (feedback(ctx.previous_error) if ctx.previous_error else "")
+        messages = ([Message("system", system)] if system else []) + [Message("user", content)]
+        temperature = ctx.temperature
+        if temperature is None:
+            temperature = DEFAULT_TEMPERATURES[min(ctx.attempt, len(DEFAULT_TEMPERATURES)) - 1]
+        request = ChatRequest(
+            messages=tuple(messages),
+            temperature=temperature,
+            max_tokens=max_tokens,
+            step_id=ctx.step_id,
+            attempt=ctx.attempt,
+        )
+        ctx.details.update(prompt=content, temperature=temperature)
+        response = await gateway.complete(request, model)
+        usage = response.usage.to_dict() if response.usage is not None else None
+        ctx.details.update(
+            answer=response.text,
+            model=response.model,
+            provider=response.provider,
+            usage=usage,
+            latency_s=round(response.latency_s, 4),
+        )
+        result: dict[str, Any] = {"model": response.model, "usage": usage, "source": "llm"}
+        if extract == "code":
+            result["text"] = extract_code(response.text, language)
+        elif extract == "json":
+            raw = extract_code(response.text, "json")
+            try:
+                result["value"] = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise TaskFailed(f"the answer is not JSON: {exc.msg} at line {exc.lineno}") from None
+            result["text"] = raw
+        else:
+            result["text"] = response.text
+        return result
+
+    def check(inputs: Mapping[str, Any]) -> list[str]:
+        problems: list[str] = []
+        model = inputs.get("model")
+        if model is not None and not isinstance(model, str):
+            problems.append("model must be a string")
+        elif not (isinstance(model, str) and has_refs(model)):
+            problems += gateway.problems(model)
+        extract = inputs.get("extract", "text")
+        if isinstance(extract, str) and not has_refs(extract) and extract not in EXTRACTS:
+            problems.append(f"extract must be one of {', '.join(EXTRACTS)}, not {extract!r}")
+        return problems
+
+    return [TaskDef.of("llm.generate", generate, check=check)]
