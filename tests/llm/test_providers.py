@@ -1,0 +1,203 @@
+"""Providers and the gateway against a real HTTP server process."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from baton.errors import UsageError
+from baton.llm import ChatRequest, Gateway, LLMConfig, Message
+from baton.llm.providers.base import retry_after_s
+from baton.llm.types import ProviderRejected, ProviderUnavailable, RateLimited
+from tests.llm.conftest import FakeServer
+
+
+def config(fake: FakeServer, **models: dict[str, object]) -> LLMConfig:
+    return LLMConfig.model_validate({"default_model": next(iter(models)), "models": models, "max_wait_s": 5})
+
+
+def ask(text: str = "Say hi", **fields: object) -> ChatRequest:
+    return ChatRequest(messages=(Message("system", "Be brief."), Message("user", text)), **fields)  # type: ignore[arg-type]
+
+
+async def test_openai_compatible_call(fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_KEY", "sk-test")
+    gateway = Gateway(
+        config(
+            fake,
+            small={
+                "provider": "openai",
+                "base_url": f"{fake.url}/v1",
+                "model": "m-1",
+                "api_key_env": "FAKE_KEY",
+            },
+        )
+    )
+    fake.program({"text": "hi there"})
+    try:
+        answer = await gateway.complete(ask(temperature=0.5, max_tokens=20))
+    finally:
+        await gateway.aclose()
+    assert (answer.text, answer.model, answer.provider) == ("hi there", "m-1", "small")
+    assert answer.usage is not None and answer.usage.to_dict() == {"input_tokens": 13, "output_tokens": 5}
+    (request,) = fake.received()
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-test"
+    assert request["body"] == {
+        "model": "m-1",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}],
+        "temperature": 0.5,
+        "max_tokens": 20,
+    }
+
+
+async def test_anthropic_messages_call(fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_ANTHROPIC", "ak-test")
+    gateway = Gateway(
+        config(
+            fake,
+            claude={
+                "provider": "anthropic",
+                "base_url": fake.url,
+                "model": "c-3",
+                "api_key_env": "FAKE_ANTHROPIC",
+            },
+        )
+    )
+    fake.program({"text": "hello"})
+    try:
+        answer = await gateway.complete(ask(temperature=0.3))
+    finally:
+        await gateway.aclose()
+    assert answer.text == "hello"
+    assert answer.usage is not None and answer.usage.to_dict() == {"input_tokens": 11, "output_tokens": 7}
+    (request,) = fake.received()
+    assert request["path"] == "/v1/messages"
+    assert request["headers"]["x-api-key"] == "ak-test"
+    assert request["headers"]["anthropic-version"] == "2023-06-01"
+    assert request["body"]["system"] == "Be brief."
+    assert request["body"]["messages"] == [{"role": "user", "content": "Say hi"}]
+    assert request["body"]["temperature"] == 0.3
+
+
+async def test_a_429_is_retried_after_the_time_it_asks_for(fake: FakeServer) -> None:
+    gateway = Gateway(config(fake, local={"provider": "openai", "base_url": f"{fake.url}/v1"}))
+    fake.program({"status": 429, "headers": {"Retry-After": "1"}}, {"text": "after the wait"})
+    started = time.monotonic()
+    try:
+        answer = await gateway.complete(ask())
+    finally:
+        await gateway.aclose()
+    assert answer.text == "after the wait"
+    assert time.monotonic() - started >= 0.9
+    assert len(fake.received()) == 2
+
+
+async def test_a_failing_model_falls_back_to_the_next(fake: FakeServer) -> None:
+    gateway = Gateway(
+        LLMConfig.model_validate(
+            {
+                "default_model": "primary",
+                "max_retries": 1,
+                "max_wait_s": 0.05,
+                "models": {
+                    "primary": {
+                        "provider": "openai",
+                        "base_url": f"{fake.url}/v1",
+                        "model": "p",
+                        "fallbacks": ["backup"],
+                    },
+                    "backup": {
+                        "provider": "anthropic",
+                        "base_url": fake.url,
+                        "model": "b",
+                        "api_key_env": "PATH",
+                    },
+                },
+            }
+        )
+    )
+    fake.program({"status": 500}, {"status": 503}, {"text": "from the backup"})
+    try:
+        answer = await gateway.complete(ask())
+    finally:
+        await gateway.aclose()
+    assert (answer.text, answer.provider) == ("from the backup", "backup")
+    assert [r["body"]["model"] for r in fake.received()] == ["p", "p", "b"]
+
+
+async def test_a_timeout_falls_back_and_the_last_error_is_raised_when_all_fail(fake: FakeServer) -> None:
+    models = {
+        "slow": {
+            "provider": "openai",
+            "base_url": f"{fake.url}/v1",
+            "timeout_s": 0.3,
+            "fallbacks": ["broken"],
+        },
+        "broken": {"provider": "openai", "base_url": f"{fake.url}/v1"},
+    }
+    gateway = Gateway(LLMConfig.model_validate({"default_model": "slow", "max_retries": 0, "models": models}))
+    fake.program(
+        {"delay_s": 1.0, "text": "too late"}, {"status": 400, "body": {"error": {"message": "bad request"}}}
+    )
+    try:
+        with pytest.raises(ProviderRejected, match=r"HTTP 400 .*bad request"):
+            await gateway.complete(ask())
+    finally:
+        await gateway.aclose()
+
+
+async def test_errors_say_what_happened() -> None:
+    gateway = Gateway(
+        LLMConfig.model_validate(
+            {
+                "default_model": "gone",
+                "max_retries": 0,
+                "models": {"gone": {"provider": "openai", "base_url": "http://127.0.0.1:1/v1"}},
+            }
+        )
+    )
+    try:
+        with pytest.raises(
+            ProviderUnavailable, match=re.escape("cannot reach http://127.0.0.1:1/v1/chat/completions")
+        ):
+            await gateway.complete(ask())
+    finally:
+        await gateway.aclose()
+
+
+def test_retry_after_takes_seconds_or_an_http_date() -> None:
+    assert retry_after_s("3") == 3.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert retry_after_s("soon") is None
+    assert retry_after_s(None) is None
+    assert RateLimited("x", retry_after_s=2).transient
+
+
+def test_config_problems_name_the_model_and_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    path = tmp_path / "llm.yaml"
+    path.write_text(
+        "default_model: gpt\n"
+        "models:\n"
+        "  gpt: {provider: openai, model: gpt-4o-mini, fallbacks: [replay, nowhere]}\n"
+        "  replay: {provider: scripted, cassette: missing.yaml}\n"
+    )
+    problems = LLMConfig.load(path).problems(None)
+    assert problems == [
+        "model 'gpt' needs its API key in $OPENAI_API_KEY, which is not set",
+        f"model 'replay': cassette {tmp_path / 'missing.yaml'} does not exist",
+        "model 'nowhere' is not configured (configured: gpt, replay)",
+    ]
+    path.write_text("models:\n  x: {provider: openia}\n")
+    with pytest.raises(
+        UsageError, match=r"LLM config .*llm.yaml: models.x.provider: Input should be 'openai'"
+    ):
+        LLMConfig.load(path)
+    with pytest.raises(UsageError, match="does not exist"):
+        LLMConfig.load(tmp_path / "nope.yaml")
