@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/baton run examples/feature_pipeline.yaml --db .baton/demo.db --import examples.demo_tasks
+	$(BIN)/baton run examples/feature_pipeline.yaml --db .baton/demo.db --import examples.demo_tasks \
+		--llm examples/llm.yaml
 
 lint: install
 	$(BIN)/ruff check src tests bench examples

@@ -8,7 +8,6 @@ runs its self-test.
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +54,14 @@ def assemble(parts: list[dict[str, str]], path: str) -> dict[str, Any]:
 
 
 @baton.task(name="demo.report")
-def report(feature: str, module: dict[str, Any], tests: dict[str, Any]) -> str:
+def report(
+    feature: str, module: dict[str, Any], tests: dict[str, Any], notes: dict[str, Any], review: str
+) -> str:
     """A short summary of what the pipeline produced."""
-    return textwrap.dedent(
-        f"""\
-        feature {feature}: {module["functions"]} functions in {module["path"]}
-        self-test: {tests["stdout"].strip()}"""
+    highlights = "\n".join(f"  - {h}" for h in notes["highlights"])
+    return (
+        f"feature {feature}: {module['functions']} functions in {module['path']}\n"
+        f"self-test: {tests['stdout'].strip()}\n"
+        f"{notes['title']}:\n{highlights}\n"
+        f"review: {' '.join(review.split())}"
     )

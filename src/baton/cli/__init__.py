@@ -254,6 +254,7 @@ def _attempt_json(attempt: AttemptRecord) -> dict[str, Any]:
         "status": attempt.status,
         "duration_s": _seconds(attempt.started_at, attempt.finished_at),
         "error": attempt.error,
+        "detail": attempt.detail,
     }
 
 
@@ -386,6 +387,25 @@ def _print_results(view: _RunView) -> None:
         _out.print(Text(f"  (+{len(finals) - RESULTS_SHOWN} more final steps: baton show {view.run.id})"))
 
 
+def _print_llm_usage(view: _RunView) -> None:
+    """Model calls of the run: how many, how many were rejected, tokens by model."""
+    calls = [a for a in view.attempts if a.detail and "usage" in a.detail]
+    if not calls:
+        return
+    by_model: dict[str, list[int]] = {}
+    for a in calls:
+        usage = a.detail.get("usage") or {} if a.detail else {}
+        tally = by_model.setdefault(str(a.detail.get("model") if a.detail else "?"), [0, 0, 0])
+        tally[0] += 1
+        tally[1] += int(usage.get("input_tokens", 0))
+        tally[2] += int(usage.get("output_tokens", 0))
+    rejected = sum(1 for a in calls if a.status != "succeeded")
+    models = ", ".join(
+        f"{name}: {n} calls, {i:,} in + {o:,} out tokens" for name, (n, i, o) in by_model.items()
+    )
+    _out.print(Text(f"  model calls: {len(calls)} ({rejected} rejected and retried) — {models}"))
+
+
 def _print_summary(view: _RunView, db: str) -> None:
     run = view.run
     ended = run.finished_at if run.finished_at is not None else time.time()
@@ -411,6 +431,7 @@ def _print_summary(view: _RunView, db: str) -> None:
         more = f" (+{len(skipped) - WAVE_IDS_SHOWN} more)" if len(skipped) > WAVE_IDS_SHOWN else ""
         ids = ", ".join(skipped[:WAVE_IDS_SHOWN])
         _out.print(Text(f"  skipped (a step they need did not succeed): {ids}{more}"))
+    _print_llm_usage(view)
     _print_results(view)
     if run.status is RunStatus.PAUSED:
         _out.print(Text(f"  continue with: {_resume_hint(run.id, db)}"))
