@@ -18,7 +18,9 @@ def test_the_demo_pipeline_completes_with_its_model_steps(tmp_path: Path) -> Non
     text = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert text.returncode == 0, text.stdout + text.stderr
     assert (
-        "model calls: 3 (1 rejected and retried) — replay: 3 calls, 1,410 in + 143 out tokens" in text.stdout
+        # priced as gpt-4o-mini: $0.15 / $0.60 per million tokens in / out
+        "model calls: 3 (1 rejected and retried), $0.000297 — gpt-4o-mini: 3 calls, 1,410 in + 143 out tokens"
+        in text.stdout
     )
     assert "self-test: all checks passed" in text.stdout
     assert (tmp_path / ".baton" / "demo" / "text_utils.py").exists()

@@ -103,6 +103,7 @@ async def test_a_cassette_makes_a_plan_deterministic(tmp_path: Path) -> None:
             "text": "def f():\n    return 1\n",
             "model": "replay",
             "usage": outputs[0]["code"][0]["usage"],
+            "cost_usd": None,  # "replay" is in no price table
             "source": "llm",
         },
         2,

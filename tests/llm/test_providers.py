@@ -201,3 +201,31 @@ def test_config_problems_name_the_model_and_what_is_missing(
         LLMConfig.load(path)
     with pytest.raises(UsageError, match="does not exist"):
         LLMConfig.load(tmp_path / "nope.yaml")
+
+
+async def test_calls_are_priced_from_the_maintained_table_or_the_config(tmp_path: Path) -> None:
+    cassette = tmp_path / "c.yaml"
+    cassette.write_text(
+        "responses:\n  - {text: hi, usage: {input_tokens: 1000000, output_tokens: 1000000}}\n"
+    )
+    gateway = Gateway(
+        LLMConfig.model_validate(
+            {
+                "models": {
+                    "mini": {"provider": "scripted", "model": "gpt-4o-mini", "cassette": str(cassette)},
+                    "house": {"provider": "scripted", "model": "house-model", "cassette": str(cassette)},
+                    "mystery": {"provider": "scripted", "model": "mystery-model", "cassette": str(cassette)},
+                },
+                "prices": {"house-model": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}},
+            }
+        )
+    )
+    try:
+        mini = await gateway.complete(ask(), "mini")
+        house = await gateway.complete(ask(), "house")
+        mystery = await gateway.complete(ask(), "mystery")
+    finally:
+        await gateway.aclose()
+    assert mini.cost_usd == pytest.approx(0.15 + 0.60)  # genai-prices: $0.15 / $0.60 per MTok
+    assert house.cost_usd == pytest.approx(3.0)
+    assert mystery.cost_usd is None

@@ -387,23 +387,43 @@ def _print_results(view: _RunView) -> None:
         _out.print(Text(f"  (+{len(finals) - RESULTS_SHOWN} more final steps: baton show {view.run.id})"))
 
 
+@dataclass(slots=True)
+class _Spend:
+    calls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    usd: float = 0.0
+    unpriced: int = 0
+
+    def __str__(self) -> str:
+        text = f"{self.calls} calls, {self.tokens_in:,} in + {self.tokens_out:,} out tokens, ${self.usd:.6f}"
+        return text + (f" ({self.unpriced} of unknown price)" if self.unpriced else "")
+
+
 def _print_llm_usage(view: _RunView) -> None:
-    """Model calls of the run: how many, how many were rejected, tokens by model."""
+    """Model calls of the run: how many were rejected, tokens and spend by model."""
     calls = [a for a in view.attempts if a.detail and "usage" in a.detail]
     if not calls:
         return
-    by_model: dict[str, list[int]] = {}
+    by_model: dict[str, _Spend] = {}
     for a in calls:
-        usage = a.detail.get("usage") or {} if a.detail else {}
-        tally = by_model.setdefault(str(a.detail.get("model") if a.detail else "?"), [0, 0, 0])
-        tally[0] += 1
-        tally[1] += int(usage.get("input_tokens", 0))
-        tally[2] += int(usage.get("output_tokens", 0))
+        detail = a.detail or {}
+        usage = detail.get("usage") or {}
+        spend = by_model.setdefault(str(detail.get("model", "?")), _Spend())
+        spend.calls += 1
+        spend.tokens_in += int(usage.get("input_tokens", 0))
+        spend.tokens_out += int(usage.get("output_tokens", 0))
+        cost = detail.get("cost_usd")
+        if isinstance(cost, int | float):
+            spend.usd += cost
+        else:
+            spend.unpriced += 1
     rejected = sum(1 for a in calls if a.status != "succeeded")
-    models = ", ".join(
-        f"{name}: {n} calls, {i:,} in + {o:,} out tokens" for name, (n, i, o) in by_model.items()
+    total = sum(s.usd for s in by_model.values())
+    models = "; ".join(f"{name}: {spend}" for name, spend in by_model.items())
+    _out.print(
+        Text(f"  model calls: {len(calls)} ({rejected} rejected and retried), ${total:.6f} — {models}")
     )
-    _out.print(Text(f"  model calls: {len(calls)} ({rejected} rejected and retried) — {models}"))
 
 
 def _print_summary(view: _RunView, db: str) -> None:

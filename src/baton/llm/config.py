@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from baton.errors import UsageError
+from baton.llm.prices import Price
 
 HOSTED = {
     "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
@@ -61,6 +62,8 @@ class LLMConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=10)
     #: the longest wait honoured (Retry-After or backoff) between those tries
     max_wait_s: float = Field(default=30.0, ge=0)
+    #: USD per million tokens, for models the maintained price table lacks (or to override it)
+    prices: dict[str, Price] = Field(default_factory=dict)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 
     @classmethod

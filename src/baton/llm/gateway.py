@@ -12,6 +12,7 @@ import os
 from dataclasses import replace
 
 from baton.llm.config import HOSTED, LLMConfig
+from baton.llm.prices import PriceBook
 from baton.llm.providers.anthropic import AnthropicMessages
 from baton.llm.providers.base import Provider
 from baton.llm.providers.openai import OpenAIChat
@@ -26,6 +27,7 @@ class Gateway:
 
     def __init__(self, config: LLMConfig | None = None) -> None:
         self.config = config or LLMConfig()
+        self.prices = PriceBook(self.config.prices)
         self._providers: dict[str, Provider] = {}
 
     def problems(self, model: str | None) -> list[str]:
@@ -51,7 +53,7 @@ class Gateway:
             cassette = self.config.resolve(spec.cassette)
             if spec.record_from is not None:
                 return RecordingProvider(name=name, inner=self._provider(spec.record_from), cassette=cassette)
-            return ScriptedProvider(name=name, cassette=cassette)
+            return ScriptedProvider(name=name, cassette=cassette, model=model)
         base_url = spec.base_url or HOSTED[spec.provider][0]
         if spec.provider == "openai":
             return OpenAIChat(
@@ -77,7 +79,7 @@ class Gateway:
             provider = self._provider(name)
             for tries in range(self.config.max_retries + 1):
                 try:
-                    return await provider.complete(replace(request, model=name))
+                    response = await provider.complete(replace(request, model=name))
                 except ProviderError as exc:
                     last = exc
                     if not exc.transient:
@@ -85,8 +87,18 @@ class Gateway:
                     if tries < self.config.max_retries:
                         wait = exc.retry_after_s if exc.retry_after_s is not None else BACKOFF_S * 2**tries
                         await asyncio.sleep(min(wait, self.config.max_wait_s))
+                    continue
+                return self._account(name, response)
         assert last is not None
         raise last
+
+    def _account(self, name: str, response: ChatResponse) -> ChatResponse:
+        """The response with its cost (from its usage and the price of the model that answered)."""
+        if response.usage is None:
+            return response
+        spec = self.config.models.get(name)
+        hint = spec.provider if spec is not None and spec.provider != "scripted" else None
+        return replace(response, cost_usd=self.prices.cost_usd(response.model, response.usage, hint))
 
     async def aclose(self) -> None:
         for provider in self._providers.values():

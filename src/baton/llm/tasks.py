@@ -63,9 +63,15 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             model=response.model,
             provider=response.provider,
             usage=usage,
+            cost_usd=response.cost_usd,
             latency_s=round(response.latency_s, 4),
         )
-        result: dict[str, Any] = {"model": response.model, "usage": usage, "source": "llm"}
+        result: dict[str, Any] = {
+            "model": response.model,
+            "usage": usage,
+            "cost_usd": response.cost_usd,
+            "source": "llm",
+        }
         if extract == "code":
             result["text"] = extract_code(response.text, language)
         elif extract == "json":

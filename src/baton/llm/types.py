@@ -50,6 +50,8 @@ class ChatResponse:
     latency_s: float = 0.0
     provider: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    #: what the call cost; None when the model's price is not known
+    cost_usd: float | None = None
 
 
 class ProviderError(BatonError):

@@ -108,8 +108,9 @@ def estimate_tokens(text: str) -> int:
 class ScriptedProvider:
     """Answers from a cassette."""
 
-    def __init__(self, *, name: str, cassette: Path) -> None:
+    def __init__(self, *, name: str, cassette: Path, model: str | None = None) -> None:
         self.name = name
+        self.model = model or name
         self.path = cassette
         self.cassette = Cassette.load(cassette)
 
@@ -133,7 +134,7 @@ class ScriptedProvider:
             estimated = True
         return ChatResponse(
             text=text,
-            model=request.model or self.name,
+            model=self.model,
             usage=usage,
             latency_s=entry.latency_s,
             provider=self.name,
