@@ -1,67 +1,175 @@
 """Output validators: checks a step's output must pass for its attempt to count.
 
-A failed check fails the attempt, so the step retries with the errors on record (the LLM
-gateway feeds them back into the next prompt). Each validator names the output part it
-reads with ``field`` (a dotted path; the whole output when absent).
+Each check reports issues with a severity. Issues of severity ``critical`` or ``error``
+fail the attempt, so the step retries with them on record (model steps get them in their
+next prompt); ``warning`` and ``info`` issues are kept with the attempt and do not fail it.
+A validator reads the output part named by ``field`` (a dotted path; the whole output when
+absent) and may set its own ``severity`` (default ``error``).
+
+Kinds: ``python_syntax``, ``json``, ``json_schema`` (``schema``), ``regex`` (``pattern``),
+``not_empty``, ``command`` (``argv``: runs a program on the value, which it gets on stdin
+or in the file named by ``{file}`` in argv; a non-zero exit is an issue), and ``python``
+(``function``: a dotted path to a callable of the value that returns a list of messages,
+a message, or True/False/None).
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
+import importlib
+import inspect
 import json
+import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
-Check = Callable[[Any, Mapping[str, Any]], list[str]]
+import jsonschema
+
+Severity = Literal["critical", "error", "warning", "info"]
+SEVERITIES: tuple[Severity, ...] = ("critical", "error", "warning", "info")
+FAILING: frozenset[str] = frozenset({"critical", "error"})
+COMMAND_TIMEOUT_S = 60.0
 
 
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+@dataclass(frozen=True, slots=True)
+class Issue:
+    severity: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"severity": self.severity, "kind": self.kind, "message": self.message}
 
 
-def _python_syntax(value: Any, _opts: Mapping[str, Any]) -> list[str]:
-    text = _text(value)
-    if text is None:
-        return [f"python_syntax: expected text, got {type(value).__name__}"]
+Check = Callable[[Any, Mapping[str, Any], Path], Awaitable[list[str]]]
+
+
+def _text(value: Any, kind: str) -> str:
+    if not isinstance(value, str):
+        raise _Wrong(f"expected text, got {type(value).__name__}")
+    return value
+
+
+class _Wrong(Exception):
+    """The value is not of a type the check can read."""
+
+
+async def _python_syntax(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> list[str]:
     try:
-        ast.parse(text)
+        ast.parse(_text(value, "python_syntax"))
     except SyntaxError as exc:
-        return [f"python_syntax: line {exc.lineno}: {exc.msg}"]
+        return [f"line {exc.lineno}: {exc.msg}"]
     return []
 
 
-def _json(value: Any, _opts: Mapping[str, Any]) -> list[str]:
-    text = _text(value)
-    if text is None:
-        return [f"json: expected text, got {type(value).__name__}"]
+async def _json(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> list[str]:
     try:
-        json.loads(text)
+        json.loads(_text(value, "json"))
     except json.JSONDecodeError as exc:
-        return [f"json: {exc.msg} at line {exc.lineno} column {exc.colno}"]
+        return [f"{exc.msg} at line {exc.lineno} column {exc.colno}"]
     return []
 
 
-def _regex(value: Any, opts: Mapping[str, Any]) -> list[str]:
-    text = _text(value)
-    if text is None:
-        return [f"regex: expected text, got {type(value).__name__}"]
-    pattern = str(opts.get("pattern", ""))
-    if re.search(pattern, text) is None:
-        return [f"regex: output does not match {pattern!r}"]
+async def _json_schema(value: Any, opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            return [f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
+    validator = jsonschema.Draft202012Validator(opts["schema"])
+    problems = []
+    for error in sorted(validator.iter_errors(value), key=lambda e: list(e.path)):
+        where = "/".join(str(p) for p in error.path) or "(root)"
+        problems.append(f"{where}: {error.message}")
+    return problems[:10]
+
+
+async def _regex(value: Any, opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+    pattern = str(opts["pattern"])
+    if re.search(pattern, _text(value, "regex")) is None:
+        return [f"output does not match {pattern!r}"]
     return []
 
 
-def _not_empty(value: Any, _opts: Mapping[str, Any]) -> list[str]:
+async def _not_empty(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> list[str]:
     empty = value is None or (isinstance(value, str | list | dict) and not value)
-    return ["not_empty: output is empty"] if empty else []
+    return ["output is empty"] if empty else []
+
+
+async def _command(value: Any, opts: Mapping[str, Any], cwd: Path) -> list[str]:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    argv = [str(a) for a in opts["argv"]]
+    timeout = float(opts.get("timeout_s", COMMAND_TIMEOUT_S))
+    with tempfile.TemporaryDirectory(prefix="baton-check-") as tmp:
+        path = Path(tmp) / str(opts.get("filename", "output.txt"))
+        uses_file = any("{file}" in a for a in argv)
+        if uses_file:
+            path.write_text(text, encoding="utf-8")
+            argv = [a.replace("{file}", str(path)) for a in argv]
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL if uses_file else asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as exc:
+            return [f"cannot run {argv[0]!r}: {exc.strerror or exc}"]
+        try:
+            async with asyncio.timeout(timeout):
+                out, _ = await proc.communicate(None if uses_file else text.encode())
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return [f"{argv[0]} ran past {timeout}s"]
+    if proc.returncode == 0:
+        return []
+    tail = out.decode("utf-8", "replace").strip().splitlines()[-8:]
+    return [f"{argv[0]} exited with {proc.returncode}" + (": " + " / ".join(tail) if tail else "")]
+
+
+def _import(path: str) -> Callable[..., Any]:
+    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    target: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise TypeError(f"{path} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+async def _python(value: Any, opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+    verdict = _import(str(opts["function"]))(value)
+    if inspect.isawaitable(verdict):
+        verdict = await verdict
+    if verdict is None or verdict is True:
+        return []
+    if verdict is False:
+        return [f"{opts['function']} rejected the output"]
+    if isinstance(verdict, str):
+        return [verdict] if verdict else []
+    return [str(v) for v in verdict]
 
 
 CHECKS: dict[str, Check] = {
     "python_syntax": _python_syntax,
     "json": _json,
+    "json_schema": _json_schema,
     "regex": _regex,
     "not_empty": _not_empty,
+    "command": _command,
+    "python": _python,
 }
 
 
@@ -69,28 +177,66 @@ def option_problems(kind: str, opts: Mapping[str, Any]) -> list[str]:
     """Problems with a validator declaration, found before anything runs."""
     if kind not in CHECKS:
         return [f"unknown validator kind {kind!r} (known: {', '.join(sorted(CHECKS))})"]
+    problems: list[str] = []
+    severity = opts.get("severity", "error")
+    if severity not in SEVERITIES:
+        problems.append(f"severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
+    field = opts.get("field")
+    if field is not None and not isinstance(field, str):
+        problems.append("validator 'field' must be a dotted path string")
     if kind == "regex":
         pattern = opts.get("pattern")
         if not isinstance(pattern, str):
-            return ["regex validator needs a string 'pattern'"]
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            return [f"regex pattern {pattern!r} does not compile: {exc}"]
-    field = opts.get("field")
-    if field is not None and not isinstance(field, str):
-        return ["validator 'field' must be a dotted path string"]
-    return []
+            problems.append("regex validator needs a string 'pattern'")
+        else:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"regex pattern {pattern!r} does not compile: {exc}")
+    elif kind == "json_schema":
+        schema = opts.get("schema")
+        if not isinstance(schema, dict):
+            problems.append("json_schema validator needs a 'schema' mapping")
+        else:
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                problems.append(f"json_schema 'schema' is not a valid JSON Schema: {exc.message}")
+    elif kind == "command":
+        argv = opts.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            problems.append("command validator needs 'argv': a non-empty list of strings")
+    elif kind == "python":
+        function = opts.get("function")
+        if not isinstance(function, str):
+            problems.append("python validator needs 'function': 'package.module:callable'")
+        else:
+            try:
+                _import(function)
+            except (ImportError, AttributeError, TypeError, ValueError) as exc:
+                problems.append(f"python validator function {function!r} cannot be used: {exc}")
+    return problems
 
 
-def run_checks(output: Any, validators: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Every error the validators find in ``output`` (empty when all pass)."""
-    errors: list[str] = []
+def _pick(output: Any, field: Any) -> Any:
+    value = output
+    if isinstance(field, str) and field:
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+async def run_checks(output: Any, validators: Sequence[Mapping[str, Any]], cwd: Path) -> list[Issue]:
+    """Every issue the validators find in ``output`` (empty when all pass)."""
+    issues: list[Issue] = []
     for spec in validators:
-        value = output
-        field = spec.get("field")
-        if isinstance(field, str) and field:
-            for part in field.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-        errors += CHECKS[str(spec["kind"])](value, spec)
-    return errors
+        kind = str(spec["kind"])
+        severity = str(spec.get("severity", "error"))
+        try:
+            messages = await CHECKS[kind](_pick(output, spec.get("field")), spec, cwd)
+        except _Wrong as exc:
+            messages = [str(exc)]
+        except Exception as exc:  # a user's check that breaks is an issue, not a crash
+            messages = [f"the check itself failed: {type(exc).__name__}: {exc}"]
+        issues += [Issue(severity, kind, m) for m in messages]
+    return issues

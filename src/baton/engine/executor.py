@@ -25,7 +25,7 @@ from baton.plan.refs import Ref, has_refs, resolve
 from baton.status import RunStatus, StepStatus
 from baton.store.base import Batch, Claim, Finish, Mark, RunRecord, StepRecord
 from baton.tasks.registry import TaskContext, TaskDef
-from baton.validators import run_checks
+from baton.validators import FAILING, run_checks
 
 if TYPE_CHECKING:
     from baton.engine.engine import Engine
@@ -287,9 +287,16 @@ class RunExecutor:
                     result.outcome = "timeout"
                     raise StepTimeout(f"attempt {attempt} timed out after {timeout}s") from None
             result.output_json = _encode(value)
-            errors = run_checks(value, self.validators[i]) if self.validators[i] else []
-            if errors:
-                result.error = "validation failed: " + "; ".join(errors)
+            issues = (
+                await run_checks(value, self.validators[i], self.workdir_path) if self.validators[i] else []
+            )
+            if issues:
+                if ctx is None:
+                    ctx = self._context(i, attempt)
+                ctx.details["issues"] = [issue.to_dict() for issue in issues]
+            failing = [str(issue) for issue in issues if issue.severity in FAILING]
+            if failing:
+                result.error = "validation failed: " + "; ".join(failing)
             else:
                 result.outcome, result.output = "succeeded", value
         except asyncio.CancelledError:
