@@ -876,3 +876,14 @@ def test_database_urls_choose_the_store_and_its_durability(tmp_path: Path) -> No
         store_for(f"sqlite:///{tmp_path / 'c.db'}?synchronous=sometimes")
     with pytest.raises(UsageError, match="unsupported database URL scheme 'mysql'"):
         store_for("mysql://localhost/x")
+
+
+async def test_the_cache_keeps_values_until_they_expire(store: Store, peer: Store) -> None:
+    await store.cache_put("k", '{"text": "a"}', T0, T0 + 10)
+    await store.cache_put("forever", "f", T0, None)
+    assert await peer.cache_get("k", T0 + 5) == '{"text": "a"}'  # shared with other processes
+    assert await store.cache_get("k", T0 + 11) is None
+    assert await store.cache_get("forever", T0 + 1e9) == "f"
+    assert await store.cache_get("missing", T0) is None
+    await store.cache_put("k", "b", T0 + 20, T0 + 30)  # replaced, with a new expiry
+    assert await store.cache_get("k", T0 + 25) == "b"

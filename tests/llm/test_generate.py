@@ -175,3 +175,36 @@ def test_the_cli_names_llm_config_problems_and_exits_2(tmp_path: Path) -> None:
     assert broken.returncode == 2
     assert f"error: LLM config {bad}: models: Input should be a valid dictionary" in broken.stderr
     assert "Traceback" not in broken.stderr + no_config.stderr
+
+
+async def test_the_same_question_is_answered_from_the_cache_in_a_later_run(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    config = LLMConfig.model_validate(
+        {
+            "default_model": "local",
+            "models": {"local": {"provider": "openai", "base_url": f"{fake.url}/v1", "model": "gpt-4o-mini"}},
+        }
+    )
+    step = {"id": "ask", "task": "llm.generate", "with": {"prompt": "What is baton?"}}
+    fake.program({"text": "An orchestration engine."})
+    outputs = []
+    for _ in range(2):
+        async with Engine(str(tmp_path / "shared.db"), llm=config) as engine:
+            record = await engine.run({"name": "cached", "steps": [step]})
+            (done,) = await engine.store.get_steps(record.id)
+            (attempt,) = await engine.store.get_attempts(record.id)
+            outputs.append((done.output, attempt.detail))
+    assert len(fake.received()) == 1, "the second run did not call the model"
+    (first, _), (second, second_detail) = outputs
+    assert first["source"] == "llm" and first["cost_usd"] > 0
+    assert second["text"] == first["text"] == "An orchestration engine."
+    assert (second["source"], second["cost_usd"]) == ("cached", 0.0)
+    assert second_detail is not None and second_detail["saved_usd"] == first["cost_usd"]
+
+    uncached = {**step, "id": "fresh", "with": {"prompt": "What is baton?", "cache": False}}
+    fake.program({"text": "Asked again."})
+    async with Engine(str(tmp_path / "shared.db"), llm=config) as engine:
+        record = await engine.run({"name": "uncached", "steps": [uncached]})
+        (done,) = await engine.store.get_steps(record.id)
+    assert done.output["text"] == "Asked again." and len(fake.received()) == 1

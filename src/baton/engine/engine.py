@@ -121,7 +121,7 @@ class Engine:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         self.registry = registry or Registry.default()
         config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
-        self.gateway = Gateway(config)
+        self.gateway = Gateway(config, self.store)
         self.registry.extend(make_llm_tasks(self.gateway))
         self.owner = owner or new_owner_id()
         self.lease_s = lease_s

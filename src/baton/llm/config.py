@@ -54,6 +54,14 @@ class ModelConfig(BaseModel):
         return None
 
 
+class CacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: keep answers by (model, messages, parameters) and reuse them instead of paying again
+    exact: bool = True
+    #: how long an answer stays reusable (None: for ever)
+    ttl_s: float | None = Field(default=7 * 24 * 3600.0, gt=0)
+
+
 class LLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     default_model: str | None = None
@@ -62,6 +70,7 @@ class LLMConfig(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=10)
     #: the longest wait honoured (Retry-After or backoff) between those tries
     max_wait_s: float = Field(default=30.0, ge=0)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     #: USD per million tokens, for models the maintained price table lacks (or to override it)
     prices: dict[str, Price] = Field(default_factory=dict)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)

@@ -39,6 +39,7 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         extract: str = "text",
         language: str | None = None,
         max_tokens: int | None = None,
+        cache: bool = True,
     ) -> dict[str, Any]:
         """Ask a model; the answer, or the code or JSON extracted from it."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -54,6 +55,7 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             max_tokens=max_tokens,
             step_id=ctx.step_id,
             attempt=ctx.attempt,
+            use_cache=cache,
         )
         ctx.details.update(prompt=content, temperature=temperature)
         response = await gateway.complete(request, model)
@@ -64,13 +66,16 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             provider=response.provider,
             usage=usage,
             cost_usd=response.cost_usd,
+            source=response.source,
             latency_s=round(response.latency_s, 4),
         )
+        if response.source == "cached":
+            ctx.details["saved_usd"] = response.raw.get("saved_usd")
         result: dict[str, Any] = {
             "model": response.model,
             "usage": usage,
             "cost_usd": response.cost_usd,
-            "source": "llm",
+            "source": response.source,
         }
         if extract == "code":
             result["text"] = extract_code(response.text, language)

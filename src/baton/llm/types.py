@@ -26,6 +26,8 @@ class ChatRequest:
     max_tokens: int | None = None
     step_id: str | None = None
     attempt: int = 1
+    #: answer from the exact cache when the same question was asked before
+    use_cache: bool = True
 
     @property
     def prompt(self) -> str:
@@ -52,6 +54,8 @@ class ChatResponse:
     raw: dict[str, Any] = field(default_factory=dict)
     #: what the call cost; None when the model's price is not known
     cost_usd: float | None = None
+    #: what produced it: "llm" (the model asked), "fallback" (a later model), "cached"
+    source: str = "llm"
 
 
 class ProviderError(BatonError):

@@ -194,3 +194,9 @@ class Store(Protocol):
 
     async def orphaned_runs(self, now: float) -> list[str]:
         """Runs that are running but whose owner's lease expired (or that have no owner)."""
+
+    async def cache_get(self, key: str, now: float) -> str | None:
+        """A cached value that has not expired, or None."""
+
+    async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
+        """Keep ``value`` under ``key`` (replacing what was there) until ``expires_at``."""

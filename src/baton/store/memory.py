@@ -23,6 +23,7 @@ class MemoryStore:
         self._runs: dict[str, RunRecord] = {}
         self._steps: dict[str, list[StepRecord]] = {}
         self._attempts: dict[str, list[AttemptRecord]] = {}
+        self._cache: dict[str, tuple[str, float | None]] = {}
 
     async def open(self) -> None:
         return None
@@ -111,6 +112,15 @@ class MemoryStore:
             held = self._runs.get(run_id)
             out[run_id] = held.status if held is not None and held.owner == owner else None
         return out
+
+    async def cache_get(self, key: str, now: float) -> str | None:
+        entry = self._cache.get(key)
+        if entry is None or (entry[1] is not None and entry[1] < now):
+            return None
+        return entry[0]
+
+    async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
+        self._cache[key] = (value, expires_at)
 
     async def orphaned_runs(self, now: float) -> list[str]:
         return [

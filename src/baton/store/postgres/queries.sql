@@ -148,3 +148,12 @@ WHERE run_id = %(id)s AND status = 'running';
 SELECT id FROM runs
 WHERE status = 'running' AND (owner IS NULL OR lease_expires_at < %(now)s)
 ORDER BY created_at;
+
+-- name: cache_get
+SELECT value FROM llm_cache WHERE key = %(key)s AND (expires_at IS NULL OR expires_at >= %(now)s);
+
+-- name: cache_put
+INSERT INTO llm_cache (key, value, created_at, expires_at)
+VALUES (%(key)s, %(value)s, %(now)s, %(expires_at)s)
+ON CONFLICT (key) DO UPDATE
+SET value = excluded.value, created_at = excluded.created_at, expires_at = excluded.expires_at;

@@ -227,6 +227,18 @@ class PostgresStore:
             out[run_id] = RunStatus(row["status"]) if row and row["owner"] == owner else None
         return out
 
+    async def cache_get(self, key: str, now: float) -> str | None:
+        async with self._tx() as cur:
+            await cur.execute(Q["cache_get"], {"key": key, "now": now})
+            row = await cur.fetchone()
+        return None if row is None else str(row["value"])
+
+    async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
+        async with self._tx() as cur:
+            await cur.execute(
+                Q["cache_put"], {"key": key, "value": value, "now": now, "expires_at": expires_at}
+            )
+
     async def orphaned_runs(self, now: float) -> list[str]:
         async with self._tx() as cur:
             await cur.execute(Q["orphaned_runs"], {"now": now})

@@ -109,3 +109,9 @@ WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending';
 UPDATE steps SET status = ?, error = COALESCE(?, error),
        finished_at = CASE WHEN ? THEN ? ELSE finished_at END
 WHERE id = ? AND status IN (SELECT value FROM json_each(?));
+
+-- name: cache_get
+SELECT value FROM llm_cache WHERE key = ? AND (expires_at IS NULL OR expires_at >= ?);
+
+-- name: cache_put
+INSERT OR REPLACE INTO llm_cache (key, value, created_at, expires_at) VALUES (?, ?, ?, ?);

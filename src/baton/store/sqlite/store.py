@@ -227,6 +227,14 @@ class SQLiteStore:
                 out[run_id] = RunStatus(row["status"]) if row and row["owner"] == owner else None
             return out
 
+    async def cache_get(self, key: str, now: float) -> str | None:
+        row = self.db.execute(Q["cache_get"], (key, now)).fetchone()
+        return None if row is None else str(row["value"])
+
+    async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
+        with self._write() as db:
+            db.execute(Q["cache_put"], (key, value, now, expires_at))
+
     async def orphaned_runs(self, now: float) -> list[str]:
         return [r["id"] for r in self.db.execute(Q["orphaned_runs"], (now,))]
 
