@@ -22,6 +22,7 @@ def test_the_demo_pipeline_completes_with_its_model_steps(tmp_path: Path) -> Non
         "model calls: 3 (1 rejected and retried), $0.000297 — gpt-4o-mini: 3 calls, 1,410 in + 143 out tokens"
         in text.stdout
     )
+    assert "run budget: $0.000297 of $0.050000, 1,553 of 200,000 tokens spent" in text.stdout
     assert "self-test: all checks passed" in text.stdout
     assert (tmp_path / ".baton" / "demo" / "text_utils.py").exists()
 

@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 
-from baton.errors import Conflict, NotFound, StoreError, UsageError
+from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError, UsageError
 from baton.status import RunStatus, StepStatus
 from baton.store import (
     Batch,
+    BudgetClaim,
+    BudgetSettle,
     Claim,
     Finish,
+    LedgerEntry,
     Mark,
     MemoryStore,
     RunRecord,
@@ -887,3 +890,26 @@ async def test_the_cache_keeps_values_until_they_expire(store: Store, peer: Stor
     assert await store.cache_get("missing", T0) is None
     await store.cache_put("k", "b", T0 + 20, T0 + 30)  # replaced, with a new expiry
     assert await store.cache_get("k", T0 + 25) == "b"
+
+
+async def test_budget_reservations_are_all_or_nothing_and_settle_into_spend(
+    store: Store, peer: Store
+) -> None:
+    run_claim = BudgetClaim("run", 400, 0.4, 1000, 1.0)
+    step_claim = BudgetClaim("step:a", 400, 0.4, 500, None)
+    await store.budget_reserve("r1", [run_claim, step_claim])
+    # The step scope is full (400 reserved + 400 > 500): neither scope is charged.
+    with pytest.raises(
+        BudgetExceeded, match=r"step:a token budget: 400 used or reserved \+ 400 estimated > 500"
+    ):
+        await peer.budget_reserve("r1", [run_claim, step_claim])
+    await peer.budget_settle(
+        "r1", [BudgetSettle("run", 400, 0.4, 30, 0.03), BudgetSettle("step:a", 400, 0.4, 30, 0.03)]
+    )
+    ledger = {e.scope: e for e in await store.budget_ledger("r1")}
+    assert ledger["run"] == LedgerEntry("run", 0, 0.0, 30, pytest.approx(0.03))
+    assert ledger["step:a"].reserved_tokens == 0 and ledger["step:a"].spent_tokens == 30
+    await store.budget_reserve("r1", [BudgetClaim("run", 900, 0.9, 1000, 1.0)])
+    with pytest.raises(BudgetExceeded, match=r"run USD budget: \$0\.930000 used or reserved \+ \$0\.100000"):
+        await store.budget_reserve("r1", [BudgetClaim("run", 10, 0.1, None, 1.0)])
+    assert await store.budget_ledger("other") == []

@@ -35,7 +35,7 @@ from baton.errors import BatonError, NotFound, UsageError
 from baton.plan import Policy, analyze
 from baton.runtime import tune_gc
 from baton.status import RunStatus, StepStatus
-from baton.store import DEFAULT_DB, AttemptRecord, RunRecord, SQLiteStore, StepRecord
+from baton.store import DEFAULT_DB, AttemptRecord, LedgerEntry, RunRecord, SQLiteStore, StepRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_PAUSED = 0, 1, 3  # bad input is 2: BatonError.exit_code
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -265,18 +265,28 @@ class _RunView:
     run: RunRecord
     steps: list[StepRecord]
     attempts: list[AttemptRecord]
+    ledger: list[LedgerEntry]
 
     @classmethod
     async def load(cls, engine: Engine, run_id: str) -> _RunView:
-        run = await engine.store.get_run(run_id)
-        return cls(run, await engine.store.get_steps(run.id), await engine.store.get_attempts(run.id))
+        store = engine.store
+        run = await store.get_run(run_id)
+        return cls(
+            run,
+            await store.get_steps(run.id),
+            await store.get_attempts(run.id),
+            await store.budget_ledger(run.id),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        """The run's fields, with its steps and attempts nested."""
+        """The run's fields, with its steps, attempts and budget ledger nested."""
         return {
             **_run_json(self.run),
             "steps": [_step_json(s) for s in self.steps],
             "attempts": [_attempt_json(a) for a in self.attempts],
+            "budget": {
+                e.scope: {"spent_tokens": e.spent_tokens, "spent_usd": e.spent_usd} for e in self.ledger
+            },
         }
 
     def count(self, status: StepStatus) -> int:
@@ -424,6 +434,15 @@ def _print_llm_usage(view: _RunView) -> None:
     _out.print(
         Text(f"  model calls: {len(calls)} ({rejected} rejected and retried), ${total:.6f} — {models}")
     )
+    limits = (view.run.plan or {}).get("budget") or {}
+    for entry in view.ledger:
+        if entry.scope == "run" and limits:
+            held = []
+            if limits.get("usd") is not None:
+                held.append(f"${entry.spent_usd:.6f} of ${float(limits['usd']):.6f}")
+            if limits.get("tokens") is not None:
+                held.append(f"{entry.spent_tokens:,} of {int(limits['tokens']):,} tokens")
+            _out.print(Text(f"  run budget: {', '.join(held)} spent"))
 
 
 def _print_summary(view: _RunView, db: str) -> None:

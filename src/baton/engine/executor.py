@@ -260,6 +260,8 @@ class RunExecutor:
             temperature=temps[min(attempt, len(temps)) - 1] if temps else None,
             previous_error=None if first else self.last_error[i],
             previous_details=None if first else self.last_details.get(i),
+            run_budget=self.plan.budget,
+            step_budget=self.plan.steps[i].budget,
         )
 
     async def _attempt(self, i: int, attempt: int) -> None:

@@ -1,9 +1,11 @@
 """The gateway: the one path of every model call.
 
-cache → provider (retries of transient errors honouring Retry-After, bounded; then the
-next configured model) → accounting (tokens, cost from the price table). The exact cache
-lives in the store, so every run and worker on the database shares it. Budgets and tier
-routing plug in here.
+cache → budget → provider (retries of transient errors honouring Retry-After, bounded;
+then the next configured model) → accounting (tokens, cost from the price table) → settle.
+The exact cache and the budget ledger live in the store, so every run and worker on the
+database shares them: a call reserves its estimate against the run's and the step's
+budgets in one transaction before it goes out (parallel calls cannot overspend together),
+and settles what it really used after. Tier routing plugs in here.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from baton.errors import BudgetExceeded
 from baton.llm.config import HOSTED, LLMConfig
 from baton.llm.prices import PriceBook
 from baton.llm.providers.anthropic import AnthropicMessages
@@ -22,9 +26,46 @@ from baton.llm.providers.base import Provider
 from baton.llm.providers.openai import OpenAIChat
 from baton.llm.providers.scripted import RecordingProvider, ScriptedProvider
 from baton.llm.types import ChatRequest, ChatResponse, ProviderError, Usage
-from baton.store.base import Store
+from baton.plan.model import Budget
+from baton.store.base import BudgetClaim, BudgetSettle, Store
 
 BACKOFF_S = 0.5
+#: the output a call may produce when the step names no max_tokens and a budget applies
+BUDGET_OUTPUT_TOKENS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGuard:
+    """The budgets one call is held to."""
+
+    run_id: str
+    step_id: str
+    run: Budget | None = None
+    step: Budget | None = None
+
+    @property
+    def scopes(self) -> list[tuple[str, Budget]]:
+        out = []
+        if self.run is not None and (self.run.tokens is not None or self.run.usd is not None):
+            out.append(("run", self.run))
+        if self.step is not None and (self.step.tokens is not None or self.step.usd is not None):
+            out.append((f"step:{self.step_id}", self.step))
+        return out
+
+    @property
+    def on_exhausted(self) -> str:
+        policies = [b.on_exhausted for _, b in self.scopes]
+        return policies[-1] if policies else "fail"  # the step's word over the run's
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    settles: list[tuple[str, int, float]]
+
+
+def conservative_tokens(text: str) -> int:
+    """An over-estimate of input tokens for reservations (three characters a token)."""
+    return math.ceil(len(text) / 3) + 8
 
 
 def cache_key(model: str, request: ChatRequest) -> str:
@@ -80,30 +121,106 @@ class Gateway:
             name=name, base_url=base_url, model=model, api_key=key, timeout_s=spec.timeout_s
         )
 
-    async def complete(self, request: ChatRequest, model: str | None = None) -> ChatResponse:
+    async def complete(
+        self, request: ChatRequest, model: str | None = None, budget: BudgetGuard | None = None
+    ) -> ChatResponse:
         """Call ``model`` (or the default), then its fallbacks; the first answer, or the last error."""
         first = model or self.config.default_model
         if first is None:
             raise ProviderError(self.config.problems(None)[0])
-        key = cache_key(first, request) if self._caching(request) else None
-        if key is not None:
+        guard = budget if budget is not None and budget.scopes else None
+        key = None
+        consult = request.use_cache or (guard is not None and guard.on_exhausted == "cache")
+        if self.store is not None and self.config.cache.exact and consult:
+            key = cache_key(first, request)
             hit = await self._cached(key)
             if hit is not None:
                 return hit
-        response = await self._call(first, request)
+        reservation = None
+        asked = first
+        if guard is not None:
+            if request.max_tokens is None:
+                request = replace(request, max_tokens=BUDGET_OUTPUT_TOKENS)
+            first, reservation = await self._reserve(guard, first, request)
+        try:
+            response = await self._call(first, request)
+        except BaseException:
+            if reservation is not None:
+                await self._settle(guard, reservation, None)
+            raise
+        if reservation is not None:
+            await self._settle(guard, reservation, response)
+        if first != asked:  # the budget sent it to a cheaper model
+            response = replace(response, source="fallback")
         if key is not None:
             await self._remember(key, response)
         return response
 
-    async def _call(self, first: str, request: ChatRequest) -> ChatResponse:
+    def _chain(self, first: str) -> list[str]:
         order = [first]
         for name in order:  # grows as fallbacks are discovered
             spec = self.config.models.get(name)
             for fallback in spec.fallbacks if spec is not None else []:
                 if fallback not in order:
                     order.append(fallback)
+        return order
+
+    def _estimate_usd(self, name: str, usage: Usage) -> float | None:
+        spec = self.config.models.get(name)
+        model = (spec.model if spec is not None else None) or name
+        hint = spec.provider if spec is not None and spec.provider != "scripted" else None
+        return self.prices.cost_usd(model, usage, hint)
+
+    async def _reserve(
+        self, guard: BudgetGuard, first: str, request: ChatRequest
+    ) -> tuple[str, _Reservation]:
+        """Reserve the call's estimate; the model to call (a cheaper one if the policy says so)."""
+        assert self.store is not None, "budgets need a store"
+        text = "\n".join(m.content for m in request.messages)
+        tokens = conservative_tokens(text) + (request.max_tokens or BUDGET_OUTPUT_TOKENS)
+        estimate = Usage(conservative_tokens(text), request.max_tokens or BUDGET_OUTPUT_TOKENS)
+        candidates = [first]
+        if guard.on_exhausted == "cheaper":
+            candidates += [m for m in self._chain(first) if m != first]
+        refusal: BudgetExceeded | None = None
+        for candidate in candidates:
+            # A call may end on any model of its chain: reserve the dearest of them.
+            costs = [self._estimate_usd(m, estimate) for m in self._chain(candidate)]
+            usd = None if any(c is None for c in costs) else max(c for c in costs if c is not None)
+            claims = []
+            for scope, budget in guard.scopes:
+                if budget.usd is not None and usd is None:
+                    raise BudgetExceeded(
+                        f"{scope} has a USD budget, but the price of model {candidate!r} (or a fallback) "
+                        "is unknown: add it under prices: in the LLM config"
+                    )
+                claims.append(BudgetClaim(scope, tokens, usd or 0.0, budget.tokens, budget.usd))
+            try:
+                await self.store.budget_reserve(guard.run_id, claims)
+            except BudgetExceeded as exc:
+                refusal = refusal or exc
+                continue
+            return candidate, _Reservation([(c.scope, c.tokens, c.usd) for c in claims])
+        assert refusal is not None
+        if guard.on_exhausted == "cache":
+            raise BudgetExceeded(f"{refusal.message}; and no cached answer to this request") from None
+        raise refusal
+
+    async def _settle(
+        self, guard: BudgetGuard | None, reservation: _Reservation, response: ChatResponse | None
+    ) -> None:
+        assert self.store is not None and guard is not None
+        tokens, usd = 0, 0.0
+        if response is not None and response.usage is not None:
+            tokens = response.usage.input_tokens + response.usage.output_tokens
+            usd = response.cost_usd or 0.0
+        settles = [BudgetSettle(scope, rt, ru, tokens, usd) for scope, rt, ru in reservation.settles]
+        await self.store.budget_settle(guard.run_id, settles)
+
+    async def _call(self, first: str, request: ChatRequest) -> ChatResponse:
+        """Call ``first``, then its fallbacks; the first answer, or the last error."""
         last: ProviderError | None = None
-        for name in order:
+        for name in self._chain(first):
             provider = self._provider(name)
             for tries in range(self.config.max_retries + 1):
                 try:
@@ -128,9 +245,6 @@ class Gateway:
         spec = self.config.models.get(name)
         hint = spec.provider if spec is not None and spec.provider != "scripted" else None
         return replace(response, cost_usd=self.prices.cost_usd(response.model, response.usage, hint))
-
-    def _caching(self, request: ChatRequest) -> bool:
-        return self.store is not None and self.config.cache.exact and request.use_cache
 
     async def _cached(self, key: str) -> ChatResponse | None:
         assert self.store is not None

@@ -15,7 +15,7 @@ from typing import Any
 
 from baton.errors import TaskFailed
 from baton.llm.extract import extract_code
-from baton.llm.gateway import Gateway
+from baton.llm.gateway import BudgetGuard, Gateway
 from baton.llm.types import ChatRequest, Message
 from baton.plan.refs import has_refs
 from baton.tasks.registry import TaskContext, TaskDef
@@ -58,7 +58,8 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             use_cache=cache,
         )
         ctx.details.update(prompt=content, temperature=temperature)
-        response = await gateway.complete(request, model)
+        budget = BudgetGuard(ctx.run_id, ctx.step_id, ctx.run_budget, ctx.step_budget)
+        response = await gateway.complete(request, model, budget)
         usage = response.usage.to_dict() if response.usage is not None else None
         ctx.details.update(
             answer=response.text,

@@ -57,10 +57,16 @@ class RetryPolicy(_Model):
 
 
 class Budget(_Model):
-    """Spending limits for a run or a step (enforced by the LLM gateway)."""
+    """Spending limits for a run or a step, held by the LLM gateway.
+
+    ``on_exhausted``: what a model call does when its estimate does not fit: ``fail`` the
+    attempt (BudgetExceeded), answer from the ``cache`` only, or try a ``cheaper`` model
+    among the configured fallbacks.
+    """
 
     usd: float | None = Field(default=None, ge=0)
     tokens: int | None = Field(default=None, ge=0)
+    on_exhausted: Literal["fail", "cache", "cheaper"] = "fail"
 
 
 class Policy(_Model):

@@ -129,6 +129,55 @@ class CommitResult:
     lost: bool = False  # the batch's owner no longer owns the run
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetClaim:
+    """A reservation asked of one budget scope of a run (``run`` or ``step:<id>``)."""
+
+    scope: str
+    tokens: int
+    usd: float
+    limit_tokens: int | None
+    limit_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettle:
+    """A finished call: its reservation goes, what it really used is spent."""
+
+    scope: str
+    reserved_tokens: int
+    reserved_usd: float
+    tokens: int
+    usd: float
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    scope: str
+    reserved_tokens: int = 0
+    reserved_usd: float = 0.0
+    spent_tokens: int = 0
+    spent_usd: float = 0.0
+
+    def refusal(self, claim: BudgetClaim) -> str | None:
+        """Why ``claim`` does not fit (None when it does)."""
+        if claim.limit_tokens is not None:
+            used = self.spent_tokens + self.reserved_tokens
+            if used + claim.tokens > claim.limit_tokens:
+                return (
+                    f"{claim.scope} token budget: {used:,} used or reserved + {claim.tokens:,} estimated"
+                    f" > {claim.limit_tokens:,}"
+                )
+        if claim.limit_usd is not None:
+            used_usd = self.spent_usd + self.reserved_usd
+            if used_usd + claim.usd > claim.limit_usd + 1e-12:
+                return (
+                    f"{claim.scope} USD budget: ${used_usd:.6f} used or reserved + ${claim.usd:.6f} estimated"
+                    f" > ${claim.limit_usd:.6f}"
+                )
+        return None
+
+
 class Store(Protocol):
     """Persistence for runs, steps and attempts. Every method is one transaction."""
 
@@ -194,6 +243,15 @@ class Store(Protocol):
 
     async def orphaned_runs(self, now: float) -> list[str]:
         """Runs that are running but whose owner's lease expired (or that have no owner)."""
+
+    async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
+        """Reserve every claim, or none: BudgetExceeded naming the scope that would overspend."""
+
+    async def budget_settle(self, run_id: str, settles: list[BudgetSettle]) -> None:
+        """Turn reservations into spend (what the calls really used)."""
+
+    async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
+        """Spent and reserved, per budget scope of the run."""
 
     async def cache_get(self, key: str, now: float) -> str | None:
         """A cached value that has not expired, or None."""

@@ -10,9 +10,18 @@ import copy
 import json
 from dataclasses import replace
 
-from baton.errors import Conflict, NotFound
+from baton.errors import BudgetExceeded, Conflict, NotFound
 from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
-from baton.store.base import AttemptRecord, Batch, CommitResult, RunRecord, StepRecord
+from baton.store.base import (
+    AttemptRecord,
+    Batch,
+    BudgetClaim,
+    BudgetSettle,
+    CommitResult,
+    LedgerEntry,
+    RunRecord,
+    StepRecord,
+)
 
 
 class MemoryStore:
@@ -24,6 +33,7 @@ class MemoryStore:
         self._steps: dict[str, list[StepRecord]] = {}
         self._attempts: dict[str, list[AttemptRecord]] = {}
         self._cache: dict[str, tuple[str, float | None]] = {}
+        self._ledger: dict[tuple[str, str], LedgerEntry] = {}
 
     async def open(self) -> None:
         return None
@@ -112,6 +122,27 @@ class MemoryStore:
             held = self._runs.get(run_id)
             out[run_id] = held.status if held is not None and held.owner == owner else None
         return out
+
+    async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
+        entries = [self._ledger.setdefault((run_id, c.scope), LedgerEntry(c.scope)) for c in claims]
+        for entry, claim in zip(entries, claims, strict=True):
+            refusal = entry.refusal(claim)
+            if refusal is not None:
+                raise BudgetExceeded(refusal)
+        for entry, claim in zip(entries, claims, strict=True):
+            entry.reserved_tokens += claim.tokens
+            entry.reserved_usd += claim.usd
+
+    async def budget_settle(self, run_id: str, settles: list[BudgetSettle]) -> None:
+        for s in settles:
+            entry = self._ledger.setdefault((run_id, s.scope), LedgerEntry(s.scope))
+            entry.reserved_tokens = max(0, entry.reserved_tokens - s.reserved_tokens)
+            entry.reserved_usd = max(0.0, entry.reserved_usd - s.reserved_usd)
+            entry.spent_tokens += s.tokens
+            entry.spent_usd += s.usd
+
+    async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
+        return [replace(e) for (rid, _), e in sorted(self._ledger.items()) if rid == run_id]
 
     async def cache_get(self, key: str, now: float) -> str | None:
         entry = self._cache.get(key)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from baton.errors import UnknownTask
+from baton.plan.model import Budget
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,6 +38,9 @@ class TaskContext:
     #: what this attempt wants on record (JSON values): kept with the attempt, shown by
     #: ``baton show``, whether the attempt succeeds or fails.
     details: dict[str, Any] = field(default_factory=dict)
+    #: the plan's budget and the step's, which model calls must stay within
+    run_budget: Budget | None = None
+    step_budget: Budget | None = None
 
     @property
     def idempotency_key(self) -> str:

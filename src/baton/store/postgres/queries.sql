@@ -157,3 +157,23 @@ INSERT INTO llm_cache (key, value, created_at, expires_at)
 VALUES (%(key)s, %(value)s, %(now)s, %(expires_at)s)
 ON CONFLICT (key) DO UPDATE
 SET value = excluded.value, created_at = excluded.created_at, expires_at = excluded.expires_at;
+
+-- name: ledger_open
+INSERT INTO budget_ledger (run_id, scope) VALUES (%(run_id)s, %(scope)s) ON CONFLICT DO NOTHING;
+
+-- name: ledger_get
+SELECT * FROM budget_ledger WHERE run_id = %(run_id)s AND scope = %(scope)s FOR UPDATE;
+
+-- name: ledger_reserve
+UPDATE budget_ledger SET reserved_tokens = reserved_tokens + %(tokens)s, reserved_usd = reserved_usd + %(usd)s
+WHERE run_id = %(run_id)s AND scope = %(scope)s;
+
+-- name: ledger_settle
+UPDATE budget_ledger
+SET reserved_tokens = GREATEST(0, reserved_tokens - %(reserved_tokens)s),
+    reserved_usd = GREATEST(0.0, reserved_usd - %(reserved_usd)s),
+    spent_tokens = spent_tokens + %(tokens)s, spent_usd = spent_usd + %(usd)s
+WHERE run_id = %(run_id)s AND scope = %(scope)s;
+
+-- name: ledger_of_run
+SELECT * FROM budget_ledger WHERE run_id = %(run_id)s ORDER BY scope;

@@ -20,9 +20,18 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from baton.errors import Conflict, NotFound, StoreError
+from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
-from baton.store.base import AttemptRecord, Batch, CommitResult, RunRecord, StepRecord
+from baton.store.base import (
+    AttemptRecord,
+    Batch,
+    BudgetClaim,
+    BudgetSettle,
+    CommitResult,
+    LedgerEntry,
+    RunRecord,
+    StepRecord,
+)
 from baton.store.sql import attempt_from_row, load_migrations, load_queries, run_from_row, step_from_row
 
 Q = load_queries(__package__)
@@ -227,6 +236,42 @@ class PostgresStore:
             out[run_id] = RunStatus(row["status"]) if row and row["owner"] == owner else None
         return out
 
+    async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
+        async with self._tx() as cur:
+            for claim in claims:
+                key = {"run_id": run_id, "scope": claim.scope}
+                await cur.execute(Q["ledger_open"], key)
+                await cur.execute(Q["ledger_get"], key)  # locks the row until commit
+                refusal = _entry(_one(await cur.fetchone())).refusal(claim)
+                if refusal is not None:
+                    raise BudgetExceeded(refusal)
+            for claim in claims:
+                await cur.execute(
+                    Q["ledger_reserve"],
+                    {"run_id": run_id, "scope": claim.scope, "tokens": claim.tokens, "usd": claim.usd},
+                )
+
+    async def budget_settle(self, run_id: str, settles: list[BudgetSettle]) -> None:
+        async with self._tx() as cur:
+            for s in settles:
+                await cur.execute(Q["ledger_open"], {"run_id": run_id, "scope": s.scope})
+                await cur.execute(
+                    Q["ledger_settle"],
+                    {
+                        "run_id": run_id,
+                        "scope": s.scope,
+                        "reserved_tokens": s.reserved_tokens,
+                        "reserved_usd": s.reserved_usd,
+                        "tokens": s.tokens,
+                        "usd": s.usd,
+                    },
+                )
+
+    async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
+        async with self._tx() as cur:
+            await cur.execute(Q["ledger_of_run"], {"run_id": run_id})
+            return [_entry(r) for r in await cur.fetchall()]
+
     async def cache_get(self, key: str, now: float) -> str | None:
         async with self._tx() as cur:
             await cur.execute(Q["cache_get"], {"key": key, "now": now})
@@ -369,6 +414,16 @@ class PostgresStore:
                     await cur.execute(Q["cancel_orphan_running_steps"], {"id": rid, "now": now})
             await cur.execute(Q["get_run_header"], {"id": rid})
             return run_from_row(_one(await cur.fetchone()))
+
+
+def _entry(row: dict[str, Any]) -> LedgerEntry:
+    return LedgerEntry(
+        row["scope"],
+        int(row["reserved_tokens"]),
+        float(row["reserved_usd"]),
+        int(row["spent_tokens"]),
+        float(row["spent_usd"]),
+    )
 
 
 def _one(row: dict[str, Any] | None) -> dict[str, Any]:

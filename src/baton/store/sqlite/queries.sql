@@ -115,3 +115,22 @@ SELECT value FROM llm_cache WHERE key = ? AND (expires_at IS NULL OR expires_at 
 
 -- name: cache_put
 INSERT OR REPLACE INTO llm_cache (key, value, created_at, expires_at) VALUES (?, ?, ?, ?);
+
+-- name: ledger_open
+INSERT OR IGNORE INTO budget_ledger (run_id, scope) VALUES (?, ?);
+
+-- name: ledger_get
+SELECT * FROM budget_ledger WHERE run_id = ? AND scope = ?;
+
+-- name: ledger_reserve
+UPDATE budget_ledger SET reserved_tokens = reserved_tokens + ?, reserved_usd = reserved_usd + ?
+WHERE run_id = ? AND scope = ?;
+
+-- name: ledger_settle
+UPDATE budget_ledger
+SET reserved_tokens = MAX(0, reserved_tokens - ?), reserved_usd = MAX(0.0, reserved_usd - ?),
+    spent_tokens = spent_tokens + ?, spent_usd = spent_usd + ?
+WHERE run_id = ? AND scope = ?;
+
+-- name: ledger_of_run
+SELECT * FROM budget_ledger WHERE run_id = ? ORDER BY scope;

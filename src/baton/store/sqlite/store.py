@@ -15,9 +15,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from baton.errors import Conflict, NotFound, StoreError
+from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
-from baton.store.base import AttemptRecord, Batch, CommitResult, RunRecord, StepRecord
+from baton.store.base import (
+    AttemptRecord,
+    Batch,
+    BudgetClaim,
+    BudgetSettle,
+    CommitResult,
+    LedgerEntry,
+    RunRecord,
+    StepRecord,
+)
 from baton.store.sql import attempt_from_row, load_migrations, load_queries, run_from_row, step_from_row
 
 Q = load_queries(__package__)
@@ -29,6 +38,12 @@ def _sources(statuses: frozenset[Any]) -> str:
 
 _STEP_SOURCES_JSON = {target: _sources(src) for target, src in STEP_SOURCES.items()}
 _RUN_SOURCES_JSON = {target: _sources(src) for target, src in RUN_SOURCES.items()}
+
+
+def _entry(row: sqlite3.Row) -> LedgerEntry:
+    return LedgerEntry(
+        row["scope"], row["reserved_tokens"], row["reserved_usd"], row["spent_tokens"], row["spent_usd"]
+    )
 
 
 class SQLiteStore:
@@ -226,6 +241,27 @@ class SQLiteStore:
                 row = db.execute(Q["run_control"], (run_id,)).fetchone()
                 out[run_id] = RunStatus(row["status"]) if row and row["owner"] == owner else None
             return out
+
+    async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
+        with self._write() as db:
+            for claim in claims:
+                db.execute(Q["ledger_open"], (run_id, claim.scope))
+                refusal = _entry(db.execute(Q["ledger_get"], (run_id, claim.scope)).fetchone()).refusal(claim)
+                if refusal is not None:
+                    raise BudgetExceeded(refusal)
+            for claim in claims:
+                db.execute(Q["ledger_reserve"], (claim.tokens, claim.usd, run_id, claim.scope))
+
+    async def budget_settle(self, run_id: str, settles: list[BudgetSettle]) -> None:
+        with self._write() as db:
+            for s in settles:
+                db.execute(Q["ledger_open"], (run_id, s.scope))
+                db.execute(
+                    Q["ledger_settle"], (s.reserved_tokens, s.reserved_usd, s.tokens, s.usd, run_id, s.scope)
+                )
+
+    async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
+        return [_entry(r) for r in self.db.execute(Q["ledger_of_run"], (run_id,))]
 
     async def cache_get(self, key: str, now: float) -> str | None:
         row = self.db.execute(Q["cache_get"], (key, now)).fetchone()
