@@ -262,6 +262,7 @@ class RunExecutor:
             previous_details=None if first else self.last_details.get(i),
             run_budget=self.plan.budget,
             step_budget=self.plan.steps[i].budget,
+            complexity=self.plan.policy.complexity,
         )
 
     async def _attempt(self, i: int, attempt: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from baton.errors import UsageError
 from baton.llm.prices import Price
@@ -62,10 +62,21 @@ class CacheConfig(BaseModel):
     ttl_s: float | None = Field(default=7 * 24 * 3600.0, gt=0)
 
 
+Complexity = Literal["simple", "medium", "complex", "crisis"]
+
+
 class LLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     default_model: str | None = None
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    #: named groups of models, cheapest first (for example cheap, standard, premium)
+    tiers: dict[str, list[str]] = Field(default_factory=dict)
+    #: the tier a step of each complexity uses when it names no model
+    routing: dict[Complexity, str] = Field(default_factory=dict)
+    #: when the run has spent this share of a budget, steps move one tier down
+    downgrade_at: float = Field(default=0.8, gt=0, le=1)
+    #: a model that keeps failing is left alone this long
+    cooldown_s: float = Field(default=30.0, ge=0)
     #: tries of one model on a transient error (429, 5xx, timeout) before its fallbacks
     max_retries: int = Field(default=2, ge=0, le=10)
     #: the longest wait honoured (Retry-After or backoff) between those tries
@@ -98,8 +109,35 @@ class LLMConfig(BaseModel):
         path = Path(relative)
         return path if path.is_absolute() else self.base_dir / path
 
-    def problems(self, model: str | None) -> list[str]:
-        """What keeps ``model`` (or the default) from being called, fallbacks included."""
+    @model_validator(mode="after")
+    def _names_are_known(self) -> LLMConfig:
+        for tier, names in self.tiers.items():
+            for name in names:
+                if name not in self.models:
+                    raise ValueError(f"tier {tier!r} lists model {name!r}, which is not configured")
+        for complexity, tier in self.routing.items():
+            if tier not in self.tiers:
+                raise ValueError(f"routing sends {complexity!r} to tier {tier!r}, which is not configured")
+        return self
+
+    def tier_of(self, complexity: str | None) -> str | None:
+        for key, tier in self.routing.items():
+            if key == complexity:
+                return tier
+        return None
+
+    def lower_tier(self, tier: str) -> str:
+        """The next cheaper tier (tiers are listed dearest last), or the same one."""
+        names = list(self.tiers)
+        at = names.index(tier) if tier in names else 0
+        return names[max(0, at - 1)]
+
+    def problems(self, model: str | None, tier: str | None = None) -> list[str]:
+        """What keeps ``model`` (or the tier, or the default) from being called, fallbacks included."""
+        if tier is not None and model is None:
+            if tier not in self.tiers:
+                return [f"tier {tier!r} is not configured (configured: {', '.join(self.tiers) or 'none'})"]
+            return [p for name in self.tiers[tier] for p in self.problems(name)]
         name = model or self.default_model
         if name is None:
             return ["no model named and no default_model configured (give an LLM config: --llm FILE)"]

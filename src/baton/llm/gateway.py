@@ -87,9 +87,10 @@ class Gateway:
         self.prices = PriceBook(self.config.prices)
         self.store = store
         self._providers: dict[str, Provider] = {}
+        self._cooling: dict[str, float] = {}  # model -> monotonic time it may be tried again
 
-    def problems(self, model: str | None) -> list[str]:
-        return self.config.problems(model)
+    def problems(self, model: str | None, tier: str | None = None) -> list[str]:
+        return self.config.problems(model, tier)
 
     def _provider(self, name: str) -> Provider:
         provider = self._providers.get(name)
@@ -122,13 +123,23 @@ class Gateway:
         )
 
     async def complete(
-        self, request: ChatRequest, model: str | None = None, budget: BudgetGuard | None = None
+        self,
+        request: ChatRequest,
+        model: str | None = None,
+        budget: BudgetGuard | None = None,
+        *,
+        tier: str | None = None,
+        complexity: str | None = None,
     ) -> ChatResponse:
-        """Call ``model`` (or the default), then its fallbacks; the first answer, or the last error."""
-        first = model or self.config.default_model
-        if first is None:
-            raise ProviderError(self.config.problems(None)[0])
+        """Answer ``request``: from the cache, or from a model (named, or routed) within budget.
+
+        Routing: a named ``model`` (then its fallbacks); else the models of ``tier``, or of
+        the tier the config routes ``complexity`` to, one tier cheaper once the run has
+        spent ``downgrade_at`` of a budget; else the default model.
+        """
         guard = budget if budget is not None and budget.scopes else None
+        order = await self._route(model, tier, complexity, guard)
+        first = order[0]
         key = None
         consult = request.use_cache or (guard is not None and guard.on_exhausted == "cache")
         if self.store is not None and self.config.cache.exact and consult:
@@ -137,20 +148,19 @@ class Gateway:
             if hit is not None:
                 return hit
         reservation = None
-        asked = first
         if guard is not None:
             if request.max_tokens is None:
                 request = replace(request, max_tokens=BUDGET_OUTPUT_TOKENS)
-            first, reservation = await self._reserve(guard, first, request)
+            order, reservation = await self._reserve(guard, order, request)
         try:
-            response = await self._call(first, request)
+            response = await self._call(order, request)
         except BaseException:
             if reservation is not None:
                 await self._settle(guard, reservation, None)
             raise
         if reservation is not None:
             await self._settle(guard, reservation, response)
-        if first != asked:  # the budget sent it to a cheaper model
+        if order[0] != first:  # the budget sent it to a cheaper model
             response = replace(response, source="fallback")
         if key is not None:
             await self._remember(key, response)
@@ -172,26 +182,26 @@ class Gateway:
         return self.prices.cost_usd(model, usage, hint)
 
     async def _reserve(
-        self, guard: BudgetGuard, first: str, request: ChatRequest
-    ) -> tuple[str, _Reservation]:
-        """Reserve the call's estimate; the model to call (a cheaper one if the policy says so)."""
+        self, guard: BudgetGuard, order: list[str], request: ChatRequest
+    ) -> tuple[list[str], _Reservation]:
+        """Reserve the call's estimate; the models to try (cheaper ones if the policy says so)."""
         assert self.store is not None, "budgets need a store"
         text = "\n".join(m.content for m in request.messages)
         tokens = conservative_tokens(text) + (request.max_tokens or BUDGET_OUTPUT_TOKENS)
         estimate = Usage(conservative_tokens(text), request.max_tokens or BUDGET_OUTPUT_TOKENS)
-        candidates = [first]
+        candidates = [order]
         if guard.on_exhausted == "cheaper":
-            candidates += [m for m in self._chain(first) if m != first]
+            candidates += [order[at:] for at in range(1, len(order))]
         refusal: BudgetExceeded | None = None
         for candidate in candidates:
-            # A call may end on any model of its chain: reserve the dearest of them.
-            costs = [self._estimate_usd(m, estimate) for m in self._chain(candidate)]
+            # A call may end on any model it may try: reserve the dearest of them.
+            costs = [self._estimate_usd(m, estimate) for m in candidate]
             usd = None if any(c is None for c in costs) else max(c for c in costs if c is not None)
             claims = []
             for scope, budget in guard.scopes:
                 if budget.usd is not None and usd is None:
                     raise BudgetExceeded(
-                        f"{scope} has a USD budget, but the price of model {candidate!r} (or a fallback) "
+                        f"{scope} has a USD budget, but the price of model {candidate[0]!r} (or a fallback) "
                         "is unknown: add it under prices: in the LLM config"
                     )
                 claims.append(BudgetClaim(scope, tokens, usd or 0.0, budget.tokens, budget.usd))
@@ -217,10 +227,54 @@ class Gateway:
         settles = [BudgetSettle(scope, rt, ru, tokens, usd) for scope, rt, ru in reservation.settles]
         await self.store.budget_settle(guard.run_id, settles)
 
-    async def _call(self, first: str, request: ChatRequest) -> ChatResponse:
-        """Call ``first``, then its fallbacks; the first answer, or the last error."""
+    async def _route(
+        self, model: str | None, tier: str | None, complexity: str | None, guard: BudgetGuard | None
+    ) -> list[str]:
+        """The models to try, in order."""
+        if model is not None:
+            return self._chain(model)
+        tier = tier or self.config.tier_of(complexity)
+        if tier is not None and tier in self.config.tiers:
+            if guard is not None and await self._budget_tight(guard):
+                tier = self.config.lower_tier(tier)
+            order: list[str] = []
+            for name in self.config.tiers[tier]:
+                order += [m for m in self._chain(name) if m not in order]
+            return order
+        if self.config.default_model is None:
+            raise ProviderError(self.config.problems(None)[0])
+        return self._chain(self.config.default_model)
+
+    async def _budget_tight(self, guard: BudgetGuard) -> bool:
+        assert self.store is not None
+        ledger = {e.scope: e for e in await self.store.budget_ledger(guard.run_id)}
+        for scope, budget in guard.scopes:
+            entry = ledger.get(scope)
+            if entry is None:
+                continue
+            share = self.config.downgrade_at
+            if budget.usd is not None and entry.spent_usd >= share * budget.usd:
+                return True
+            if budget.tokens is not None and entry.spent_tokens >= share * budget.tokens:
+                return True
+        return False
+
+    async def _call(self, order: list[str], request: ChatRequest) -> ChatResponse:
+        """Try the models in order (skipping those cooling down); the first answer, or the last error.
+
+        A model that fails transiently past its retries cools down for ``cooldown_s``. When
+        every model is cooling down, the call waits (at most ``max_wait_s``) for the first
+        to be ready again rather than fail.
+        """
+        now = time.monotonic()
+        ready = [m for m in order if self._cooling.get(m, 0.0) <= now]
+        if not ready:
+            soonest = min(order, key=lambda m: self._cooling[m])
+            await asyncio.sleep(min(self._cooling[soonest] - now, self.config.max_wait_s))
+            ready = [soonest]
+        first = order[0]
         last: ProviderError | None = None
-        for name in self._chain(first):
+        for name in ready:
             provider = self._provider(name)
             for tries in range(self.config.max_retries + 1):
                 try:
@@ -233,8 +287,11 @@ class Gateway:
                         wait = exc.retry_after_s if exc.retry_after_s is not None else BACKOFF_S * 2**tries
                         await asyncio.sleep(min(wait, self.config.max_wait_s))
                     continue
+                self._cooling.pop(name, None)
                 response = self._account(name, response)
                 return response if name == first else replace(response, source="fallback")
+            if last is not None and last.transient:
+                self._cooling[name] = time.monotonic() + self.config.cooldown_s
         assert last is not None
         raise last
 

@@ -40,6 +40,7 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         language: str | None = None,
         max_tokens: int | None = None,
         cache: bool = True,
+        tier: str | None = None,
     ) -> dict[str, Any]:
         """Ask a model; the answer, or the code or JSON extracted from it."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -59,7 +60,7 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         )
         ctx.details.update(prompt=content, temperature=temperature)
         budget = BudgetGuard(ctx.run_id, ctx.step_id, ctx.run_budget, ctx.step_budget)
-        response = await gateway.complete(request, model, budget)
+        response = await gateway.complete(request, model, budget, tier=tier, complexity=ctx.complexity)
         usage = response.usage.to_dict() if response.usage is not None else None
         ctx.details.update(
             answer=response.text,
@@ -97,7 +98,14 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         if model is not None and not isinstance(model, str):
             problems.append("model must be a string")
         elif not (isinstance(model, str) and has_refs(model)):
-            problems += gateway.problems(model)
+            tier = inputs.get("tier")
+            routed = model is None and (tier is not None or gateway.config.routing)
+            if routed:
+                named = tier if isinstance(tier, str) and not has_refs(tier) else None
+                routes = [named] if named else sorted(set(gateway.config.routing.values()))
+                problems += [p for t in routes for p in gateway.problems(None, t)]
+            else:
+                problems += gateway.problems(model)
         extract = inputs.get("extract", "text")
         if isinstance(extract, str) and not has_refs(extract) and extract not in EXTRACTS:
             problems.append(f"extract must be one of {', '.join(EXTRACTS)}, not {extract!r}")

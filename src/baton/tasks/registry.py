@@ -41,6 +41,8 @@ class TaskContext:
     #: the plan's budget and the step's, which model calls must stay within
     run_budget: Budget | None = None
     step_budget: Budget | None = None
+    #: the plan's complexity (simple, medium, complex, crisis): model steps route by it
+    complexity: str | None = None
 
     @property
     def idempotency_key(self) -> str:
