@@ -61,6 +61,24 @@ def attempt_from_row(row: Row) -> AttemptRecord:
     )
 
 
+def run_params(run: RunRecord) -> dict[str, Any]:
+    """A run as the named parameters of the stores' ``insert_run`` queries."""
+    return {
+        "id": run.id,
+        "name": run.name,
+        "status": str(run.status),
+        "plan": json.dumps(run.plan),
+        "workdir": run.workdir,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "owner": run.owner,
+        "lease_expires_at": run.lease_expires_at,
+        "error": run.error,
+        "total_steps": run.total_steps,
+    }
+
+
 def run_from_row(row: Row) -> RunRecord:
     plan = row["plan"]
     return RunRecord(

@@ -10,7 +10,6 @@ schema (created if missing); tests give each test its own.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +31,14 @@ from baton.store.base import (
     RunRecord,
     StepRecord,
 )
-from baton.store.sql import attempt_from_row, load_migrations, load_queries, run_from_row, step_from_row
+from baton.store.sql import (
+    attempt_from_row,
+    load_migrations,
+    load_queries,
+    run_from_row,
+    run_params,
+    step_from_row,
+)
 
 Q = load_queries(__package__)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -141,20 +147,7 @@ class PostgresStore:
             async with self._tx() as cur:
                 await cur.execute(
                     Q["insert_run"],
-                    {
-                        "id": run.id,
-                        "name": run.name,
-                        "status": str(run.status),
-                        "plan": json.dumps(run.plan),
-                        "workdir": run.workdir,
-                        "created_at": run.created_at,
-                        "started_at": run.started_at,
-                        "finished_at": run.finished_at,
-                        "owner": run.owner,
-                        "lease_expires_at": run.lease_expires_at,
-                        "error": run.error,
-                        "total_steps": run.total_steps,
-                    },
+                    run_params(run),
                 )
                 async with cur.copy(Q["copy_steps"].rstrip(";").encode()) as copy:
                     for s in steps:

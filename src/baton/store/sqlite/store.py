@@ -27,7 +27,14 @@ from baton.store.base import (
     RunRecord,
     StepRecord,
 )
-from baton.store.sql import attempt_from_row, load_migrations, load_queries, run_from_row, step_from_row
+from baton.store.sql import (
+    attempt_from_row,
+    load_migrations,
+    load_queries,
+    run_from_row,
+    run_params,
+    step_from_row,
+)
 
 Q = load_queries(__package__)
 
@@ -134,21 +141,7 @@ class SQLiteStore:
             base = db.execute(Q["next_step_base"]).fetchone()[0]
             db.execute(
                 Q["insert_run"],
-                {
-                    "id": run.id,
-                    "name": run.name,
-                    "status": str(run.status),
-                    "plan": json.dumps(run.plan),
-                    "workdir": run.workdir,
-                    "created_at": run.created_at,
-                    "started_at": run.started_at,
-                    "finished_at": run.finished_at,
-                    "owner": run.owner,
-                    "lease_expires_at": run.lease_expires_at,
-                    "error": run.error,
-                    "total_steps": run.total_steps,
-                    "step_base": base,
-                },
+                {**run_params(run), "step_base": base},
             )
             db.executemany(
                 Q["insert_step"],
