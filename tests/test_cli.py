@@ -477,7 +477,7 @@ def test_pause_lets_the_running_step_finish_then_resume_completes(gated: tuple[P
     ran = _finish(proc)
     assert ran.code == 3, ran.err
     assert "(gated): paused" in ran.out
-    assert "2 succeeded, 0 failed, 0 skipped, 2 pending" in ran.out
+    assert "2 succeeded, 0 failed, 0 skipped, 1 pending, 1 ready" in ran.out  # ready: marked by the finish
     assert f"continue with: baton resume {run_id} --db {db}" in ran.out
 
     resumed = baton("resume", run_id, "--db", db, "--json", cwd=cwd)

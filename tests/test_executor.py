@@ -25,8 +25,7 @@ import pytest
 import baton
 from baton import Engine, Event, Registry, RunHandle, RunStatus, StepStatus, TaskContext
 from baton.errors import Conflict, PlanError, TaskFailed
-from baton.store import MemoryStore, SQLiteStore, Store
-from baton.store.postgres import PostgresStore
+from baton.store import Beat, MemoryStore, SQLiteStore, Store
 from tests.conftest import PG_URL
 
 R, S = RunStatus, StepStatus
@@ -151,6 +150,8 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
         shared = MemoryStore()
         return lambda: shared
     if request.param == "postgres":
+        from baton.store.postgres import PostgresStore
+
         schema = request.getfixturevalue("pg_schema")
         return lambda: PostgresStore(PG_URL, schema=schema)
     path = tmp_path / "baton.db"
@@ -221,20 +222,28 @@ class _Wrapped:
         return getattr(self.inner, name)
 
 
-class Dies(_Wrapped):
-    """The process dies: it never gets to release its runs."""
-
-    async def release_run(self, run_id: str, owner: str) -> None:
-        return None
-
-
 class Stalls(_Wrapped):
-    """The process stalls: its heartbeats do not land, so its leases lapse while it works on."""
+    """The process stalls: its heartbeats do not land, so its lease lapses while it works on."""
 
-    async def heartbeat(
-        self, owner: str, lease_s: float, now: float, run_ids: list[str]
-    ) -> dict[str, RunStatus | None]:
-        return dict.fromkeys(run_ids, R.RUNNING)
+    async def heartbeat(self, owner: str, now: float, lease_s: float, held: list[int]) -> Beat:
+        return Beat()
+
+
+async def crash(engine: Engine) -> None:
+    """The engine's process dies where it is: nothing more is written, nothing released."""
+    worker = engine.worker
+    assert worker is not None
+    tasks = [worker._loop_task, worker._beat_task, worker._watch_task]
+    tasks += [a.task for a in worker.running.values()]
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+    for task in tasks:
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    engine.worker = None
+    await engine.close()
 
 
 # -- dataflow and scheduling ----------------------------------------------------------------
@@ -644,7 +653,7 @@ async def test_pause_lets_running_steps_finish_then_resume_completes(engine: Eng
 
     record = await handle.wait()
     assert record.status is R.PAUSED
-    assert record.owner is None  # released: any process may resume it
+    assert record.running == 0  # nothing of it runs anywhere: any process may resume it
     steps = await statuses(engine, handle.run_id)
     assert steps["s0"] is S.SUCCEEDED and steps["s1"] is S.SUCCEEDED  # finished and recorded
     assert steps["s2"] in (S.PENDING, S.READY) and steps["s3"] in (S.PENDING, S.READY)
@@ -785,47 +794,38 @@ async def test_a_live_holder_renews_its_lease_through_a_long_step(
     ) as a:
         handle = await submit(a, CHAIN)
         await until(lambda: calls["b"] == 1, what="b running in A")
-        await asyncio.sleep(1.0)  # more than three leases long
         async with Engine(stores(), owner="B", poll_s=0.05, registry=registry, workdir=tmp_path) as b:
-            assert await b.recover() == []
-            with pytest.raises(Conflict, match="being executed by A"):
-                await b.resume(handle.run_id)
-        hold["b"].set()
-        record = await handle.wait()
-        history = await a.store.get_attempts(handle.run_id)
+            assert await b.recover() == []  # nothing is orphaned: A is alive
+            await asyncio.sleep(1.0)  # more than three of A's leases; B sweeps all along
+            assert calls["b"] == 1
+            hold["b"].set()
+            record = await handle.wait()
+            history = await a.store.get_attempts(handle.run_id)
     assert record.status is R.COMPLETED
     assert dict(calls) == {"a": 1, "b": 1, "c": 1}
-    assert [(h.step_id, h.status, h.owner) for h in history] == [
-        ("a", "succeeded", "A"),
-        ("b", "succeeded", "A"),
-        ("c", "succeeded", "A"),
+    assert [(h.step_id, h.status) for h in history] == [
+        ("a", "succeeded"),
+        ("b", "succeeded"),
+        ("c", "succeeded"),
     ]
+    assert [h.owner for h in history][:2] == ["A", "A"]  # c: whichever worker claimed it
 
 
-async def test_an_orphaned_run_is_recovered_without_rerunning_committed_steps(
+async def test_a_dead_workers_steps_are_rescued_without_rerunning_committed_ones(
     stores: StoreFactory, tmp_path: Path
 ) -> None:
     calls: Counter[str] = Counter()
     registry = counting_registry(calls, {"b": asyncio.Event()})  # A's attempt of b never ends
 
-    dying = cast(Store, Dies(stores()))
-    dead = Engine(dying, owner="A", lease_s=0.3, poll_s=0.05, registry=registry, workdir=tmp_path)
+    dead = Engine(stores(), owner="A", lease_s=0.3, poll_s=0.05, registry=registry, workdir=tmp_path)
     handle = await submit(dead, CHAIN)
     run_id = handle.run_id
     await until(lambda: calls["b"] == 1, what="b running in A")
-    # The process dies: its executor stops where it is, and it releases nothing.
-    handle.task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await handle.task
-    await dead.close()
+    await crash(dead)
 
     async with Engine(stores(), owner="B", poll_s=0.05, registry=registry, workdir=tmp_path) as rescuer:
-        await until(
-            lambda: rescuer.store.orphaned_runs(time.time()), what="the run's lease to lapse", within=10
-        )
-        handles = await rescuer.recover()
-        assert [h.run_id for h in handles] == [run_id]
-        record = await handles[0].wait()
+        await rescuer.start_worker()
+        record = await asyncio.wait_for(rescuer.wait(run_id), 10)
         assert record.status is R.COMPLETED
         steps = await step_map(rescuer, run_id)
         history = await rescuer.store.get_attempts(run_id)
@@ -840,14 +840,17 @@ async def test_an_orphaned_run_is_recovered_without_rerunning_committed_steps(
     assert [(a.attempt, a.status, a.owner) for a in history if a.step_id == "a"] == [(1, "succeeded", "A")]
 
 
-async def test_a_stale_holders_late_write_is_rejected(stores: StoreFactory, tmp_path: Path) -> None:
+async def test_a_stale_workers_late_write_is_rejected(stores: StoreFactory, tmp_path: Path) -> None:
     calls: Counter[str] = Counter()
     gate = asyncio.Event()
     registry = counting_registry(calls, {"b": gate})
     events: list[Event] = []
 
     stalling = cast(Store, Stalls(stores()))
-    stale = Engine(stalling, owner="A", lease_s=0.3, poll_s=0.05, registry=registry, workdir=tmp_path)
+    # With its one slot taken, A does not come back to the store until b returns.
+    stale = Engine(
+        stalling, owner="A", lease_s=0.3, poll_s=0.05, concurrency=1, registry=registry, workdir=tmp_path
+    )
     stale.subscribe(events.append)
     async with stale:
         handle = await submit(stale, CHAIN)
@@ -855,12 +858,11 @@ async def test_a_stale_holders_late_write_is_rejected(stores: StoreFactory, tmp_
         await until(lambda: calls["b"] == 1, what="b running in A")
 
         async with Engine(stores(), owner="B", poll_s=0.05, registry=registry, workdir=tmp_path) as taker:
-            await until(lambda: taker.store.orphaned_runs(time.time()), what="A's lease to lapse", within=10)
-            [taken] = await taker.recover()
-            assert (await taken.wait()).status is R.COMPLETED
+            await taker.start_worker()  # its sweep rescues b once A's lease lapses
+            assert (await asyncio.wait_for(taker.wait(run_id), 10)).status is R.COMPLETED
 
             gate.set()  # A's attempt of b finally returns, long after B took over
-            await asyncio.wait_for(handle.wait(), 5)
+            await until(lambda: any(e.kind == "step.lost" for e in events), what="A's late write refused")
 
             run = await taker.store.get_run(run_id)
             steps = await step_map(taker, run_id)
@@ -874,7 +876,8 @@ async def test_a_stale_holders_late_write_is_rejected(stores: StoreFactory, tmp_
     ]
     assert [(a.step_id, a.status) for a in history if a.owner == "A"] == [("a", "succeeded"), ("b", "lost")]
     assert dict(calls) == {"a": 1, "b": 2, "c": 1}
-    assert any(e.kind == "run.lost" and e.run_id == run_id for e in events)
+    assert [(e.run_id, e.step_id) for e in events if e.kind == "step.lost"] == [(run_id, "b")]
+    assert any(e.kind == "worker.lost" for e in events)  # and it learnt it had been taken over
 
 
 # -- built-in tasks -------------------------------------------------------------------------------

@@ -228,5 +228,7 @@ def test_a_frozen_holders_late_write_is_rejected(
     assert frozen_owner in attempts[0][2] and frozen_owner not in attempts[1][2]
     runs_per_step = collections.Counter(_lines(log))
     assert all(runs_per_step[s] == 1 for s in committed), runs_per_step
-    # Its handler did finish after SIGCONT (a second line), but that result was refused.
-    assert runs_per_step[frozen_step] == 2
+    # After SIGCONT the frozen holder either finishes its handler (a second line) and has the
+    # result refused, or learns first that its lease lapsed and cancels it: either way the
+    # record above is the new holder's.
+    assert runs_per_step[frozen_step] in (1, 2)

@@ -228,7 +228,7 @@ def _run_json(run: RunRecord) -> dict[str, Any]:
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
         "duration_s": _seconds(run.started_at, run.finished_at),
-        "owner": run.owner,
+        "running": run.running,
     }
 
 
@@ -363,7 +363,7 @@ async def _follow(
     for other in recovered:
         if other.run_id == handle.run_id:
             continue
-        if not session.json and not quiet and not other.task.done():
+        if not session.json and not quiet:
             _out.print(Text(f"waiting for recovered run {other.run_id} to finish"))
         result = await other.wait()
         others.append({"id": result.id, "name": result.name, "status": str(result.status)})
@@ -674,8 +674,9 @@ def _print_run(view: _RunView) -> None:
             + (f", took {human_s(_seconds(run.started_at, run.finished_at))}" if run.finished_at else "")
         )
     )
-    if run.owner and not run.status.terminal:
-        _out.print(Text(f"  executed by {run.owner}"))
+    if run.running and not run.status.terminal:
+        holders = sorted({s.lease_owner for s in view.steps if s.lease_owner})
+        _out.print(Text(f"  {run.running} step(s) running on {', '.join(holders) or 'workers'}"))
     heads = ("step", "wave", "status", "attempts", "duration")
     rows = [
         (

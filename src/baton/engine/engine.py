@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -20,18 +21,18 @@ from typing import Any
 import structlog
 
 from baton.engine.events import Event, EventBus, Subscriber
-from baton.engine.executor import RunExecutor
-from baton.errors import BatonError, Conflict, UsageError
+from baton.engine.executor import Worker
+from baton.errors import Conflict, UsageError
 from baton.llm.config import LLMConfig
 from baton.llm.gateway import Gateway
 from baton.llm.tasks import make_llm_tasks
 from baton.plan.analysis import analyze
-from baton.plan.dag import Dag
 from baton.plan.model import Plan, Step
 from baton.plan.validate import load_plan, parse_plan, validate_plan
+from baton.queue.cron import cron_problem, fire_due, next_tick
 from baton.status import RunStatus, StepStatus
-from baton.store import RunRecord, StepRecord, Store, store_for
-from baton.tasks.registry import Registry
+from baton.store import JobRecord, NewJob, RunRecord, Schedule, StepRecord, Store, WorkerRecord, store_for
+from baton.tasks.registry import Registry, TaskDef
 
 log = structlog.get_logger("baton.engine")
 
@@ -85,24 +86,30 @@ def new_run_id() -> str:
 
 @dataclass(slots=True)
 class RunHandle:
-    """A run this engine started or resumed; ``await handle.wait()`` for its end."""
+    """A submitted run; ``await handle.wait()`` for its end, whichever worker runs it."""
 
     run_id: str
-    task: asyncio.Task[RunStatus]
     engine: Engine
-    executor: RunExecutor
 
-    async def wait(self) -> RunRecord:
-        """Wait until the run stops executing here; the run as the store has it then.
+    @property
+    def worker(self) -> Worker | None:
+        return self.engine.worker
+
+    async def wait(self, timeout_s: float | None = None) -> RunRecord:
+        """Wait until the run stops: it ended, or it is paused and nothing of it runs.
 
         The record comes without its plan (``engine.get_run`` reads that too).
         """
-        await asyncio.shield(self.task)
-        return await self.engine.store.get_run(self.run_id, with_plan=False)
+        return await self.engine.wait(self.run_id, timeout_s=timeout_s)
 
 
 class Engine:
-    """One process's entry to baton: ``async with Engine("sqlite:///x.db") as engine: ...``."""
+    """One process's entry to baton: ``async with Engine("sqlite:///x.db") as engine: ...``.
+
+    Submitting a plan or enqueueing a job writes rows to the store's queue; the engine's
+    worker (started on first use, or by ``baton worker``) claims and executes them, as do
+    the workers of any other process on the same database.
+    """
 
     def __init__(
         self,
@@ -114,6 +121,8 @@ class Engine:
         poll_s: float = 0.2,
         cancel_grace_s: float = 5.0,
         default_max_parallel: int = 8,
+        concurrency: int = 256,
+        queues: list[str] | None = None,
         workdir: str | Path | None = None,
         measure_latency: bool = False,
         llm: LLMConfig | str | Path | None = None,
@@ -128,13 +137,13 @@ class Engine:
         self.poll_s = poll_s
         self.cancel_grace_s = cancel_grace_s
         self.default_max_parallel = default_max_parallel
+        self.concurrency = concurrency
+        self.queues = queues
         self.workdir = Path(workdir) if workdir is not None else Path.cwd()
         self.measure_latency = measure_latency
         self.events = EventBus()
-        self._executors: dict[str, RunExecutor] = {}
-        self._handles: dict[str, RunHandle] = {}
-        self._control: dict[str, RunStatus] = {}
-        self._heartbeat: asyncio.Task[None] | None = None
+        self.worker: Worker | None = None
+        self._waiters: dict[str, asyncio.Event] = {}
         self._open = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -151,22 +160,32 @@ class Engine:
             await self.store.open()
             self._open = True
 
-    async def close(self) -> None:
-        """Stop executing (leases lapse so another process can take over) and close."""
-        for handle in list(self._handles.values()):
-            handle.task.cancel()
-        for handle in list(self._handles.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await handle.task
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+    async def close(self, grace_s: float | None = None) -> None:
+        """Stop this process's worker (what it still runs goes back to the queue) and close."""
+        if self.worker is not None:
+            await self.worker.stop(grace_s)
+            self.worker = None
         await self.gateway.aclose()
         if self._open:
             await self.store.close()
             self._open = False
+
+    async def start_worker(
+        self, *, name: str | None = None, concurrency: int | None = None, queues: list[str] | None = None
+    ) -> Worker:
+        """Start executing jobs from the queue in this process (once; later calls return it)."""
+        await self.open()
+        if self.worker is None or not self.worker.active:
+            self.registry.refresh()
+            worker = Worker(
+                self,
+                name=name,
+                concurrency=concurrency or self.concurrency,
+                queues=queues if queues is not None else self.queues,
+            )
+            await worker.start()
+            self.worker = worker
+        return self.worker
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         return self.events.subscribe(fn)
@@ -176,6 +195,17 @@ class Engine:
 
     def workdir_path(self, recorded: str) -> Path:
         return Path(recorded) if recorded else self.workdir
+
+    def runs_changed(self, run_ids: set[str]) -> None:
+        """Wake whoever waits on these runs (the worker ended them, or moved them on)."""
+        for run_id in run_ids:
+            waiter = self._waiters.get(run_id)
+            if waiter is not None:
+                waiter.set()
+
+    def dead_workers(self, workers: list[WorkerRecord]) -> list[str]:
+        """Workers of this host whose process is gone: rescued at once, not at lease end."""
+        return [w.id for w in workers if w.id != self.owner and owner_is_dead(w.id)]
 
     # -- plans -------------------------------------------------------------------------------
 
@@ -195,8 +225,9 @@ class Engine:
             return parse_plan(read_plan_text(source), self.registry)
         return parse_plan(source, self.registry)
 
-    async def submit(self, source: PlanSource, *, start: bool = True) -> RunHandle | str:
-        """Validate, write the run, and (by default) start executing it here.
+    async def submit(self, source: PlanSource, *, start: bool = True) -> RunHandle:
+        """Validate the plan and put its run in the queue; by default, this process's
+        worker starts on it (and any other worker on the database may help).
 
         A bad plan raises PlanError before anything is written.
         """
@@ -205,6 +236,7 @@ class Engine:
         dag = analyze(plan, self.registry)
         run_id = new_run_id()
         now = time.time()
+        policy = plan.policy
         run = RunRecord(
             id=run_id,
             name=plan.name,
@@ -213,18 +245,33 @@ class Engine:
             created_at=now,
             workdir=str(self.workdir),
             total_steps=len(plan.steps),
+            max_parallel=policy.effective_max_parallel(self.default_max_parallel),
+            barrier=policy.barrier == "wave",
+            run_timeout_s=policy.run_timeout_s,
         )
-        steps = [StepRecord(run_id, i, s.id, s.task, dag.wave[i]) for i, s in enumerate(plan.steps)]
+        steps = [
+            StepRecord(
+                run_id,
+                i,
+                s.id,
+                s.task,
+                dag.wave[i],
+                StepStatus.READY if not dag.needs[i] else StepStatus.PENDING,
+                waiting=len(dag.needs[i]),
+                rank=dag.remaining[i],
+            )
+            for i, s in enumerate(plan.steps)
+        ]
         await self.store.create_run(run, steps)
         self.emit(Event("run.pending", run_id, data={"name": plan.name, "steps": len(steps)}))
-        if not start:
-            return run_id
-        return await self._start(run_id, (plan, dag, steps))
+        if start:
+            worker = await self.start_worker()
+            worker.poke()
+        return RunHandle(run_id, self)
 
     async def run(self, source: PlanSource) -> RunRecord:
         """Submit a plan and wait for it to stop (completed, failed, paused or cancelled)."""
         handle = await self.submit(source)
-        assert isinstance(handle, RunHandle)
         return await handle.wait()
 
     async def execute(self, task: str, inputs: Mapping[str, Any] | None = None, **policy: Any) -> Any:
@@ -238,76 +285,7 @@ class Engine:
             raise TaskFailed(steps[0].error or f"{task} {record.status}")
         return steps[0].output
 
-    # -- execution ----------------------------------------------------------------------------
-
-    async def _start(self, run_id: str, fresh: tuple[Plan, Dag, list[StepRecord]] | None = None) -> RunHandle:
-        """Acquire the run and execute it here; ``fresh`` skips reading back a run just written."""
-        if run_id in self._handles:
-            return self._handles[run_id]
-        current = await self.store.get_run(run_id) if fresh is None else None
-        dead = current.owner if current is not None and owner_is_dead(current.owner) else None
-        run = await self.store.acquire_run(run_id, self.owner, self.lease_s, time.time(), dead_owner=dead)
-        try:
-            if fresh is not None:
-                plan, dag, records = fresh
-            else:
-                assert current is not None
-                plan = validate_plan(Plan.model_validate(current.plan), self.registry)
-                dag = analyze(plan, self.registry)
-                records = await self.store.get_steps(run.id)
-            executor = RunExecutor(self, run, plan, dag, records)
-        except BaseException:
-            # Cannot execute it here (say, its tasks are not imported): let others try.
-            await self.store.release_run(run.id, self.owner)
-            raise
-        self._executors[run.id] = executor
-        self._control.pop(run.id, None)
-        task = asyncio.create_task(self._drive(run.id, executor), name=f"baton-run-{run.id}")
-        handle = RunHandle(run.id, task, self, executor)
-        self._handles[run.id] = handle
-        self._ensure_heartbeat()
-        return handle
-
-    async def _drive(self, run_id: str, executor: RunExecutor) -> RunStatus:
-        try:
-            return await executor.execute()
-        finally:
-            self._executors.pop(run_id, None)
-            self._handles.pop(run_id, None)
-            self._control.pop(run_id, None)
-
-    def control_of(self, run_id: str) -> RunStatus | None:
-        """The latest status decided outside the executor (pause/resume/cancel), if any."""
-        return self._control.get(run_id)
-
-    def _ensure_heartbeat(self) -> None:
-        if self._heartbeat is None or self._heartbeat.done():
-            self._heartbeat = asyncio.create_task(self._beat(), name="baton-heartbeat")
-
-    async def _beat(self) -> None:
-        """Renew leases and pick up pause/resume/cancel written by other processes."""
-        while self._executors:
-            await asyncio.sleep(self.poll_s)
-            ids = list(self._executors)
-            if not ids:
-                break
-            try:
-                statuses = await self.store.heartbeat(self.owner, self.lease_s, time.time(), ids)
-            except BatonError as exc:  # a busy or vanished database: try again next beat
-                log.warning("heartbeat failed", owner=self.owner, error=exc.message)
-                continue
-            for run_id, status in statuses.items():
-                executor = self._executors.get(run_id)
-                if executor is None:
-                    continue
-                if status is None:
-                    executor.lost = True
-                    handle = self._handles.get(run_id)
-                    if handle is not None:
-                        handle.task.cancel()  # someone else owns it now: stop without writing
-                elif status is not executor.run_status:
-                    self._control[run_id] = status
-                    executor.wake.set()
+    # -- control ----------------------------------------------------------------------------
 
     async def pause(self, run_id: str) -> RunRecord:
         """No new step starts; running ones finish and are recorded."""
@@ -315,66 +293,153 @@ class Engine:
 
     async def cancel(self, run_id: str) -> RunRecord:
         """No new step starts; running ones are cancelled within the grace period."""
-        return await self._set_status(run_id, RunStatus.CANCELLED)
+        record = await self._set_status(run_id, RunStatus.CANCELLED)
+        if self.worker is not None:
+            self.worker.stop_run(record.id)
+        return record
 
     async def _set_status(self, run_id: str, status: RunStatus) -> RunRecord:
         await self.open()
         record = await self.store.set_run_status(run_id, status, time.time())
-        executor = self._executors.get(record.id)
-        if executor is not None:
-            self._control[record.id] = status
-            executor.wake.set()
-        self.emit(Event(f"run.{status}.requested", record.id))
+        self.emit(Event(f"run.{status}", record.id))
+        self.runs_changed({record.id})
         return record
 
     async def resume(self, run_id: str) -> RunHandle:
-        """Continue a paused run, or one whose owner died, in this process."""
-        await self.open()
-        run = await self.store.get_run(run_id)
-        if run.status is RunStatus.PAUSED:
-            executor = self._executors.get(run.id)
-            if executor is None and self._held_elsewhere(run):
-                raise Conflict(
-                    f"run {run.id} is still held by {run.owner}, which is finishing its running "
-                    "steps; resume it once that process has let go"
-                )
-            run = await self.store.set_run_status(run.id, RunStatus.RUNNING, time.time())
-            if executor is not None:  # still draining here: just let it go on
-                self._control[run.id] = RunStatus.RUNNING
-                executor.wake.set()
-                return self._handles[run.id]
-        elif run.status.terminal:
-            raise Conflict(f"run {run.id} is {run.status}; there is nothing to resume")
-        return await self._start(run.id)
+        """Continue a paused run, or one whose workers died, with this process's worker.
 
-    def _held_elsewhere(self, run: RunRecord) -> bool:
-        """Another live process holds the run's lease."""
-        return (
-            run.owner is not None
-            and run.owner != self.owner
-            and (run.lease_expires_at or 0.0) >= time.time()
-            and not owner_is_dead(run.owner)
-        )
-
-    async def recover(self) -> list[RunHandle]:
-        """Take over every run whose owner is gone, and execute it here.
-
-        Gone: its lease expired, or it was a process of this host that no longer exists.
+        Conflict when the run ended, or when live workers are executing it (it needs no
+        resuming: ``wait`` for it, or start more workers).
         """
         await self.open()
-        handles: list[RunHandle] = []
-        orphans = await self.store.orphaned_runs(time.time())
-        for run in await self.store.list_runs(limit=1000, status=RunStatus.RUNNING):
-            if run.id not in orphans and owner_is_dead(run.owner):
-                orphans.append(run.id)
-        for run_id in orphans:
-            try:
-                handles.append(await self._start(run_id))
-            except Conflict:
-                continue  # another process was faster
-            except BatonError as exc:
-                log.warning("cannot recover run here", run_id=run_id, error=exc.message)
-        return handles
+        run = await self.store.get_run(run_id, with_plan=False)
+        if run.status.terminal:
+            raise Conflict(f"run {run.id} is {run.status}; there is nothing to resume")
+        if run.status is RunStatus.PAUSED:
+            await self.store.set_run_status(run.id, RunStatus.RUNNING, time.time())
+        else:
+            await self.store.sweep(time.time(), self.dead_workers(await self.store.list_workers()))
+            held = sorted(
+                {s.lease_owner for s in await self.store.get_steps(run.id) if s.lease_owner is not None}
+            )
+            if held and (self.worker is None or held != [self.worker.id]):
+                raise Conflict(f"run {run.id} is being executed by {', '.join(held)}; there is nothing to resume")
+        worker = await self.start_worker()
+        worker.poke()
+        return RunHandle(run.id, self)
+
+    async def recover(self) -> list[RunHandle]:
+        """Runs left behind by workers that are gone, now executed here too: steps those
+        workers held go back to the queue, and this process's worker takes them (as would
+        any worker on the database)."""
+        await self.open()
+        worker = await self.start_worker()
+        await self.store.sweep(time.time(), self.dead_workers(await self.store.list_workers()))
+        worker.poke()
+        orphans = await self.store.list_runs(limit=1000, status=RunStatus.RUNNING)
+        return [RunHandle(run.id, self) for run in orphans if run.running == 0]
+
+    # -- standalone jobs and cron ------------------------------------------------------------
+
+    def _check_call(self, task: str, inputs: Mapping[str, Any]) -> TaskDef:
+        """The task, if it exists here and ``inputs`` fit its parameters (else UsageError)."""
+        self.registry.refresh()
+        if task not in self.registry:
+            known = ", ".join(self.registry.names())
+            raise UsageError(f"unknown task {task!r} (known: {known}; add yours with --import)")
+        definition = self.registry.get(task)
+        problems = definition.check_inputs(inputs)
+        if problems:
+            raise UsageError(f"task {task!r}: " + "; ".join(problems))
+        return definition
+
+    async def enqueue(
+        self,
+        task: str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        run_at: float | None = None,
+        delay_s: float | None = None,
+        unique_key: str | None = None,
+        max_attempts: int = 3,
+        queue: str = "default",
+        timeout_s: float | None = None,
+    ) -> JobRecord:
+        """Put one task call in the queue for any worker; with ``unique_key``, a call
+        whose key is taken returns the job already there (``duplicate``)."""
+        args = dict(inputs or {})
+        self._check_call(task, args)
+        if max_attempts < 1:
+            raise UsageError("max_attempts must be at least 1")
+        if not queue or len(queue) > 100:
+            raise UsageError("queue must be a name of 1 to 100 characters")
+        try:
+            json.dumps(args)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"job inputs must be JSON: {exc}") from None
+        await self.open()
+        now = time.time()
+        when = run_at if run_at is not None else (now + delay_s if delay_s else None)
+        job = NewJob(task, args, queue, priority, when, unique_key, max_attempts, timeout_s)
+        (record,) = await self.store.enqueue([job], now)
+        if self.worker is not None:
+            self.worker.poke()
+        return record
+
+    async def schedule(
+        self,
+        task: str,
+        *,
+        cron: str,
+        inputs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 3,
+        timeout_s: float | None = None,
+        catch_up_s: float = 60.0,
+    ) -> Schedule:
+        """Run ``task`` on every tick of ``cron`` (UTC): one job per tick, however many
+        workers run the scheduler."""
+        problem = cron_problem(cron)
+        if problem:
+            raise UsageError(problem)
+        args = dict(inputs or {})
+        self._check_call(task, args)
+        await self.open()
+        schedule = Schedule(
+            name=name or task,
+            task=task,
+            cron=cron,
+            args=args,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+            catch_up_s=catch_up_s,
+            next_at=next_tick(cron, time.time()),
+        )
+        await self.store.put_schedule(schedule)
+        return schedule
+
+    async def fire_schedules(self, now: float | None = None) -> dict[str, int]:
+        """Enqueue the due ticks of every schedule (each worker's sweep calls this)."""
+        fired = await fire_due(self.store, now)
+        if fired and self.worker is not None:
+            self.worker.poke()
+        return fired
+
+    async def wait_job(self, job_id: int, timeout_s: float | None = None) -> JobRecord:
+        """Wait until a job is completed, discarded or cancelled."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = await self.store.get_job(job_id)
+            if job.state in ("completed", "discarded", "cancelled"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise UsageError(f"job {job_id} did not finish within {timeout_s}s")
+            await asyncio.sleep(min(self.poll_s, 0.05))
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -382,20 +447,27 @@ class Engine:
         await self.open()
         return await self.store.get_run(run_id)
 
-    async def wait(self, run_id: str, poll_s: float = 0.2, timeout_s: float | None = None) -> RunRecord:
-        """Wait for a run to stop, whichever process executes it."""
+    async def wait(
+        self, run_id: str, poll_s: float | None = None, timeout_s: float | None = None
+    ) -> RunRecord:
+        """Wait for a run to stop (ended or paused, and nothing of it running any more),
+        whichever processes execute it."""
         await self.open()
+        run_id = (await self.store.get_run(run_id, with_plan=False)).id
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            handle = self._handles.get(run_id)
-            if handle is not None:
-                return await handle.wait()
-            run = await self.store.get_run(run_id)
-            if run.status.terminal or (run.status is RunStatus.PAUSED and run.owner is None):
-                return run
-            if deadline is not None and time.monotonic() > deadline:
-                raise UsageError(f"run {run_id} did not stop within {timeout_s}s")
-            await asyncio.sleep(poll_s)
+        waiter = self._waiters.setdefault(run_id, asyncio.Event())
+        try:
+            while True:
+                waiter.clear()
+                run = await self.store.get_run(run_id, with_plan=False)
+                if (run.status.terminal or run.status is RunStatus.PAUSED) and run.running == 0:
+                    return run
+                if deadline is not None and time.monotonic() > deadline:
+                    raise UsageError(f"run {run_id} did not stop within {timeout_s}s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), poll_s or self.poll_s)
+        finally:
+            self._waiters.pop(run_id, None)
 
 
-__all__ = ["Engine", "RunHandle", "StepStatus"]
+__all__ = ["Engine", "RunHandle", "StepStatus", "Worker"]

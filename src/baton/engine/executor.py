@@ -1,42 +1,57 @@
-"""The executor: runs one run's steps as a dataflow under the run's policy.
+"""The executor: a worker that claims jobs from the store's queue, runs them, records them.
 
-One turn of the loop gathers what finished, decides what that makes ready, failed,
-skipped or retrying, claims as many ready steps as there are free slots (longest
-remaining critical path first), commits all of it in one store transaction, and only then
-starts the claimed attempts. So a step's output is always committed before a dependent
-starts, and a burst of finishing steps costs one transaction, not one each.
+Every kind of work goes through here: the steps of every run (any worker may take any
+ready step), and standalone jobs (enqueued calls, scheduled calls, cron ticks). One turn
+of the loop hands the store what finished (with the dependents each success counts
+towards, or the steps each failure skips) and asks for as many new attempts as there are
+free slots; the store applies both in one transaction, and only then do the claimed
+attempts start. So a step's output is committed before any dependent starts, and a burst
+of finishing steps costs one transaction, not one each.
+
+The database is the truth. A worker keeps the (immutable) plans of the runs it executes
+steps of, outputs it has seen, and the attempts it is running, which it holds under its
+worker lease, renewed by heartbeat. When that lease lapses, any other worker's sweep
+gives them back to the queue, and a late write from this one is rejected.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
+import contextlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from baton.engine.events import Event
 from baton.errors import BatonError, StepTimeout
+from baton.plan.analysis import analyze
 from baton.plan.dag import Dag
 from baton.plan.model import Plan, RetryPolicy
-from baton.plan.refs import Ref, has_refs, resolve
+from baton.plan.refs import Ref, has_refs, referenced_steps, resolve
 from baton.status import RunStatus, StepStatus
-from baton.store.base import Batch, Claim, Finish, Mark, RunRecord, StepRecord
+from baton.store.base import Claimed, Done, Turn, TurnResult, WorkerRecord
 from baton.tasks.registry import TaskContext, TaskDef
 from baton.validators import FAILING, run_checks
 
 if TYPE_CHECKING:
     from baton.engine.engine import Engine
 
+log = structlog.get_logger("baton.worker")
+
 S = StepStatus
 _NO_RETRY = RetryPolicy()
+#: standalone jobs retry with exponential backoff and jitter, from 1 s up to 5 minutes.
+JOB_RETRY = RetryPolicy(attempts=100, backoff_s=1.0, max_backoff_s=300.0, jitter=0.2)
 
 
 @dataclass(slots=True)
 class _Result:
-    idx: int
+    id: int
     attempt: int
     started_at: float
     finished_at: float
@@ -48,235 +63,404 @@ class _Result:
     details_json: str | None = None
 
 
-class RunExecutor:
-    """Executes one run in this process while it holds the run's lease."""
+class RunPlan:
+    """What a worker keeps of a run whose steps it executes (a plan does not change)."""
 
-    def __init__(
-        self, engine: Engine, run: RunRecord, plan: Plan, dag: Dag, records: list[StepRecord]
-    ) -> None:
-        self.engine = engine
-        self.run_id = run.id
+    def __init__(self, engine: Engine, run_id: str, plan: Plan, dag: Dag, workdir: Path) -> None:
+        self.run_id = run_id
         self.plan = plan
-        self.workdir = run.workdir
-        registry = engine.registry
         self.dag = dag
-        n = len(plan.steps)
+        self.workdir = workdir
         policy = plan.policy
-        self.max_parallel = policy.effective_max_parallel(engine.default_max_parallel)
-        self.barrier = policy.barrier == "wave"
         default_timeout = policy.effective_timeout_s()
         default_retry = policy.retry or _NO_RETRY
-        by_name = {name: registry.get(name) for name in {s.task for s in plan.steps}}
-        self.tasks: list[TaskDef] = [by_name[s.task] for s in plan.steps]
+        registry = engine.registry
+        self.tasks: list[TaskDef | None] = [registry.find(s.task) for s in plan.steps]
         self.timeouts: list[float | None] = [
             s.timeout_s if s.timeout_s is not None else default_timeout for s in plan.steps
         ]
         self.retries: list[RetryPolicy] = [s.retry or default_retry for s in plan.steps]
         self.templated = [bool(s.inputs) and has_refs(s.inputs) for s in plan.steps]
         self.validators = [[v.model_dump() for v in s.validate_] for s in plan.steps]
-
-        self.status: list[StepStatus] = [r.status for r in records]
-        # What the last failed attempt of a step said, for the next one (error feedback).
-        self.last_error: list[str | None] = [r.error if r.status is S.RETRYING else None for r in records]
-        self.last_details: dict[int, dict[str, Any]] = {}
-        self.attempt: list[int] = [r.attempt for r in records]
-        self.outputs: dict[int, Any] = {r.idx: r.output for r in records if r.status is S.SUCCEEDED}
-        self.waiting: list[int] = [len(ns) for ns in dag.needs]
-        for i in self.outputs:
-            for d in dag.dependents[i]:
-                self.waiting[d] -= 1
-        self.unfinished_in_wave: list[int] = [0] * (max(dag.wave, default=0) + 1)
-        for i, st in enumerate(self.status):
-            if st not in _TERMINAL:
-                self.unfinished_in_wave[dag.wave[i]] += 1
-        self.unfinished = sum(self.unfinished_in_wave)
-        self.current_wave = 0
-        self.workdir_path = engine.workdir_path(run.workdir)
         self.index = {s.id: i for i, s in enumerate(plan.steps)}
+        #: outputs of succeeded steps seen here (the store has them all).
+        self.outputs: dict[int, Any] = {}
+        self.last_details: dict[int, dict[str, Any]] = {}
+        self.deadline: asyncio.TimerHandle | None = None
 
-        self.heap: list[tuple[float, int]] = []
-        self.running: dict[int, asyncio.Task[None]] = {}
-        self.started_at: dict[int, float] = {}
-        self.results: list[_Result] = []
-        self.wake = asyncio.Event()
-        self.run_status = RunStatus.RUNNING
-        self.lost = False
-        self.rand = random.Random()
-        self.pending_marks: list[Mark] = []
-        self.fresh: list[int] = []  # pushed onto the heap this turn
-        self.start_latencies: list[float] | None = [] if engine.measure_latency else None
-        self.run_started_at = run.started_at or time.time()
-        self.timed_out = False
-        self.stopping = False  # no new attempts (the run timed out)
-        self._committed_at = 0.0
-
-        now = time.time()
-        for i in range(n):
-            st = self.status[i]
-            if st is S.RETRYING:
-                due = records[i].not_before or now
-                self._retry_later(i, due - now)
-            elif st in (S.PENDING, S.READY) and self.waiting[i] == 0:
-                self._push_ready(i)
-            elif st is S.PENDING:
-                blocked = [j for j in self.dag.needs[i] if self.status[j] in _BLOCKING]
-                if blocked:
-                    self._skip([i], blocked[0])
-        self.failed_any = any(st is S.FAILED for st in self.status)
-
-    # -- decisions ---------------------------------------------------------------------
-
-    def _push_ready(self, i: int) -> None:
-        heapq.heappush(self.heap, (-self.dag.remaining[i], i))
-        self.fresh.append(i)
-
-    def _retry_later(self, i: int, delay: float) -> None:
-        def due() -> None:
-            if self.status[i] is S.RETRYING:
-                self._push_ready(i)
-                self.wake.set()
-
-        asyncio.get_running_loop().call_later(max(0.0, delay), due)
-
-    def _skip(self, start: list[int], failed: int) -> None:
-        """Mark ``start`` and every pending step downstream of it skipped (failure isolation)."""
-        stack = list(start)
-        reason = f"needs {self.dag.ids[failed]!r}, which did not succeed"
+    def downstream(self, i: int) -> list[int]:
+        """Every step that (transitively) needs step ``i``."""
+        seen: set[int] = set()
+        stack = list(self.dag.dependents[i])
         while stack:
             d = stack.pop()
-            if self.status[d] is not S.PENDING:
-                continue
-            self.status[d] = S.SKIPPED
-            self._finished(d)
-            self.pending_marks.append(Mark(d, S.SKIPPED, reason))
-            stack.extend(self.dag.dependents[d])
+            if d not in seen:
+                seen.add(d)
+                stack.extend(self.dag.dependents[d])
+        return sorted(seen)
 
-    def _finished(self, i: int) -> None:
-        self.unfinished_in_wave[self.dag.wave[i]] -= 1
-        self.unfinished -= 1
 
-    def _absorb(self, r: _Result, batch: Batch) -> None:
-        i = r.idx
-        task = self.running.get(i)
-        if task is None or (r.attempt != self.attempt[i]):
-            return  # given up on after the cancel grace period; already recorded
-        del self.running[i]
-        self.started_at.pop(i, None)
-        retry = self.retries[i]
-        if r.outcome == "succeeded":
-            status, not_before = S.SUCCEEDED, None
-        elif r.outcome == "cancelled":
-            status, not_before = S.CANCELLED, None
-        elif r.attempt < retry.attempts and self.run_status is not RunStatus.CANCELLED and not self.stopping:
-            # While paused the retry waits in the store; resume (here or elsewhere) runs it.
-            status = S.RETRYING
-            delay = retry.delay(r.attempt, self.rand.random())
-            not_before = r.finished_at + delay
-            self._retry_later(i, delay)
-        else:
-            status, not_before = S.FAILED, None
-        self.status[i] = status
-        if status is S.RETRYING:
-            self.last_error[i] = r.error
-            if r.details:
-                self.last_details[i] = r.details
-        batch.finishes.append(
-            Finish(
-                i,
-                r.attempt,
-                status,
-                r.outcome,
-                r.started_at,
-                r.finished_at,
-                r.output_json,
-                r.error,
-                not_before,
-                r.details_json,
+@dataclass(slots=True)
+class _Attempt:
+    claim: Claimed
+    plan: RunPlan | None  # None: a standalone job
+    task: asyncio.Task[None] | None = None
+    inputs: Any = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    given_up: bool = False
+
+
+class Worker:
+    """Claims and executes jobs for one Engine: ``await worker.start()``, ``await worker.stop()``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        name: str | None = None,
+        concurrency: int = 64,
+        queues: list[str] | None = None,
+        sweep_s: float = 1.0,
+    ) -> None:
+        self.engine = engine
+        self.id = engine.owner
+        self.name = name or engine.owner.rsplit(":", 1)[0]
+        self.concurrency = concurrency
+        self.queues = queues
+        self.sweep_s = sweep_s
+        self.plans: dict[str, RunPlan] = {}
+        self.running: dict[int, _Attempt] = {}
+        self.results: list[_Result] = []
+        self.wake = asyncio.Event()
+        self.hungry = True  # something may be claimable that the last turn did not see
+        self.accepting = True
+        self.lost = False
+        self.rand = random.Random()
+        self.start_latencies: list[float] | None = [] if engine.measure_latency else None
+        self._committed_at = 0.0
+        self._loop_task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        store = self.engine.store
+        now = time.time()
+        record = WorkerRecord(
+            self.id, self.name, self.queues, self.concurrency, now, now + self.engine.lease_s
+        )
+        rescued = await store.register_worker(record)
+        if rescued:
+            log.info(
+                "rescued jobs of an earlier worker of the same name", worker=self.name, jobs=len(rescued)
             )
+        self._loop_task = asyncio.create_task(self._loop(), name=f"baton-worker-{self.name}")
+        self._beat_task = asyncio.create_task(self._beat(), name=f"baton-heartbeat-{self.name}")
+        self._watch_task = asyncio.create_task(store.watch(self.poke), name=f"baton-watch-{self.name}")
+
+    @property
+    def active(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def poke(self) -> None:
+        """Something may have become claimable (a submit, a notification, a retry due)."""
+        self.hungry = True
+        self.wake.set()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop claiming; let running attempts finish for ``grace_s`` (default: none),
+        then cancel and give back what is left, unfinished and uncounted."""
+        if self._loop_task is None:
+            return
+        self.accepting = False
+        self.wake.set()
+        if grace_s and self.running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained(), grace_s)
+        # What is still running is given back (uncounted) when the worker unregisters.
+        tasks = [a.task for a in self.running.values() if a.task is not None]
+        for attempt in self.running.values():
+            attempt.given_up = True
+        self.running.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.engine.cancel_grace_s)
+        self._stopped.set()
+        self.wake.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._loop_task
+        for task in (self._beat_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for plan in self.plans.values():
+            if plan.deadline is not None:
+                plan.deadline.cancel()
+        if not self.lost:
+            try:
+                await self.engine.store.unregister_worker(self.id, time.time())
+            except BatonError as exc:
+                log.warning("could not unregister worker", worker=self.id, error=exc.message)
+        self._loop_task = None
+
+    async def _drained(self) -> None:
+        while self.running:
+            await asyncio.sleep(0.05)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        store = self.engine.store
+        while True:
+            self.wake.clear()
+            now = time.time()
+            results, self.results = self.results, []
+            done = [d for d in (self._decide(r) for r in results) if d is not None]
+            free = self.concurrency - len(self.running) if self.accepting and not self.lost else 0
+            want = free if free > 0 and (self.hungry or done) else 0
+            claimed: list[Claimed] = []
+            if done or want:
+                self.hungry = False
+                turn = Turn(self.id, now, done, want, self.queues, self.engine.registry.names())
+                try:
+                    outcome = await store.turn(turn)
+                except BatonError as exc:
+                    # A busy or vanished database: keep the results, try again shortly.
+                    log.warning("turn failed", worker=self.id, error=exc.message)
+                    self.results[:0] = results
+                    await asyncio.sleep(self.engine.poll_s)
+                    continue
+                self._committed_at = time.perf_counter()
+                self._after(done, outcome)
+                if outcome.lost:
+                    await self._lose()
+                    continue
+                claimed = outcome.claimed
+                if want and len(claimed) >= want:
+                    self.hungry = True  # there may be more
+                await self._start_all(claimed, now)
+            if self._stopped.is_set() and not self.running and not self.results:
+                return
+            if claimed:
+                # One pass of the event loop runs the new attempts; those that finish
+                # without waiting (no-op and cached work) are absorbed in the next turn.
+                await asyncio.sleep(0)
+            if not self.results and not (self.hungry and free > len(claimed)):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.engine.poll_s)
+                if not self.wake.is_set():
+                    self.hungry = True  # polling: others may have made work claimable
+
+    def _decide(self, r: _Result) -> Done | None:
+        """What a finished attempt means for its job: success, a retry, or the end."""
+        attempt = self.running.get(r.id)
+        if attempt is None or attempt.claim.attempt != r.attempt:
+            return None  # already recorded (given up on after the cancel grace period)
+        del self.running[r.id]
+        claim, plan = attempt.claim, attempt.plan
+        done = Done(
+            r.id,
+            claim.run_id,
+            claim.idx,
+            r.attempt,
+            S.FAILED,
+            r.outcome,
+            r.started_at,
+            r.finished_at,
+            r.output_json,
+            r.error,
+            detail=r.details_json,
         )
-        if status is S.SUCCEEDED:
-            self.outputs[i] = r.output
-            self._finished(i)
-            for d in self.dag.dependents[i]:
-                self.waiting[d] -= 1
-                if self.waiting[d] == 0 and self.status[d] is S.PENDING:
-                    self._push_ready(d)
-        elif status is not S.RETRYING:
-            self._finished(i)
-            if status is S.FAILED:
-                self.failed_any = True
-            self._skip(self.dag.dependents[i], i)
+        if r.outcome == "succeeded":
+            done.status = S.SUCCEEDED
+            if plan is not None:
+                plan.outputs[claim.idx] = r.output
+                done.unblocks = list(plan.dag.dependents[claim.idx])
+            return done
+        if r.outcome == "cancelled":
+            done.status = S.CANCELLED
+            return done
+        retry = attempt.retry
+        limit = retry.attempts if plan is not None else claim.max_attempts
+        if r.attempt < limit and self.accepting:
+            done.status = S.RETRYING
+            delay = retry.delay(r.attempt, self.rand.random())
+            done.not_before = r.finished_at + delay
+            asyncio.get_running_loop().call_later(delay, self.poke)
+            if plan is not None and r.details:
+                plan.last_details[claim.idx] = r.details
+            return done
+        if plan is not None:
+            done.skips = plan.downstream(claim.idx)
+            done.skip_reason = f"needs {plan.dag.ids[claim.idx]!r}, which did not succeed"
+        return done
 
-    def _claim(self, batch: Batch, now: float) -> list[tuple[int, int]]:
-        """Pop ready steps into free slots; the (idx, attempt) pairs claimed."""
-        if self.run_status is not RunStatus.RUNNING:
-            return []
-        if self.barrier:
-            while (
-                self.current_wave < len(self.unfinished_in_wave)
-                and not self.unfinished_in_wave[self.current_wave]
-            ):
-                self.current_wave += 1
-        claimed: list[tuple[int, int]] = []
-        deferred: list[tuple[float, int]] = []
-        free = self.max_parallel - len(self.running)
-        while free > 0 and self.heap:
-            item = heapq.heappop(self.heap)
-            i = item[1]
-            if self.status[i] not in (S.PENDING, S.READY, S.RETRYING) or i in self.running:
-                continue  # stale heap entry
-            if self.barrier and self.dag.wave[i] > self.current_wave:
-                deferred.append(item)
-                continue
-            attempt = self.attempt[i] + 1
-            self.attempt[i] = attempt
-            self.status[i] = S.RUNNING
-            batch.claims.append(Claim(i, attempt, now))
-            claimed.append((i, attempt))
-            free -= 1
-        for item in deferred:
-            heapq.heappush(self.heap, item)
-        # Steps that became ready this turn but got no slot are recorded as ready.
-        for i in self.fresh:
-            if self.status[i] is S.PENDING:
-                self.status[i] = S.READY
-                self.pending_marks.append(Mark(i, S.READY))
-        self.fresh.clear()
-        return claimed
+    def _after(self, done: list[Done], outcome: TurnResult) -> None:
+        """Events for what the store applied; runs that ended."""
+        engine = self.engine
+        rejected = set(outcome.rejected)
+        if rejected:
+            log.warning("finishes refused: this worker no longer held them", jobs=sorted(rejected))
+            for d in done:
+                if d.id in rejected:
+                    self._emit("step.lost", d.run_id, d.idx, {"attempt": d.attempt, "worker": self.id}, d.id)
+        if engine.events.active:
+            for d in done:
+                if d.id in rejected:
+                    continue
+                data: dict[str, Any] = {"attempt": d.attempt, "duration_s": d.finished_at - d.started_at}
+                if d.error:
+                    data["error"] = d.error
+                self._emit(f"step.{d.status}", d.run_id, d.idx, data, d.id)
+            taken = {(c.run_id, c.idx) for c in outcome.claimed}
+            for run_id, idx, status in outcome.marked:
+                if (run_id, idx) not in taken:  # ready and claimed at once: just running
+                    self._emit(f"step.{status}", run_id, idx, {})
+        for run_id, final in outcome.ended.items():
+            self._forget(run_id)
+            engine.emit(Event(f"run.{final}", run_id))
+        engine.runs_changed(set(outcome.ended))
 
-    # -- attempts ----------------------------------------------------------------------
+    def _emit(self, kind: str, run_id: str | None, idx: int, data: dict[str, Any], job: int = 0) -> None:
+        """A step event (by run and step index), or a standalone job's (by job id)."""
+        plan = self.plans.get(run_id) if run_id is not None else None
+        if plan is not None:
+            self.engine.emit(Event(kind, plan.run_id, plan.dag.ids[idx], data))
+        else:
+            self.engine.emit(Event(kind, run_id or "", None, {**data, "job": job}))
 
-    def _lookup(self, ref: Ref) -> Any:
-        return ref.pick(self.outputs[self.index[ref.step]])
+    def _forget(self, run_id: str) -> None:
+        plan = self.plans.get(run_id)
+        if plan is not None and not any(a.plan is plan for a in self.running.values()):
+            if plan.deadline is not None:
+                plan.deadline.cancel()
+            del self.plans[run_id]
 
-    def _context(self, i: int, attempt: int) -> TaskContext:
-        temps = self.retries[i].temperatures
-        first = attempt == 1
+    # -- starting attempts -------------------------------------------------------------
+
+    async def _start_all(self, claimed: list[Claimed], now: float) -> None:
+        if not claimed:
+            return
+        give_back: list[int] = []
+        for claim in claimed:
+            plan = None
+            if claim.run_id is not None:
+                plan = self.plans.get(claim.run_id) or await self._load(claim)
+                if plan is None:
+                    give_back.append(claim.id)
+                    continue
+            attempt = _Attempt(claim, plan)
+            if plan is None:
+                attempt.retry = JOB_RETRY
+            else:
+                attempt.retry = plan.retries[claim.idx]
+            self.running[claim.id] = attempt
+            if self.engine.events.active:
+                self._emit("step.running", claim.run_id, claim.idx, {"attempt": claim.attempt}, claim.id)
+            attempt.task = asyncio.create_task(self._attempt(attempt))
+        if give_back:
+            await self.engine.store.release(self.id, give_back, time.time())
+
+    async def _load(self, claim: Claimed) -> RunPlan | None:
+        """The plan of a run this worker has not executed steps of yet."""
+        assert claim.run_id is not None
+        engine = self.engine
+        try:
+            run = await engine.store.get_run(claim.run_id)
+            assert run.plan is not None
+            plan = Plan.model_validate(run.plan)
+            dag = analyze(plan, engine.registry)
+        except (BatonError, ValueError) as exc:
+            log.error("cannot execute the steps of this run here", run_id=claim.run_id, error=str(exc))
+            return None
+        info = RunPlan(engine, run.id, plan, dag, engine.workdir_path(run.workdir))
+        self.plans[run.id] = info
+        if run.run_timeout_s is not None and run.started_at is not None:
+            remaining = run.started_at + run.run_timeout_s - time.time()
+            info.deadline = asyncio.get_running_loop().call_later(
+                max(0.0, remaining), lambda: asyncio.ensure_future(self._expire(run.id))
+            )
+        engine.emit(Event("run.running", run.id))
+        return info
+
+    async def _expire(self, run_id: str) -> None:
+        """A run's deadline passed: it fails; its steps running here stop now."""
+        with contextlib.suppress(BatonError):
+            if await self.engine.store.expire_run(run_id, time.time()):
+                self.engine.emit(Event("run.failed", run_id, data={"error": "run timed out"}))
+                self.engine.runs_changed({run_id})
+        self._stop_jobs([i for i, a in self.running.items() if a.claim.run_id == run_id])
+
+    # -- one attempt -------------------------------------------------------------------
+
+    def _lookup(self, plan: RunPlan) -> Any:
+        def pick(ref: Ref) -> Any:
+            return ref.pick(plan.outputs[plan.index[ref.step]])
+
+        return pick
+
+    async def _inputs(self, attempt: _Attempt) -> Any:
+        claim, plan = attempt.claim, attempt.plan
+        if plan is None:
+            return json.loads(claim.args) if claim.args else {}
+        step = plan.plan.steps[claim.idx]
+        if not plan.templated[claim.idx]:
+            return step.inputs
+        missing = [
+            plan.index[ref] for ref in referenced_steps(step.inputs) if plan.index[ref] not in plan.outputs
+        ]
+        if missing:
+            plan.outputs.update(await self.engine.store.outputs(plan.run_id, missing))
+        return resolve(step.inputs, self._lookup(plan))
+
+    async def _context(self, attempt: _Attempt) -> TaskContext:
+        claim, plan = attempt.claim, attempt.plan
+        first = claim.attempt == 1
+        details = None
+        if not first and plan is not None:
+            details = plan.last_details.get(claim.idx)
+            if details is None:
+                details = await self.engine.store.attempt_detail(claim.id, claim.attempt - 1)
+        if plan is None:
+            return TaskContext(
+                run_id=f"job-{claim.id}",
+                step_id=claim.task,
+                attempt=claim.attempt,
+                workdir=self.engine.workdir,
+                previous_error=None if first else claim.previous_error,
+            )
+        temps = attempt.retry.temperatures
         return TaskContext(
-            run_id=self.run_id,
-            step_id=self.dag.ids[i],
-            attempt=attempt,
-            workdir=self.workdir_path,
-            temperature=temps[min(attempt, len(temps)) - 1] if temps else None,
-            previous_error=None if first else self.last_error[i],
-            previous_details=None if first else self.last_details.get(i),
-            run_budget=self.plan.budget,
-            step_budget=self.plan.steps[i].budget,
-            complexity=self.plan.policy.complexity,
+            run_id=plan.run_id,
+            step_id=plan.dag.ids[claim.idx],
+            attempt=claim.attempt,
+            workdir=plan.workdir,
+            temperature=temps[min(claim.attempt, len(temps)) - 1] if temps else None,
+            previous_error=None if first else claim.previous_error,
+            previous_details=details,
+            run_budget=plan.plan.budget,
+            step_budget=plan.plan.steps[claim.idx].budget,
+            complexity=plan.plan.policy.complexity,
         )
 
-    async def _attempt(self, i: int, attempt: int) -> None:
-        step = self.plan.steps[i]
+    async def _attempt(self, attempt: _Attempt) -> None:
+        claim, plan = attempt.claim, attempt.plan
         started = time.time()
         if self.start_latencies is not None:
             self.start_latencies.append(time.perf_counter() - self._committed_at)
-        result = _Result(i, attempt, started, started, "failed")
+        result = _Result(claim.id, claim.attempt, started, started, "failed")
         ctx: TaskContext | None = None
         try:
-            inputs = resolve(step.inputs, self._lookup) if self.templated[i] else step.inputs
-            task = self.tasks[i]
-            ctx = self._context(i, attempt) if task.context_param is not None else None
-            timeout = self.timeouts[i]
+            task = self.engine.registry.get(claim.task) if plan is None else plan.tasks[claim.idx]
+            if task is None:
+                task = self.engine.registry.get(claim.task)  # raises UnknownTask
+            inputs = await self._inputs(attempt)
+            ctx = await self._context(attempt) if task.context_param is not None else None
+            timeout = plan.timeouts[claim.idx] if plan is not None else claim.timeout_s
             if timeout is None:
                 value = await task.invoke(inputs, ctx)
             else:
@@ -288,14 +472,13 @@ class RunExecutor:
                     if not deadline.expired():
                         raise  # the handler's own timeout, not the step's
                     result.outcome = "timeout"
-                    raise StepTimeout(f"attempt {attempt} timed out after {timeout}s") from None
+                    raise StepTimeout(f"attempt {claim.attempt} timed out after {timeout}s") from None
             result.output_json = _encode(value)
-            issues = (
-                await run_checks(value, self.validators[i], self.workdir_path) if self.validators[i] else []
-            )
+            checks = plan.validators[claim.idx] if plan is not None else []
+            issues = await run_checks(value, checks, plan.workdir) if plan is not None and checks else []
             if issues:
                 if ctx is None:
-                    ctx = self._context(i, attempt)
+                    ctx = await self._context(attempt)
                 ctx.details["issues"] = [issue.to_dict() for issue in issues]
             failing = [str(issue) for issue in issues if issue.severity in FAILING]
             if failing:
@@ -320,168 +503,68 @@ class RunExecutor:
                 result.details = {"unrecorded": f"details are not JSON: {exc}"}
                 result.details_json = _encode(result.details)
         result.finished_at = time.time()
+        if attempt.given_up:
+            return
         self.results.append(result)
         self.wake.set()
 
-    # -- the loop ----------------------------------------------------------------------
+    # -- heartbeat, control, rescue ----------------------------------------------------
 
-    async def execute(self) -> RunStatus:
-        """Run until the run completes, fails, is paused or cancelled, or ownership is lost."""
+    async def _beat(self) -> None:
+        """Renew the lease; stop what was cancelled elsewhere; rescue what others lost."""
         engine = self.engine
         store = engine.store
-        engine.emit(Event("run.running", self.run_id))
-        timer = self._arm_run_timeout()
-        try:
-            while True:
-                self.wake.clear()
-                now = time.time()
-                batch = Batch(self.run_id, engine.owner, now=now)
-                results, self.results = self.results, []
-                for r in results:
-                    self._absorb(r, batch)
-                control = engine.control_of(self.run_id)
-                if control is not None and control is not self.run_status:
-                    self._apply_control(control)
-                if self.timed_out and not self.stopping:
-                    self._stop_for_timeout()
-                claimed = self._claim(batch, now) if not self.stopping else []
-                batch.marks, self.pending_marks = self.pending_marks, []
-                finishing = self.run_status is RunStatus.RUNNING and not self.unfinished and not self.running
-                if finishing:
-                    batch.run_status = RunStatus.FAILED if self.failed_any else RunStatus.COMPLETED
-                    if self.timed_out:
-                        batch.run_error = f"run timed out after {self.plan.policy.run_timeout_s}s"
-                    elif self.failed_any:
-                        batch.run_error = "; ".join(
-                            f"{self.dag.ids[i]}: failed" for i, st in enumerate(self.status) if st is S.FAILED
-                        )[:2000]
-                if batch:
-                    outcome = await store.commit(batch)
-                    self._committed_at = time.perf_counter()
-                    if outcome.lost:
-                        self.lost = True
-                        return await self._abandon()
-                    self._emit(batch, outcome.rejected_finishes, outcome.rejected_claims)
-                    if outcome.rejected_claims:
-                        rejected = set(outcome.rejected_claims)
-                        self._unclaim(rejected)
-                        claimed = [(i, a) for i, a in claimed if i not in rejected]
-                    if outcome.run_status is not None and outcome.run_status is not self.run_status:
-                        self._apply_control(outcome.run_status)
-                    final = batch.run_status
-                    if finishing and final is not None and outcome.run_status is final:
-                        engine.emit(Event(f"run.{final}", self.run_id))
-                        await store.release_run(self.run_id, engine.owner)
-                        return final
-                for i, attempt in claimed:
-                    self.started_at[i] = now
-                    self.running[i] = asyncio.create_task(self._attempt(i, attempt))
-                if self.run_status is not RunStatus.RUNNING and not self.running and not self.results:
-                    return await self._stop()
-                if claimed:
-                    # One pass of the event loop runs the new attempts; those that finish
-                    # without waiting (no-op and cached work) are absorbed in the next turn
-                    # without a second pass to wake this loop.
-                    await asyncio.sleep(0)
-                if not self.results:
-                    await self.wake.wait()
-        except asyncio.CancelledError:
-            await self._abandon()
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+        next_sweep = 0.0
+        while True:
+            await asyncio.sleep(engine.poll_s)
+            now = time.time()
+            try:
+                beat = await store.heartbeat(self.id, now, engine.lease_s, list(self.running))
+                if beat.lost:
+                    await self._lose()
+                    continue
+                if beat.stop:
+                    self._stop_jobs(beat.stop)
+                if now >= next_sweep:
+                    next_sweep = now + self.sweep_s
+                    rescued = await store.sweep(now, engine.dead_workers(await store.list_workers()))
+                    if rescued:
+                        log.info("rescued jobs of a worker that is gone", jobs=len(rescued))
+                        self.poke()
+                    await engine.fire_schedules(now)
+            except BatonError as exc:  # a busy or vanished database: try again next beat
+                log.warning("heartbeat failed", worker=self.id, error=exc.message)
 
-    def _arm_run_timeout(self) -> asyncio.TimerHandle | None:
-        """Per-run timeout, counted from the run's first start (resumes do not reset it)."""
-        limit = self.plan.policy.run_timeout_s
-        if limit is None:
-            return None
+    def stop_run(self, run_id: str) -> None:
+        """The run was cancelled here: stop its attempts now (others learn by heartbeat)."""
+        self._stop_jobs([i for i, a in self.running.items() if a.claim.run_id == run_id])
 
-        def expire() -> None:
-            self.timed_out = True
-            self.wake.set()
-
-        remaining = self.run_started_at + limit - time.time()
-        return asyncio.get_running_loop().call_later(max(0.0, remaining), expire)
-
-    def _stop_for_timeout(self) -> None:
-        """The run ran out of time: nothing new starts, running attempts are cancelled
-        (within the grace period) and every unfinished step ends cancelled; the run fails."""
-        self.stopping = True
-        self.failed_any = True
-        reason = f"run timed out after {self.plan.policy.run_timeout_s}s"
-        for i, st in enumerate(self.status):
-            if st in (S.PENDING, S.READY, S.RETRYING):
-                self.status[i] = S.CANCELLED
-                self._finished(i)
-                self.pending_marks.append(Mark(i, S.CANCELLED, reason))
-        for task in self.running.values():
+    def _stop_jobs(self, ids: list[int]) -> None:
+        """Cancel these attempts; any still running after the grace period are given up."""
+        tasks = [a.task for i in ids if (a := self.running.get(i)) is not None and a.task is not None]
+        for task in tasks:
             task.cancel()
-        if self.running:
-            asyncio.get_running_loop().call_later(self.engine.cancel_grace_s, self._give_up_running)
+        if tasks:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.engine.cancel_grace_s, self._give_up, list(ids))
 
-    def _apply_control(self, status: RunStatus) -> None:
-        """A pause, resume or cancel decided elsewhere (another process, the API)."""
-        self.run_status = status
-        if status is RunStatus.CANCELLED:
-            for task in self.running.values():
-                task.cancel()
-            if self.running:
-                loop = asyncio.get_running_loop()
-                loop.call_later(self.engine.cancel_grace_s, self._give_up_running)
-            for i, st in enumerate(self.status):
-                if st in (S.PENDING, S.READY, S.RETRYING):
-                    self.status[i] = S.CANCELLED  # the store cancelled these with the run
-                    self.engine.emit(Event("step.cancelled", self.run_id, self.dag.ids[i]))
-        elif status is RunStatus.RUNNING:
-            for i, st in enumerate(self.status):
-                if st in (S.READY, S.RETRYING) or (st is S.PENDING and self.waiting[i] == 0):
-                    self._push_ready(i)
-
-    def _unclaim(self, rejected: set[int]) -> None:
-        for i in rejected:
-            if self.status[i] is S.RUNNING and i not in self.running:
-                self.attempt[i] -= 1
-                self.status[i] = S.READY
-                self._push_ready(i)
-
-    async def _stop(self) -> RunStatus:
-        """Paused or cancelled, and nothing is running any more."""
-        if self.run_status is RunStatus.CANCELLED:
-            # Steps that were pending when the cancel landed are cancelled by the store.
-            self.engine.emit(Event("run.cancelled", self.run_id))
-        else:
-            self.engine.emit(Event(f"run.{self.run_status}", self.run_id))
-        await self.engine.store.release_run(self.run_id, self.engine.owner)
-        return self.run_status
-
-    async def _abandon(self) -> RunStatus:
-        """Ownership is gone: stop local work without writing anything."""
-        for task in self.running.values():
-            task.cancel()
-        if self.running:
-            await asyncio.wait(list(self.running.values()), timeout=self.engine.cancel_grace_s)
-        self.running.clear()
-        if self.lost:
-            self.engine.emit(Event("run.lost", self.run_id, data={"owner": self.engine.owner}))
-        else:  # shutting down: let another process take over without waiting for the lease
-            await self.engine.store.release_run(self.run_id, self.engine.owner)
-        return self.run_status
-
-    def _give_up_running(self) -> None:
+    def _give_up(self, ids: list[int]) -> None:
         """Attempts still running a grace period after a cancel are recorded as cancelled.
 
         Their tasks were asked to stop and ignored it (or run in a thread that cannot be
-        interrupted); the run does not wait for them, and their late results are dropped.
+        interrupted); nothing waits for them, and their late results are dropped.
         """
         now = time.time()
-        for i in list(self.running):
+        for i in ids:
+            attempt = self.running.get(i)
+            if attempt is None or attempt.given_up:
+                continue
+            attempt.given_up = True
             self.results.append(
                 _Result(
                     i,
-                    self.attempt[i],
-                    self.started_at.get(i, now),
+                    attempt.claim.attempt,
+                    attempt.claim.started_at,
                     now,
                     "cancelled",
                     error=f"did not stop within the {self.engine.cancel_grace_s}s cancel grace period",
@@ -489,26 +572,33 @@ class RunExecutor:
             )
         self.wake.set()
 
-    def _emit(self, batch: Batch, rejected_finishes: list[int], rejected_claims: list[int]) -> None:
-        engine = self.engine
-        if not engine.events.active:
+    async def _lose(self) -> None:
+        """Our lease lapsed and what we held was (or will be) taken over: drop it all
+        without writing anything, then come back as a fresh worker."""
+        if self.lost:
             return
-        ids = self.dag.ids
-        bad_f, bad_c = set(rejected_finishes), set(rejected_claims)
-        for f in batch.finishes:
-            if f.idx not in bad_f:
-                data: dict[str, Any] = {"attempt": f.attempt, "duration_s": f.finished_at - f.started_at}
-                if f.error:
-                    data["error"] = f.error
-                engine.emit(Event(f"step.{f.status}", self.run_id, ids[f.idx], data))
-        for m in batch.marks:
-            engine.emit(Event(f"step.{m.status}", self.run_id, ids[m.idx]))
-        for c in batch.claims:
-            if c.idx not in bad_c:
-                engine.emit(Event("step.running", self.run_id, ids[c.idx], {"attempt": c.attempt}))
+        self.lost = True
+        for attempt in self.running.values():
+            attempt.given_up = True
+            if attempt.task is not None:
+                attempt.task.cancel()
+        self.running.clear()
+        self.results.clear()
+        self.engine.emit(Event("worker.lost", "", data={"worker": self.id}))
+        log.error("worker lease lapsed; its jobs go to other workers", worker=self.id)
+        now = time.time()
+        record = WorkerRecord(
+            self.id, self.name, self.queues, self.concurrency, now, now + self.engine.lease_s
+        )
+        try:
+            await self.engine.store.register_worker(record)
+        except BatonError as exc:
+            log.warning("could not register again", worker=self.id, error=exc.message)
+            return  # the next heartbeat finds the lease gone and tries again
+        self.lost = False
+        self.poke()
 
-
-_BLOCKING = frozenset({S.FAILED, S.SKIPPED, S.CANCELLED})
-_TERMINAL = frozenset(st for st in StepStatus if st.terminal)
 #: one encoder for every output (json.dumps with options builds a new one per call).
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+__all__ = ["RunPlan", "RunStatus", "Worker"]

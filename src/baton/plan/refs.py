@@ -75,6 +75,11 @@ def find_refs(text: str) -> list[str]:
     return _EXPR.findall(text)
 
 
+def referenced_steps(value: Any) -> set[str]:
+    """The ids of the steps whose outputs ``value`` refers to."""
+    return {parse_ref(expr).step for _, text in iter_strings(value, "") for expr in find_refs(text)}
+
+
 def has_refs(value: Any) -> bool:
     return any("${{" in text for _, text in iter_strings(value, ""))
 

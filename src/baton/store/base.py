@@ -1,15 +1,21 @@
 """The Store protocol: the one seam between the engine and persistence.
 
-The engine describes what happened as a :class:`Batch` of guarded transitions and the
-store applies it in one transaction. Stores own the status rules (``baton.status``): a
-transition from a status that does not allow it, a claim on a run that is not running or
-not owned by the claimer, and a write by a holder whose lease was taken over (fenced by
-the attempt number) are all rejected, never silently applied.
+The store is the queue. Every job is a row of it: a step of a run, or a standalone task
+call (enqueued, scheduled, or a cron tick). Workers, in any number of processes, describe
+one turn (what finished, how many new attempts they can start) as a :class:`Turn`, and
+the store applies it in one transaction: the finishes, the dependents they make ready or
+skipped, the ends of runs, and the claims. The database is the truth; a worker holds
+nothing but the attempts it runs, under its worker lease.
+
+Stores own the status rules (``baton.status``): a write from a status that does not
+allow it, and a finish by a holder who lost the job (fenced by holder and attempt
+number) are rejected, never silently applied.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from baton.status import RunStatus, StepStatus
@@ -26,33 +32,49 @@ class RunRecord:
     workdir: str = ""
     started_at: float | None = None
     finished_at: float | None = None
-    owner: str | None = None
-    lease_expires_at: float | None = None
     error: str | None = None
     total_steps: int = 0
+    #: at most this many of the run's steps run at once, whichever workers run them.
+    max_parallel: int = 8
+    #: ``barrier: wave``: a step starts only once every earlier wave has finished.
+    barrier: bool = False
+    run_timeout_s: float | None = None
+    queue: str = "default"
+    #: steps running now and steps not finished yet (kept by the store as steps move).
+    running: int = 0
+    unfinished: int = 0
 
 
 @dataclass(slots=True)
 class StepRecord:
-    run_id: str
+    """A step of a run, or (``run_id`` None) a standalone job: both are jobs in one queue."""
+
+    run_id: str | None
     idx: int
     step_id: str
     task: str
-    wave: int
+    wave: int = 0
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
-    #: who runs the current attempt; it holds it under the run's lease.
+    #: the worker running the current attempt; it holds it under its worker lease.
     lease_owner: str | None = None
+    #: not claimable before this time (a retry's backoff, a job's run_at).
     not_before: float | None = None
     output: Any = None
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    #: needs not yet succeeded; the step becomes ready when this reaches 0.
+    waiting: int = 0
+    #: the longest remaining (estimated) path from here: among ready steps, higher first.
+    rank: float = 0.0
+    #: the job's id in the queue (assigned by the store).
+    id: int = 0
 
 
 @dataclass(slots=True)
 class AttemptRecord:
-    run_id: str
+    run_id: str | None
     step_id: str
     attempt: int
     status: str  # succeeded | failed | timeout | cancelled | lost
@@ -65,22 +87,74 @@ class AttemptRecord:
 
 
 @dataclass(slots=True)
-class Claim:
-    """ready|retrying -> running, as attempt number ``attempt`` held by the batch's owner."""
+class JobRecord:
+    """A standalone job (an enqueued or scheduled task call, or a cron tick)."""
 
-    idx: int
+    id: int
+    queue: str
+    task: str
+    args: dict[str, Any]
+    state: str  # available | scheduled | running | retryable | completed | discarded | cancelled
+    priority: int
     attempt: int
-    started_at: float
+    max_attempts: int
+    run_at: float | None
+    unique_key: str | None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    output: Any = None
+    error: str | None = None
+    lease_owner: str | None = None
+    timeout_s: float | None = None
+    #: True when an enqueue found this job already there under its unique key.
+    duplicate: bool = False
 
 
 @dataclass(slots=True)
-class Finish:
-    """running -> succeeded|failed|retrying|cancelled, fenced by ``attempt``.
+class NewJob:
+    task: str
+    args: dict[str, Any]
+    queue: str = "default"
+    priority: int = 0
+    run_at: float | None = None
+    unique_key: str | None = None
+    max_attempts: int = 3
+    timeout_s: float | None = None
 
-    ``output`` is JSON text. ``outcome`` is what the attempt record says (it differs from
-    the step status when a failed attempt leads to a retry, or when it timed out).
+
+@dataclass(slots=True)
+class Claimed:
+    """A job a worker now holds: attempt number ``attempt`` of it is starting."""
+
+    id: int
+    run_id: str | None
+    idx: int
+    task: str
+    attempt: int
+    started_at: float
+    #: a standalone job's inputs (JSON); a run's steps take theirs from the plan.
+    args: str | None = None
+    max_attempts: int = 1
+    timeout_s: float | None = None
+    #: why the previous attempt failed (fed back to the next one).
+    previous_error: str | None = None
+
+
+@dataclass(slots=True)
+class Done:
+    """A finished attempt: running -> succeeded|failed|retrying|cancelled, fenced by
+    ``attempt`` and the holder.
+
+    ``output`` is JSON text; ``outcome`` is what the attempt record says (it differs from
+    the status when a failed attempt leads to a retry, or when it timed out). ``unblocks``
+    are the dependents whose needs it counts towards (on success), ``skips`` every step
+    downstream of it (on failure), both as step indexes of the same run, so a worker that
+    finishes a step marks what it makes ready or skipped in the same transaction.
     """
 
+    id: int
+    run_id: str | None
     idx: int
     attempt: int
     status: StepStatus
@@ -91,42 +165,75 @@ class Finish:
     error: str | None = None
     not_before: float | None = None
     detail: str | None = None  # JSON
+    unblocks: list[int] = field(default_factory=list)
+    skips: list[int] = field(default_factory=list)
+    skip_reason: str | None = None
 
 
 @dataclass(slots=True)
-class Mark:
-    """pending -> ready|skipped, or a not-running step -> cancelled."""
+class Turn:
+    """One worker turn: what finished, and how many new attempts it can start."""
 
-    idx: int
-    status: StepStatus
-    error: str | None = None
-
-
-@dataclass(slots=True)
-class Batch:
-    """What one executor turn decided; applied atomically by :meth:`Store.commit`."""
-
-    run_id: str
     owner: str
-    finishes: list[Finish] = field(default_factory=list)
-    marks: list[Mark] = field(default_factory=list)
-    claims: list[Claim] = field(default_factory=list)
-    run_status: RunStatus | None = None
-    run_error: str | None = None
-    now: float = 0.0
-
-    def __bool__(self) -> bool:
-        return bool(self.finishes or self.marks or self.claims or self.run_status)
+    now: float
+    done: list[Done] = field(default_factory=list)
+    claim: int = 0
+    queues: list[str] | None = None  # None: every queue
+    tasks: list[str] | None = None  # the tasks this worker can run; None: any
 
 
 @dataclass(slots=True)
-class CommitResult:
-    """What the store refused; everything else in the batch was applied."""
+class TurnResult:
+    #: ids of finished attempts the store refused (the holder lost the job).
+    rejected: list[int] = field(default_factory=list)
+    claimed: list[Claimed] = field(default_factory=list)
+    #: runs this turn brought to their end, with the status they ended in.
+    ended: dict[str, RunStatus] = field(default_factory=dict)
+    #: the worker's lease lapsed (others took its jobs over): it claimed nothing.
+    lost: bool = False
+    #: steps this turn marked ready or skipped: (run id, step index, status).
+    marked: list[tuple[str, int, StepStatus]] = field(default_factory=list)
+    #: True when the turn made work claimable that it did not claim itself.
+    left_ready: bool = False
 
-    rejected_finishes: list[int] = field(default_factory=list)
-    rejected_claims: list[int] = field(default_factory=list)
-    run_status: RunStatus | None = None
-    lost: bool = False  # the batch's owner no longer owns the run
+
+@dataclass(slots=True)
+class Beat:
+    """A heartbeat's answer: ``lost`` when the worker's lease was taken over (everything
+    it holds belongs to others now); ``stop`` the held jobs it must cancel (their run was
+    cancelled or timed out, or the job was cancelled)."""
+
+    lost: bool = False
+    stop: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    id: str
+    name: str
+    queues: list[str] | None
+    concurrency: int
+    started_at: float
+    expires_at: float
+    running: int = 0
+
+
+@dataclass(slots=True)
+class Schedule:
+    """A cron schedule: one job of ``task`` per tick of ``cron`` (UTC)."""
+
+    name: str
+    task: str
+    cron: str
+    args: dict[str, Any] = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float | None = None
+    #: ticks missed by at most this much still fire when the schedulers come back; older
+    #: ones are dropped (no burst after downtime).
+    catch_up_s: float = 0.0
+    next_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,43 +313,94 @@ class Store(Protocol):
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         """All finished attempts of a run, oldest first."""
 
-    async def acquire_run(
-        self, run_id: str, owner: str, lease_s: float, now: float, *, dead_owner: str | None = None
-    ) -> RunRecord:
-        """Take ownership of a run to execute it.
+    async def turn(self, turn: Turn) -> TurnResult:
+        """Apply what finished and claim up to ``turn.claim`` attempts, in one transaction.
 
-        Allowed when the run is pending or running and has no owner, is owned by ``owner``
-        already, its owner's lease expired, or its owner is ``dead_owner`` (a holder the
-        caller knows is dead, such as a killed process on this host). A pending run becomes
-        running. Steps left ``running`` by anyone else (their holder's lease is gone with
-        the run's) get a ``lost`` attempt and go back to ready.
-        Conflict when someone else holds a live lease or the run cannot execute.
+        Finishes first (so what they make ready can be claimed in the same turn), then
+        claims: due scheduled jobs become available, runs with free slots give their ready
+        steps (longest remaining path first; a barrier run only its lowest unfinished
+        wave), then standalone jobs by priority. A run whose last step finishes ends here.
+        A worker whose lease lapsed claims nothing (``lost``).
         """
 
-    async def release_run(self, run_id: str, owner: str) -> None:
-        """Give up ownership (a paused run, or a worker shutting down).
+    async def register_worker(self, worker: WorkerRecord) -> list[int]:
+        """Record a worker and its lease. Jobs still held by an earlier worker of the same
+        name (a restart) are rescued at once; their ids."""
 
-        Steps still running under the owner's lease lose their holder: whoever acquires
-        the run next requeues them, and a late write from the old holder is rejected.
-        """
+    async def unregister_worker(self, owner: str, now: float) -> None:
+        """A worker leaves: jobs it still holds go back to the queue uncounted."""
 
-    async def heartbeat(
-        self, owner: str, lease_s: float, now: float, run_ids: list[str]
-    ) -> dict[str, RunStatus | None]:
-        """Renew the owner's leases; the status of each run, or None where it lost ownership."""
+    async def heartbeat(self, owner: str, now: float, lease_s: float, held: list[int]) -> Beat:
+        """Renew the worker's lease; what of ``held`` it must stop."""
 
-    async def commit(self, batch: Batch) -> CommitResult:
-        """Apply a batch atomically, skipping (and reporting) every guarded-out write."""
+    async def release(self, owner: str, ids: list[int], now: float) -> None:
+        """Give jobs back unfinished (shutdown): ready again, the attempt not counted."""
+
+    async def sweep(self, now: float, dead: list[str] | None = None) -> list[int]:
+        """Rescue jobs whose worker's lease expired (or that is in ``dead``): a ``lost``
+        attempt, then ready again (cancelled if their run was). Fail runs past their
+        deadline. The rescued job ids."""
+
+    async def list_workers(self) -> list[WorkerRecord]: ...
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` whenever another process makes work claimable, until cancelled
+        (PostgreSQL: LISTEN/NOTIFY). Stores without notifications return at once and
+        workers poll."""
+
+    async def outputs(self, run_id: str, idxs: list[int]) -> dict[int, Any]:
+        """The outputs of succeeded steps of a run, by step index."""
+
+    async def attempt_detail(self, job_id: int, attempt: int) -> dict[str, Any] | None:
+        """What an attempt recorded (for the next attempt's feedback)."""
 
     async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
         """Pause, resume or cancel from outside; Conflict if the status does not allow it.
 
         Cancelling marks every step that is not running or finished ``cancelled`` in the
-        same transaction; running ones are left to their owner (or to the next acquirer).
+        same transaction; running ones are stopped by their workers (told by heartbeat),
+        or by the sweep when their worker is gone.
         """
 
-    async def orphaned_runs(self, now: float) -> list[str]:
-        """Runs that are running but whose owner's lease expired (or that have no owner)."""
+    async def expire_run(self, run_id: str, now: float) -> bool:
+        """The run is past its deadline: it fails, steps not running are cancelled, running
+        ones are stopped by their workers. False when it had already ended."""
+
+    # -- standalone jobs ------------------------------------------------------------
+
+    async def enqueue(self, jobs: list[NewJob], now: float) -> list[JobRecord]:
+        """Insert jobs; one with a unique key already taken returns the existing job
+        (``duplicate``), however many inserts race."""
+
+    async def get_job(self, job_id: int) -> JobRecord: ...
+
+    async def list_jobs(
+        self, *, state: str | None = None, queue: str | None = None, limit: int = 50
+    ) -> list[JobRecord]: ...
+
+    async def get_job_attempts(self, job_id: int) -> list[AttemptRecord]: ...
+
+    async def retry_job(self, job_id: int, now: float) -> JobRecord:
+        """A discarded or cancelled job back to available, with a fresh attempt budget."""
+
+    async def cancel_job(self, job_id: int, now: float) -> JobRecord:
+        """An available, scheduled or retryable job is cancelled; a running one is
+        stopped by its worker."""
+
+    # -- cron ------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: Schedule) -> None:
+        """Create or replace a schedule (its next tick kept when the cron is unchanged)."""
+
+    async def list_schedules(self) -> list[Schedule]: ...
+
+    async def delete_schedule(self, name: str) -> bool: ...
+
+    async def fire_schedule(
+        self, name: str, expected_next: float, next_at: float, jobs: list[NewJob], now: float
+    ) -> bool:
+        """Move a schedule from ``expected_next`` to ``next_at`` and enqueue the ticks'
+        jobs, in one transaction; False when another scheduler moved it first."""
 
     async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
         """Reserve every claim, or none: BudgetExceeded naming the scope that would overspend."""

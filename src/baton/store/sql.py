@@ -8,7 +8,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from baton.status import RunStatus, StepStatus
-from baton.store.base import AttemptRecord, RunRecord, StepRecord
+from baton.store.base import AttemptRecord, JobRecord, RunRecord, Schedule, StepRecord, WorkerRecord
 
 
 def load_queries(package: str) -> dict[str, str]:
@@ -72,10 +72,13 @@ def run_params(run: RunRecord) -> dict[str, Any]:
         "created_at": run.created_at,
         "started_at": run.started_at,
         "finished_at": run.finished_at,
-        "owner": run.owner,
-        "lease_expires_at": run.lease_expires_at,
         "error": run.error,
         "total_steps": run.total_steps,
+        "max_parallel": run.max_parallel,
+        "barrier": run.barrier,
+        "run_timeout_s": run.run_timeout_s,
+        "queue": run.queue,
+        "unfinished": run.total_steps,
     }
 
 
@@ -90,10 +93,14 @@ def run_from_row(row: Row) -> RunRecord:
         workdir=row["workdir"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
-        owner=row["owner"],
-        lease_expires_at=row["lease_expires_at"],
         error=row["error"],
         total_steps=row["total_steps"],
+        max_parallel=row["max_parallel"],
+        barrier=bool(row["barrier"]),
+        run_timeout_s=row["run_timeout_s"],
+        queue=row["queue"],
+        running=row["running"],
+        unfinished=row["unfinished"],
     )
 
 
@@ -113,4 +120,108 @@ def step_from_row(row: Row) -> StepRecord:
         error=row["error"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        waiting=row["waiting"],
+        rank=row["rank"],
+        id=row["id"],
+    )
+
+
+#: a job's state (the job-queue words) from its row's status.
+JOB_STATES = {
+    "ready": "available",
+    "running": "running",
+    "retrying": "retryable",
+    "succeeded": "completed",
+    "failed": "discarded",
+    "cancelled": "cancelled",
+    "pending": "scheduled",
+}
+#: the statuses a job state covers (for listing by state).
+STATE_STATUSES = {state: status for status, state in JOB_STATES.items()}
+
+
+def job_state(status: str) -> str:
+    return JOB_STATES.get(status, status)
+
+
+def job_from_row(row: Row) -> JobRecord:
+    output, args = row["output"], row["args"]
+    return JobRecord(
+        id=row["id"],
+        queue=row["queue"],
+        task=row["task"],
+        args=json.loads(args) if args else {},
+        state=job_state(row["status"]),
+        priority=row["priority"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"] + row["attempt_base"],
+        run_at=row["not_before"],
+        unique_key=row["unique_key"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        output=json.loads(output) if output is not None else None,
+        error=row["error"],
+        lease_owner=row["lease_owner"],
+        timeout_s=row["timeout_s"],
+    )
+
+
+def job_params(job: Any, now: float) -> dict[str, Any]:
+    """A NewJob as the named parameters of ``insert_job``."""
+    scheduled = job.run_at is not None and job.run_at > now
+    return {
+        "task": job.task,
+        "status": "pending" if scheduled else "ready",
+        "queue": job.queue,
+        "priority": job.priority,
+        "args": json.dumps(job.args),
+        "max_attempts": job.max_attempts,
+        "timeout_s": job.timeout_s,
+        "unique_key": job.unique_key,
+        "run_at": job.run_at if scheduled else None,
+        "now": now,
+    }
+
+
+def schedule_params(s: Schedule) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "task": s.task,
+        "cron": s.cron,
+        "args": json.dumps(s.args),
+        "queue": s.queue,
+        "priority": s.priority,
+        "max_attempts": s.max_attempts,
+        "timeout_s": s.timeout_s,
+        "catch_up_s": s.catch_up_s,
+        "next_at": s.next_at,
+    }
+
+
+def schedule_from_row(row: Row) -> Schedule:
+    return Schedule(
+        name=row["name"],
+        task=row["task"],
+        cron=row["cron"],
+        args=json.loads(row["args"]),
+        queue=row["queue"],
+        priority=row["priority"],
+        max_attempts=row["max_attempts"],
+        timeout_s=row["timeout_s"],
+        catch_up_s=row["catch_up_s"],
+        next_at=row["next_at"],
+    )
+
+
+def worker_from_row(row: Row) -> WorkerRecord:
+    queues = row["queues"]
+    return WorkerRecord(
+        id=row["id"],
+        name=row["name"],
+        queues=json.loads(queues) if queues else None,
+        concurrency=row["concurrency"],
+        started_at=row["started_at"],
+        expires_at=row["expires_at"],
+        running=row["running"],
     )

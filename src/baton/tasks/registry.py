@@ -203,6 +203,9 @@ class Registry:
         except KeyError:
             raise UnknownTask(f"unknown task {name!r}") from None
 
+    def find(self, name: str) -> TaskDef | None:
+        return self._tasks.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._tasks
 

@@ -1,6 +1,11 @@
 -- Named queries of the PostgreSQL store. Each block starts with "-- name: <name>".
--- Batches go in as arrays (unnest) so one statement applies a whole executor turn, and
--- guarded updates say through RETURNING which rows they applied to.
+-- Batches go in as arrays (unnest) so one statement applies a whole worker turn, and guarded
+-- updates say through RETURNING which rows they applied to.
+--
+-- Locking discipline (no deadlocks, no waits in claims): whoever changes a step of a run
+-- holds that run's row lock first (finishes, sweeps and control lock runs FOR UPDATE in id
+-- order; claims lock runs FOR UPDATE SKIP LOCKED and so never wait). Standalone jobs have no
+-- run: claims take them FOR UPDATE SKIP LOCKED, everything else locks them in id order.
 
 -- name: migration_lock
 SELECT pg_advisory_xact_lock(hashtext('baton:migrations:' || current_schema()));
@@ -14,14 +19,27 @@ SELECT COALESCE(MAX(version), 0) AS version FROM baton_schema_version;
 -- name: record_version
 INSERT INTO baton_schema_version (version) VALUES (%(version)s);
 
--- name: insert_run
-INSERT INTO runs (id, name, status, plan, workdir, created_at, started_at, finished_at,
-                  owner, lease_expires_at, error, total_steps)
-VALUES (%(id)s, %(name)s, %(status)s, %(plan)s, %(workdir)s, %(created_at)s, %(started_at)s,
-        %(finished_at)s, %(owner)s, %(lease_expires_at)s, %(error)s, %(total_steps)s);
+-- name: notify
+SELECT pg_notify(%(channel)s, '');
 
--- name: copy_steps
-COPY steps (run_id, idx, step_id, task, wave, status) FROM STDIN;
+-- runs ----------------------------------------------------------------------------------
+
+-- name: insert_run
+INSERT INTO runs (id, name, status, plan, workdir, created_at, started_at, finished_at, error,
+                  total_steps, max_parallel, barrier, run_timeout_s, queue, unfinished)
+VALUES (%(id)s, %(name)s, %(status)s, %(plan)s, %(workdir)s, %(created_at)s, %(started_at)s,
+        %(finished_at)s, %(error)s, %(total_steps)s, %(max_parallel)s, %(barrier)s,
+        %(run_timeout_s)s, %(queue)s, %(unfinished)s);
+
+-- name: insert_steps
+INSERT INTO steps (run_id, idx, step_id, task, wave, status, waiting, rank, queue, created_at)
+SELECT %(run_id)s, u.idx, u.step_id, u.task, u.wave, u.status, u.waiting, u.rank, %(queue)s,
+       %(now)s
+FROM unnest(%(idx)s::int[], %(step_id)s::text[], %(task)s::text[], %(wave)s::int[],
+            %(status)s::text[], %(waiting)s::int[], %(rank)s::float8[])
+     AS u (idx, step_id, task, wave, status, waiting, rank)
+ORDER BY u.idx
+RETURNING id, idx;
 
 -- name: run_exists
 SELECT 1 FROM runs WHERE id = %(id)s;
@@ -33,13 +51,15 @@ SELECT id FROM runs WHERE starts_with(id, %(prefix)s) LIMIT 2;
 SELECT * FROM runs WHERE id = %(id)s;
 
 -- name: get_run_header
-SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner,
-       lease_expires_at, error, total_steps
+SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, error,
+       total_steps, max_parallel, barrier, run_timeout_s, deadline, queue, running, unfinished,
+       failed
 FROM runs WHERE id = %(id)s;
 
 -- name: list_runs
-SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner,
-       lease_expires_at, error, total_steps
+SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, error,
+       total_steps, max_parallel, barrier, run_timeout_s, deadline, queue, running, unfinished,
+       failed
 FROM runs WHERE %(status)s::text IS NULL OR status = %(status)s
 ORDER BY created_at DESC LIMIT %(limit)s;
 
@@ -47,107 +67,520 @@ ORDER BY created_at DESC LIMIT %(limit)s;
 SELECT * FROM steps WHERE run_id = %(id)s ORDER BY idx;
 
 -- name: get_attempts
-SELECT a.*, s.step_id FROM attempts a JOIN steps s ON s.run_id = a.run_id AND s.idx = a.idx
-WHERE a.run_id = %(id)s ORDER BY a.finished_at, a.idx, a.attempt;
+SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
+WHERE s.run_id = %(id)s ORDER BY a.finished_at, s.idx, a.attempt;
 
--- name: take_run
-UPDATE runs SET owner = %(owner)s, lease_expires_at = %(expires)s,
-       status = 'running', started_at = COALESCE(started_at, %(now)s)
-WHERE id = %(id)s AND status IN ('pending', 'running')
-  AND (owner IS NULL OR owner = %(owner)s OR lease_expires_at < %(now)s
-       OR owner = %(dead)s::text)
-RETURNING id;
+-- name: outputs
+SELECT idx, output FROM steps
+WHERE run_id = %(id)s AND idx = ANY(%(idxs)s::int[]) AND status = 'succeeded';
 
--- name: requeue_lost_steps
-WITH lost AS (
-    SELECT idx, attempt, started_at, lease_owner FROM steps
-    WHERE run_id = %(id)s AND status = 'running'
-      AND (lease_owner IS NULL OR lease_owner <> %(owner)s)
-    FOR UPDATE
-), requeued AS (
-    UPDATE steps s SET status = 'ready', lease_owner = NULL
-    FROM lost WHERE s.run_id = %(id)s AND s.idx = lost.idx
+-- name: attempt_detail
+SELECT detail FROM attempts WHERE step = %(id)s AND attempt = %(attempt)s;
+
+-- the turn: finishes ---------------------------------------------------------------------
+
+-- name: lock_runs
+-- The runs a turn's finishes touch, locked in id order (the caller sorts the ids).
+SELECT id FROM runs WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR UPDATE;
+
+-- A turn is assembled from the fragments below: "<part>_ctes" are WITH-list entries and
+-- "<part>_rows" their share of one result set, (kind, id, run_id, idx, task, attempt, args,
+-- max_attempts, timeout_s, error, status, k1, k2), where kind is a(pplied finish),
+-- m(arked step), e(nded run), c(laimed job) or n(otified).
+
+-- name: finish_jobs_ctes
+-- Finished attempts of standalone jobs: fenced by holder and attempt, recorded.
+d AS (
+    SELECT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(status)s::text[],
+                         %(outcome)s::text[], %(output)s::text[], %(error)s::text[],
+                         %(started_at)s::float8[], %(finished_at)s::float8[],
+                         %(not_before)s::float8[], %(detail)s::text[])
+        AS d (id, attempt, status, outcome, output, error, started_at, finished_at, not_before,
+              detail)
+), fin AS (
+    UPDATE steps s
+    SET status = d.status, output = d.output, error = d.error, finished_at = d.finished_at,
+        not_before = d.not_before, lease_owner = NULL
+    FROM d
+    WHERE s.id = d.id AND s.status = 'running' AND s.attempt = d.attempt
+      AND s.lease_owner = %(owner)s
+    RETURNING s.id
+), recorded AS (
+    INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
+    SELECT d.id, d.attempt, d.outcome, d.started_at, d.finished_at, d.error, %(owner)s, d.detail
+    FROM d JOIN fin ON fin.id = d.id
+    ON CONFLICT (step, attempt) DO UPDATE
+    SET status = excluded.status, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, error = excluded.error, owner = excluded.owner,
+        detail = excluded.detail
 )
-INSERT INTO attempts (run_id, idx, attempt, status, started_at, finished_at, error, owner)
-SELECT %(id)s, idx, attempt, 'lost', started_at, %(now)s,
-       'lost: its worker stopped or its lease expired', lease_owner
-FROM lost
-ON CONFLICT (run_id, idx, attempt) DO UPDATE
-SET status = excluded.status, finished_at = excluded.finished_at, error = excluded.error;
 
--- name: release_run
-UPDATE runs SET owner = NULL, lease_expires_at = NULL WHERE id = %(id)s AND owner = %(owner)s;
-
--- name: orphan_running_steps
-UPDATE steps SET lease_owner = NULL
-WHERE run_id = %(id)s AND lease_owner = %(owner)s AND status = 'running';
-
--- name: renew_runs
-UPDATE runs SET lease_expires_at = %(expires)s WHERE owner = %(owner)s;
-
--- name: runs_control
-SELECT id, status, owner FROM runs WHERE id = ANY(%(ids)s);
-
--- name: lock_run
-SELECT status, owner, lease_expires_at FROM runs WHERE id = %(id)s FOR UPDATE;
+-- name: finish_jobs_rows
+SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
+       NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
+       NULL::text AS status, 0::bigint AS k1, 0::bigint AS k2
+FROM fin
 
 -- name: finish_steps
-UPDATE steps s
-SET status = u.status, output = u.output, error = u.error, finished_at = u.finished_at,
-    not_before = u.not_before, lease_owner = NULL
-FROM unnest(%(idx)s::int[], %(attempt)s::int[], %(status)s::text[], %(output)s::text[],
-            %(error)s::text[], %(finished_at)s::float8[], %(not_before)s::float8[])
-     AS u (idx, attempt, status, output, error, finished_at, not_before)
-WHERE s.run_id = %(id)s AND s.idx = u.idx AND s.status = 'running' AND s.attempt = u.attempt
-  AND s.lease_owner = %(owner)s
-RETURNING s.idx;
+-- Finished attempts of any jobs, with what they do to their runs: dependents unblocked
+-- (ready at 0 needs left) or skipped, and the runs' counters. The runs are locked already
+-- (lock_runs, an earlier statement of the same transaction), so this statement's snapshot
+-- is the truth about their steps.
+WITH d AS (
+    SELECT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(status)s::text[],
+                         %(outcome)s::text[], %(output)s::text[], %(error)s::text[],
+                         %(started_at)s::float8[], %(finished_at)s::float8[],
+                         %(not_before)s::float8[], %(detail)s::text[], %(skip_reason)s::text[])
+        AS d (id, attempt, status, outcome, output, error, started_at, finished_at, not_before,
+              detail, skip_reason)
+), fin AS (
+    UPDATE steps s
+    SET status = d.status, output = d.output, error = d.error, finished_at = d.finished_at,
+        not_before = d.not_before, lease_owner = NULL
+    FROM d
+    WHERE s.id = d.id AND s.status = 'running' AND s.attempt = d.attempt
+      AND s.lease_owner = %(owner)s
+    RETURNING s.id, s.run_id, s.status
+), recorded AS (
+    INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
+    SELECT d.id, d.attempt, d.outcome, d.started_at, d.finished_at, d.error, %(owner)s, d.detail
+    FROM d JOIN fin ON fin.id = d.id
+    ON CONFLICT (step, attempt) DO UPDATE
+    SET status = excluded.status, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, error = excluded.error, owner = excluded.owner,
+        detail = excluded.detail
+), deps AS (
+    -- per dependent: how many of its needs succeeded now, and whether one did not
+    SELECT fin.run_id, x.idx,
+           COUNT(*) FILTER (WHERE NOT x.skip) AS unblocked,
+           BOOL_OR(x.skip) AS skip,
+           (ARRAY_AGG(COALESCE(d.skip_reason, 'a step it needs did not succeed') ORDER BY x.ord)
+               FILTER (WHERE x.skip))[1] AS reason
+    FROM unnest(%(dep_of)s::bigint[], %(dep_idx)s::int[], %(dep_skip)s::bool[])
+             WITH ORDINALITY AS x (done, idx, skip, ord)
+    JOIN fin ON fin.id = x.done
+    JOIN d ON d.id = x.done
+    WHERE fin.run_id IS NOT NULL
+    GROUP BY fin.run_id, x.idx
+), marked AS (
+    UPDATE steps s
+    SET waiting = s.waiting - deps.unblocked,
+        status = CASE WHEN s.status <> 'pending' THEN s.status
+                      WHEN deps.skip THEN 'skipped'
+                      WHEN s.waiting <= deps.unblocked THEN 'ready'
+                      ELSE s.status END,
+        error = CASE WHEN s.status = 'pending' AND deps.skip THEN deps.reason ELSE s.error END,
+        finished_at = CASE WHEN s.status = 'pending' AND deps.skip THEN %(now)s
+                           ELSE s.finished_at END
+    FROM deps JOIN steps was ON was.run_id = deps.run_id AND was.idx = deps.idx
+    WHERE s.id = was.id AND (deps.unblocked > 0 OR (deps.skip AND s.status = 'pending'))
+    RETURNING s.run_id, s.idx, s.status, was.status AS was
+), counts AS (
+    SELECT run_id, SUM(running) AS running, SUM(finished) AS finished, SUM(failed) AS failed
+    FROM (
+        SELECT run_id, 1 AS running,
+               CASE WHEN status IN ('succeeded', 'failed', 'cancelled', 'skipped') THEN 1
+                    ELSE 0 END AS finished,
+               CASE WHEN status = 'failed' THEN 1 ELSE 0 END AS failed
+        FROM fin WHERE run_id IS NOT NULL
+        UNION ALL
+        SELECT run_id, 0, 1, 0 FROM marked WHERE status = 'skipped' AND was = 'pending'
+    ) c
+    GROUP BY run_id
+), counted AS (
+    UPDATE runs r
+    SET running = GREATEST(0, r.running - c.running), unfinished = r.unfinished - c.finished,
+        failed = r.failed + c.failed
+    FROM counts c WHERE r.id = c.run_id
+), finish_notified AS (
+    -- A turn that claims nothing leaves what it made ready (or the slots it freed) to others.
+    SELECT pg_notify(%(channel)s, '') FROM (
+        SELECT 1 WHERE %(claimless)s AND (
+            EXISTS (SELECT 1 FROM marked WHERE status = 'ready' AND was = 'pending')
+            OR EXISTS (SELECT 1 FROM fin WHERE run_id IS NOT NULL))
+    ) x
+)
+SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS status FROM fin
+UNION ALL
+SELECT 'm', 0, run_id, idx, status FROM marked
+WHERE was = 'pending' AND status IN ('ready', 'skipped')
+UNION ALL
+SELECT 'n', 0, NULL, 0, NULL FROM finish_notified;
 
--- name: insert_attempts
-INSERT INTO attempts (run_id, idx, attempt, status, started_at, finished_at, error, owner, detail)
-SELECT %(id)s, u.idx, u.attempt, u.status, u.started_at, u.finished_at, u.error, %(owner)s, u.detail
-FROM unnest(%(idx)s::int[], %(attempt)s::int[], %(status)s::text[], %(started_at)s::float8[],
-            %(finished_at)s::float8[], %(error)s::text[], %(detail)s::text[])
-     AS u (idx, attempt, status, started_at, finished_at, error, detail)
-ON CONFLICT (run_id, idx, attempt) DO UPDATE
-SET status = excluded.status, finished_at = excluded.finished_at, error = excluded.error,
-    detail = excluded.detail;
+-- name: end_runs_ctes
+-- Runs with nothing left unfinished end: failed if a step failed, completed otherwise.
+ended AS (
+    UPDATE runs r
+    SET status = CASE WHEN r.failed > 0 THEN 'failed' ELSE 'completed' END,
+        finished_at = %(now)s,
+        error = CASE WHEN r.failed > 0 THEN (
+            SELECT string_agg(f.step_id || ': failed', '; ' ORDER BY f.idx)
+            FROM (SELECT step_id, idx FROM steps WHERE run_id = r.id AND status = 'failed'
+                  ORDER BY idx LIMIT 20) f
+        ) END
+    WHERE r.id = ANY(%(ids)s::text[]) AND r.unfinished <= 0
+      AND r.status IN ('pending', 'running', 'paused')
+    RETURNING r.id, r.status
+)
 
--- name: mark_steps
-UPDATE steps s
-SET status = %(status)s, error = COALESCE(u.error, s.error),
-    finished_at = CASE WHEN %(terminal)s THEN %(now)s ELSE s.finished_at END
-FROM unnest(%(idx)s::int[], %(error)s::text[]) AS u (idx, error)
-WHERE s.run_id = %(id)s AND s.idx = u.idx AND s.status = ANY(%(sources)s);
+-- name: end_runs_rows
+SELECT 'e' AS kind, 0::bigint AS id, id AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
+       NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
+       status, 0::bigint AS k1, 0::bigint AS k2
+FROM ended
 
--- name: claim_steps
-UPDATE steps s
-SET status = 'running', attempt = u.attempt, lease_owner = %(owner)s, started_at = u.started_at,
-    finished_at = NULL, not_before = NULL
-FROM unnest(%(idx)s::int[], %(attempt)s::int[], %(started_at)s::float8[])
-     AS u (idx, attempt, started_at)
-WHERE s.run_id = %(id)s AND s.idx = u.idx AND s.status IN ('pending', 'ready', 'retrying')
-  AND s.attempt = u.attempt - 1
-RETURNING s.idx;
+-- name: claim_ctes
+-- Up to n attempts: first the ready steps of runs with free slots (oldest run first; in a
+-- run, highest priority, longest remaining path first; a barrier run only its lowest
+-- unfinished wave), then standalone jobs (per queue in the worker's order, or any queue;
+-- highest priority, then oldest; scheduled jobs that are due count as available, and those
+-- not claimed become so). Runs are locked SKIP LOCKED: a run another worker is claiming from
+-- or finishing in is passed over, never waited for; a locked run's steps change only under
+-- its lock, so they need no row locks of their own before the update. Jobs are locked SKIP
+-- LOCKED themselves.
+due AS (
+    SELECT id, queue, task, priority FROM steps
+    WHERE run_id IS NULL AND status = 'pending' AND not_before <= %(now)s
+    ORDER BY not_before
+    FOR UPDATE SKIP LOCKED
+), open_runs AS (
+    SELECT r.id, r.created_at, r.max_parallel - r.running AS free,
+           CASE WHEN r.barrier THEN (
+               SELECT MIN(w.wave) FROM steps w
+               WHERE w.run_id = r.id
+                 AND w.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))
+           END AS wave_cap
+    FROM runs r
+    WHERE r.status IN ('pending', 'running') AND r.running < r.max_parallel AND r.unfinished > 0
+      AND (%(queues)s::text[] IS NULL OR r.queue = ANY(%(queues)s::text[]))
+      AND EXISTS (
+          SELECT 1 FROM steps s
+          WHERE s.run_id = r.id AND s.status IN ('ready', 'retrying')
+            AND (s.not_before IS NULL OR s.not_before <= %(now)s)
+            AND (%(tasks)s::text[] IS NULL OR s.task = ANY(%(tasks)s::text[])))
+    ORDER BY r.created_at
+    LIMIT 64
+    FOR UPDATE OF r SKIP LOCKED
+), candidates AS (
+    SELECT o.id AS run_id, o.created_at, c.id, c.rn
+    FROM open_runs o
+    CROSS JOIN LATERAL (
+        SELECT s.id, row_number() OVER (ORDER BY s.priority DESC, s.rank DESC, s.id) AS rn
+        FROM steps s
+        WHERE s.run_id = o.id AND s.status IN ('ready', 'retrying')
+          AND (s.not_before IS NULL OR s.not_before <= %(now)s)
+          AND (%(tasks)s::text[] IS NULL OR s.task = ANY(%(tasks)s::text[]))
+          AND (o.wave_cap IS NULL OR s.wave <= o.wave_cap)
+        ORDER BY s.priority DESC, s.rank DESC, s.id
+        LIMIT LEAST(o.free, %(n)s + 1)
+    ) c
+), picked AS (
+    SELECT id, row_number() OVER (ORDER BY created_at, run_id, rn) AS g
+    FROM candidates ORDER BY created_at, run_id, rn LIMIT %(n)s
+), claimed_steps AS (
+    UPDATE steps s
+    SET status = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
+        started_at = %(now)s, finished_at = NULL, not_before = NULL
+    FROM picked
+    WHERE s.id = picked.id AND s.status IN ('ready', 'retrying')
+    RETURNING s.id, s.run_id, s.idx, s.task, s.attempt, s.error, picked.g
+), slots AS (
+    UPDATE runs r
+    SET running = r.running + c.n, status = 'running',
+        started_at = COALESCE(r.started_at, %(now)s),
+        deadline = CASE WHEN r.run_timeout_s IS NULL THEN NULL
+                        ELSE COALESCE(r.deadline, COALESCE(r.started_at, %(now)s) + r.run_timeout_s)
+                   END
+    FROM (SELECT run_id, COUNT(*) AS n FROM claimed_steps GROUP BY run_id) c
+    WHERE r.id = c.run_id
+), any_queue AS (
+    SELECT s.id, s.priority, 0::bigint AS ord FROM steps s
+    WHERE %(queues)s::text[] IS NULL
+      AND s.run_id IS NULL AND s.status IN ('ready', 'retrying')
+      AND (s.not_before IS NULL OR s.not_before <= %(now)s)
+      AND (%(tasks)s::text[] IS NULL OR s.task = ANY(%(tasks)s::text[]))
+    ORDER BY s.priority DESC, s.id
+    LIMIT (SELECT GREATEST(0, %(n)s - COUNT(*)) FROM claimed_steps)
+    FOR UPDATE OF s SKIP LOCKED
+), by_queue AS (
+    SELECT j.id, j.priority, q.ord
+    FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q (name, ord)
+    CROSS JOIN LATERAL (
+        SELECT s.id, s.priority FROM steps s
+        WHERE s.run_id IS NULL AND s.queue = q.name AND s.status IN ('ready', 'retrying')
+          AND (s.not_before IS NULL OR s.not_before <= %(now)s)
+          AND (%(tasks)s::text[] IS NULL OR s.task = ANY(%(tasks)s::text[]))
+        ORDER BY s.priority DESC, s.id
+        LIMIT (SELECT GREATEST(0, %(n)s - COUNT(*)) FROM claimed_steps)
+        FOR UPDATE OF s SKIP LOCKED
+    ) j
+), due_claimable AS (
+    SELECT d.id, d.priority, COALESCE(array_position(%(queues)s::text[], d.queue), 0)::bigint AS ord
+    FROM due d
+    WHERE (%(queues)s::text[] IS NULL OR d.queue = ANY(%(queues)s::text[]))
+      AND (%(tasks)s::text[] IS NULL OR d.task = ANY(%(tasks)s::text[]))
+), picked_jobs AS (
+    SELECT id, row_number() OVER (ORDER BY ord, priority DESC, id) AS g
+    FROM (SELECT * FROM any_queue UNION ALL SELECT * FROM by_queue
+          UNION ALL SELECT * FROM due_claimable) j
+    ORDER BY ord, priority DESC, id
+    LIMIT (SELECT GREATEST(0, %(n)s - COUNT(*)) FROM claimed_steps)
+), claimed_jobs AS (
+    UPDATE steps s
+    SET status = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
+        started_at = %(now)s, finished_at = NULL, not_before = NULL
+    FROM picked_jobs
+    WHERE s.id = picked_jobs.id AND s.status IN ('ready', 'retrying', 'pending')
+    RETURNING s.id, s.task, s.attempt, s.args, s.max_attempts + s.attempt_base AS max_attempts,
+              s.timeout_s, s.error, picked_jobs.g
+), promoted AS (
+    -- due jobs this turn does not claim become available to others
+    UPDATE steps s SET status = 'ready'
+    FROM due WHERE s.id = due.id AND due.id NOT IN (SELECT id FROM picked_jobs)
+    RETURNING s.id
+), claim_notified AS (
+    -- Jobs made available, or claimable steps of open runs left behind (more than this turn
+    -- could take): wake the workers, who may have passed over these runs while this turn
+    -- held them.
+    SELECT pg_notify(%(channel)s, '') FROM (
+        SELECT 1 FROM promoted
+        UNION ALL
+        SELECT 1 FROM (SELECT run_id, COUNT(*) AS n FROM candidates GROUP BY run_id) c
+        LEFT JOIN (SELECT run_id, COUNT(*) AS n FROM claimed_steps GROUP BY run_id) t
+               ON t.run_id = c.run_id
+        WHERE c.n > COALESCE(t.n, 0)
+        LIMIT 1
+    ) x
+)
+
+-- name: claim_rows
+SELECT 'c' AS kind, id, run_id, idx, task, attempt, NULL::text AS args, 1 AS max_attempts,
+       NULL::float8 AS timeout_s, error, NULL::text AS status, 0::bigint AS k1, g AS k2
+FROM claimed_steps
+UNION ALL
+SELECT 'c', id, NULL, 0, task, attempt, args, max_attempts, timeout_s, error, NULL, 1, g
+FROM claimed_jobs
+UNION ALL
+SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, 0, 0 FROM claim_notified
+
+-- workers ---------------------------------------------------------------------------------
+
+-- name: put_worker
+INSERT INTO workers (id, name, queues, concurrency, started_at, expires_at)
+VALUES (%(id)s, %(name)s, %(queues)s, %(concurrency)s, %(started_at)s, %(expires_at)s)
+ON CONFLICT (id) DO UPDATE
+SET name = excluded.name, queues = excluded.queues, concurrency = excluded.concurrency,
+    started_at = excluded.started_at, expires_at = excluded.expires_at;
+
+-- name: same_name_workers
+SELECT id FROM workers WHERE name = %(name)s AND id <> %(id)s;
+
+-- name: heartbeat
+-- Renew the worker's lease (kind r); of the jobs it thinks it holds, those it must stop (s).
+WITH renewed AS (
+    UPDATE workers SET expires_at = %(expires)s WHERE id = %(owner)s RETURNING id
+)
+SELECT 'r' AS kind, 0::bigint AS id FROM renewed
+UNION ALL
+SELECT 's', s.id FROM steps s LEFT JOIN runs r ON r.id = s.run_id
+WHERE s.id = ANY(%(held)s::bigint[])
+  AND (s.status <> 'running' OR s.lease_owner IS DISTINCT FROM %(owner)s OR s.cancel_requested
+       OR r.status IN ('cancelled', 'failed', 'completed'));
+
+-- name: delete_workers
+DELETE FROM workers WHERE id = ANY(%(ids)s::text[]);
+
+-- name: list_workers
+SELECT w.*, (SELECT COUNT(*) FROM steps s WHERE s.status = 'running' AND s.lease_owner = w.id)
+       AS running
+FROM workers w ORDER BY started_at;
+
+-- name: sweep_scan
+-- What a sweep has to do: running attempts whose holder is not a live worker (or is one of
+-- `dead`), expired workers, and runs past their deadline.
+SELECT 'o' AS kind, s.id, s.run_id FROM steps s
+WHERE s.status = 'running'
+  AND (s.lease_owner IS NULL OR s.lease_owner = ANY(%(dead)s::text[])
+       OR s.lease_owner NOT IN (SELECT id FROM workers WHERE expires_at >= %(now)s))
+UNION ALL
+SELECT 'w', 0, id FROM workers WHERE expires_at < %(now)s
+UNION ALL
+SELECT 'r', 0, id FROM runs
+WHERE deadline < %(now)s AND status IN ('pending', 'running', 'paused');
+
+-- name: held_by
+SELECT id, run_id FROM steps
+WHERE status = 'running' AND lease_owner = %(owner)s
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]));
+
+-- name: requeue
+-- Running attempts back to the queue (their runs are locked already): lost ones are
+-- recorded and counted; released ones are not (their attempt number is given back). Those of
+-- a run that ended, or a job cancelled, are cancelled.
+WITH held AS (
+    SELECT s.id, s.run_id, s.attempt, s.started_at, s.lease_owner,
+           COALESCE(r.status IN ('cancelled', 'failed', 'completed'), FALSE)
+               OR s.cancel_requested AS stop,
+           r.status AS run_status
+    FROM steps s LEFT JOIN runs r ON r.id = s.run_id
+    WHERE s.id = ANY(%(ids)s::bigint[]) AND s.status = 'running'
+      AND CASE WHEN %(owner)s::text IS NOT NULL THEN s.lease_owner = %(owner)s
+               -- rescue: still not held by a live worker
+               ELSE s.lease_owner IS NULL OR s.lease_owner = ANY(%(dead)s::text[])
+                    OR s.lease_owner NOT IN (SELECT id FROM workers WHERE expires_at >= %(now)s)
+          END
+    ORDER BY s.id
+    FOR UPDATE OF s
+), recorded AS (
+    INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
+    SELECT id, attempt, 'lost', started_at, %(now)s,
+           'lost: its worker stopped or its lease expired', lease_owner, NULL
+    FROM held WHERE %(lost)s
+    ON CONFLICT (step, attempt) DO UPDATE
+    SET status = excluded.status, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, error = excluded.error, owner = excluded.owner,
+        detail = excluded.detail
+), requeued AS (
+    UPDATE steps s
+    SET status = CASE WHEN h.stop THEN 'cancelled' ELSE 'ready' END,
+        lease_owner = NULL,
+        attempt = s.attempt - CASE WHEN %(lost)s THEN 0 ELSE 1 END,
+        started_at = NULL,
+        error = COALESCE(CASE WHEN h.stop AND h.run_status = 'cancelled' THEN 'run cancelled'
+                              WHEN h.stop THEN 'cancelled'
+                              WHEN %(lost)s THEN 'lost: its worker stopped or its lease expired'
+                         END, s.error),
+        finished_at = CASE WHEN h.stop THEN %(now)s END
+    FROM held h
+    WHERE s.id = h.id
+    RETURNING s.id, s.run_id, s.status
+), counted AS (
+    UPDATE runs r
+    SET running = GREATEST(0, r.running - c.running), unfinished = r.unfinished - c.finished
+    FROM (SELECT run_id, COUNT(*) AS running, COUNT(*) FILTER (WHERE status = 'cancelled')
+                 AS finished
+          FROM requeued WHERE run_id IS NOT NULL GROUP BY run_id) c
+    WHERE r.id = c.run_id
+), notified AS (
+    SELECT pg_notify(%(channel)s, '') FROM (
+        SELECT 1 FROM requeued WHERE status = 'ready' LIMIT 1) x
+)
+SELECT id, run_id, status, (SELECT COUNT(*) FROM notified) AS notified FROM requeued;
+
+-- control ---------------------------------------------------------------------------------
+
+-- name: lock_run
+SELECT status FROM runs WHERE id = %(id)s FOR UPDATE;
 
 -- name: set_run_status
 UPDATE runs SET status = %(status)s, error = COALESCE(%(error)s, error),
        finished_at = CASE WHEN %(terminal)s THEN %(now)s ELSE finished_at END
-WHERE id = %(id)s AND status = ANY(%(sources)s)
+WHERE id = %(id)s AND status = ANY(%(sources)s::text[])
 RETURNING id;
 
 -- name: cancel_idle_steps
-UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = %(now)s
+-- A run that ended from outside: its steps not running are cancelled. (Like the SQLite store,
+-- the run's `unfinished` counter is left as it is: the run has ended already.)
+UPDATE steps SET status = 'cancelled', error = %(error)s, finished_at = %(now)s
 WHERE run_id = %(id)s AND status IN ('pending', 'ready', 'retrying');
 
--- name: cancel_orphan_running_steps
-UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = %(now)s,
-       lease_owner = NULL
-WHERE run_id = %(id)s AND status = 'running';
+-- name: expire_run
+UPDATE runs SET status = 'failed', finished_at = %(now)s,
+       error = 'run timed out after '
+               || CASE WHEN run_timeout_s = trunc(run_timeout_s) AND abs(run_timeout_s) < 1e15
+                       THEN trunc(run_timeout_s)::bigint::text || '.0'
+                       ELSE run_timeout_s::text END
+               || 's'
+WHERE id = %(id)s AND status IN ('pending', 'running', 'paused')
+RETURNING error;
 
--- name: orphaned_runs
-SELECT id FROM runs
-WHERE status = 'running' AND (owner IS NULL OR lease_expires_at < %(now)s)
-ORDER BY created_at;
+-- standalone jobs ------------------------------------------------------------------------
+
+-- name: insert_jobs
+WITH inserted AS (
+    INSERT INTO steps (run_id, idx, step_id, task, status, queue, priority, args, max_attempts,
+                       timeout_s, unique_key, not_before, created_at)
+    SELECT NULL, 0, u.task, u.task, u.status, u.queue, u.priority, u.args, u.max_attempts,
+           u.timeout_s, u.unique_key, u.run_at, %(now)s
+    FROM unnest(%(task)s::text[], %(status)s::text[], %(queue)s::text[], %(priority)s::int[],
+                %(args)s::text[], %(max_attempts)s::int[], %(timeout_s)s::float8[],
+                %(unique_key)s::text[], %(run_at)s::float8[]) WITH ORDINALITY
+         AS u (task, status, queue, priority, args, max_attempts, timeout_s, unique_key, run_at,
+               ord)
+    ORDER BY u.ord
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+    RETURNING *
+), notified AS (
+    SELECT pg_notify(%(channel)s, '') FROM (
+        SELECT 1 FROM inserted WHERE status = 'ready' LIMIT 1) x
+)
+SELECT i.*, (SELECT COUNT(*) FROM notified) AS notified FROM inserted i ORDER BY i.id;
+
+-- name: jobs_by_key
+SELECT * FROM steps WHERE unique_key = ANY(%(keys)s::text[]) AND run_id IS NULL;
+
+-- name: get_job
+SELECT * FROM steps WHERE id = %(id)s AND run_id IS NULL;
+
+-- name: list_jobs
+SELECT * FROM steps
+WHERE run_id IS NULL AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+  AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
+ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: job_attempts
+SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
+WHERE a.step = %(id)s ORDER BY a.attempt;
+
+-- name: retry_job
+WITH retried AS (
+    UPDATE steps SET status = 'ready', not_before = NULL, finished_at = NULL,
+           cancel_requested = FALSE, attempt_base = attempt
+    WHERE id = %(id)s AND run_id IS NULL AND status IN ('failed', 'cancelled')
+    RETURNING *
+), notified AS (
+    SELECT pg_notify(%(channel)s, '') FROM retried
+)
+SELECT r.*, (SELECT COUNT(*) FROM notified) AS notified FROM retried r;
+
+-- name: cancel_job
+-- An idle job is cancelled; a running one is asked to stop (its worker learns by heartbeat).
+UPDATE steps
+SET status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+    error = CASE WHEN status = 'running' THEN error ELSE 'cancelled by request' END,
+    finished_at = CASE WHEN status = 'running' THEN finished_at ELSE %(now)s END,
+    cancel_requested = cancel_requested OR status = 'running'
+WHERE id = %(id)s AND run_id IS NULL
+  AND status IN ('pending', 'ready', 'retrying', 'running')
+RETURNING *;
+
+-- cron --------------------------------------------------------------------------------------
+
+-- name: put_schedule
+INSERT INTO schedules (name, task, cron, args, queue, priority, max_attempts, timeout_s,
+                       catch_up_s, next_at)
+VALUES (%(name)s, %(task)s, %(cron)s, %(args)s, %(queue)s, %(priority)s, %(max_attempts)s,
+        %(timeout_s)s, %(catch_up_s)s, %(next_at)s)
+ON CONFLICT (name) DO UPDATE SET
+    task = excluded.task, args = excluded.args, queue = excluded.queue,
+    priority = excluded.priority, max_attempts = excluded.max_attempts,
+    timeout_s = excluded.timeout_s, catch_up_s = excluded.catch_up_s,
+    next_at = CASE WHEN schedules.cron = excluded.cron THEN schedules.next_at
+                   ELSE excluded.next_at END,
+    cron = excluded.cron;
+
+-- name: list_schedules
+SELECT * FROM schedules ORDER BY name;
+
+-- name: delete_schedule
+DELETE FROM schedules WHERE name = %(name)s RETURNING name;
+
+-- name: move_schedule
+UPDATE schedules SET next_at = %(next_at)s
+WHERE name = %(name)s AND next_at = %(expected)s
+RETURNING name;
+
+-- cache and budgets ---------------------------------------------------------------------------
 
 -- name: cache_get
 SELECT value FROM llm_cache WHERE key = %(key)s AND (expires_at IS NULL OR expires_at >= %(now)s);

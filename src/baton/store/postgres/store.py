@@ -1,51 +1,89 @@
 """The PostgreSQL store: for many processes on many machines sharing one database.
 
 psycopg 3 with a bounded async connection pool: at more load than the pool holds, calls
-wait for a connection instead of failing with "too many clients". Each method is one
-transaction; a batch goes in as arrays, so one executor turn is a handful of statements
-whatever its size. Migrations are versioned and applied at start under an advisory lock,
+wait for a connection instead of failing with "too many clients". The store is the queue:
+a worker's turn is one transaction of very few statements whatever its size (batches go in
+as arrays), sent in one round trip: one statement when it finishes and claims standalone
+jobs, three pipelined ones (lock the runs, finish, end runs and claim) when it finishes
+steps of runs. Claims take runs and jobs ``FOR UPDATE SKIP LOCKED``, so workers never wait
+for each other's claims. Work made claimable is announced with NOTIFY, which ``watch``
+turns into wake-ups. Migrations are versioned and applied at start under an advisory lock,
 so processes starting together do not race. ``schema`` keeps baton's tables in their own
 schema (created if missing); tests give each test its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
-from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
+from baton.status import RUN_SOURCES, RunStatus, StepStatus
 from baton.store.base import (
     AttemptRecord,
-    Batch,
+    Beat,
     BudgetClaim,
     BudgetSettle,
-    CommitResult,
+    Claimed,
+    Done,
+    JobRecord,
     LedgerEntry,
+    NewJob,
     RunRecord,
+    Schedule,
     StepRecord,
+    Turn,
+    TurnResult,
+    WorkerRecord,
 )
 from baton.store.sql import (
+    STATE_STATUSES,
     attempt_from_row,
+    job_from_row,
+    job_params,
     load_migrations,
     load_queries,
     run_from_row,
     run_params,
+    schedule_from_row,
+    schedule_params,
     step_from_row,
+    worker_from_row,
 )
 
 Q = load_queries(__package__)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_STEP_SOURCES = {target: sorted(str(s) for s in src) for target, src in STEP_SOURCES.items()}
 _RUN_SOURCES = {target: sorted(str(s) for s in src) for target, src in RUN_SOURCES.items()}
 
-Cursor = psycopg.AsyncCursor[dict[str, Any]]
+# A turn's statements, assembled from the fragments of queries.sql (see there).
+_FINISH_JOBS = f"WITH {Q['finish_jobs_ctes']}\n{Q['finish_jobs_rows']}"
+_CLAIM = f"WITH {Q['claim_ctes']}\n{Q['claim_rows']}"
+_FINISH_JOBS_AND_CLAIM = (
+    f"WITH {Q['finish_jobs_ctes']},\n{Q['claim_ctes']}\n{Q['finish_jobs_rows']}\nUNION ALL\n{Q['claim_rows']}"
+)
+_END_RUNS = f"WITH {Q['end_runs_ctes']}\n{Q['end_runs_rows']}"
+_END_RUNS_AND_CLAIM = (
+    f"WITH {Q['end_runs_ctes']},\n{Q['claim_ctes']}\n{Q['end_runs_rows']}\nUNION ALL\n{Q['claim_rows']}"
+)
+
+#: a turn that meets a deadlock or a serialization failure is tried again this many times.
+_TURN_TRIES = 6
+_LOST = "lost: its worker stopped or its lease expired"
+
+Row = dict[str, Any]
+Cursor = psycopg.AsyncCursor[Row]
+Connection = psycopg.AsyncConnection[Row]
+T = TypeVar("T")
 
 
 class PostgresStore:
@@ -66,23 +104,31 @@ class PostgresStore:
         self._schema = schema
         self._pool_size = pool_size
         self._timeout_s = connect_timeout_s
-        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] | None = None
+        self._pool: AsyncConnectionPool[Connection] | None = None
+        #: the NOTIFY channel: one per schema, so stores in different schemas do not wake
+        #: each other's workers.
+        self.channel = _channel(schema)
 
     # -- connection ------------------------------------------------------------------
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if self._schema is not None:
             await conn.execute(f'SET search_path TO "{self._schema}"')
-            await conn.commit()
 
     async def open(self) -> None:
         if self._pool is not None:
             return
-        pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self._conninfo,
             min_size=1,
             max_size=self._pool_size,
-            kwargs={"row_factory": dict_row, "connect_timeout": max(1, int(self._timeout_s))},
+            # Autocommit: a one-statement call is one round trip; several statements go in
+            # an explicit transaction, or in a pipeline (one implicit transaction).
+            kwargs={
+                "row_factory": dict_row,
+                "autocommit": True,
+                "connect_timeout": max(1, int(self._timeout_s)),
+            },
             configure=self._configure,
             open=False,
             timeout=self._timeout_s * 3,
@@ -115,17 +161,51 @@ class PostgresStore:
             self._pool = None
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[Cursor]:
-        """A cursor inside a transaction on a pooled connection."""
+    async def _connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection (autocommit), database errors turned into StoreError."""
         if self._pool is None:
             raise StoreError("store is not open")
         try:
-            async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                yield cur
+            async with self._pool.connection() as conn:
+                yield conn
         except PoolTimeout as exc:
             raise StoreError(f"no database connection free in time: {exc}") from None
+        except psycopg.errors.TransactionRollback:
+            raise  # a deadlock or serialization failure: the caller may try again
         except psycopg.OperationalError as exc:
             raise StoreError(f"database error: {exc}") from None
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Cursor]:
+        """A cursor inside a transaction on a pooled connection."""
+        async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    async def _rows(self, query: str, params: dict[str, Any] | None = None) -> list[Row]:
+        """The rows of one statement (its own transaction)."""
+        async with self._connection() as conn, conn.cursor() as cur:
+            await cur.execute(query, params)
+            return await cur.fetchall()
+
+    async def _execute(self, query: str, params: dict[str, Any] | None = None) -> None:
+        """One statement that returns no rows (its own transaction)."""
+        async with self._connection() as conn:
+            await conn.execute(query, params)
+
+    async def _row(self, query: str, params: dict[str, Any] | None = None) -> Row | None:
+        rows = await self._rows(query, params)
+        return rows[0] if rows else None
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` (one transaction), again after a deadlock or a serialization failure."""
+        for attempt in range(_TURN_TRIES):
+            try:
+                return await call()
+            except psycopg.errors.TransactionRollback as exc:
+                if attempt == _TURN_TRIES - 1:
+                    raise StoreError(f"database error: {exc}") from None
+                await asyncio.sleep(random.uniform(0.001, 0.004) * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def _migrate(self) -> None:
         async with self._tx() as cur:
@@ -143,17 +223,32 @@ class PostgresStore:
     # -- runs ------------------------------------------------------------------------
 
     async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
+        step_params = {
+            "run_id": run.id,
+            "queue": run.queue,
+            "now": run.created_at,
+            "idx": [s.idx for s in steps],
+            "step_id": [s.step_id for s in steps],
+            "task": [s.task for s in steps],
+            "wave": [s.wave for s in steps],
+            "status": [str(s.status) for s in steps],
+            "waiting": [s.waiting for s in steps],
+            "rank": [s.rank for s in steps],
+        }
+        ready = any(s.status in (StepStatus.READY, StepStatus.RETRYING) for s in steps)
         try:
-            async with self._tx() as cur:
-                await cur.execute(
-                    Q["insert_run"],
-                    run_params(run),
-                )
-                async with cur.copy(Q["copy_steps"].rstrip(";").encode()) as copy:
-                    for s in steps:
-                        await copy.write_row((run.id, s.idx, s.step_id, s.task, s.wave, str(s.status)))
+            async with self._connection() as conn:
+                async with conn.pipeline():  # one implicit transaction, one round trip
+                    await conn.execute(Q["insert_run"], run_params(run))
+                    cur = conn.cursor()
+                    await cur.execute(Q["insert_steps"], step_params)
+                    if ready:
+                        await conn.execute(Q["notify"], {"channel": self.channel})
+                ids = {r["idx"]: r["id"] for r in await cur.fetchall()}
         except psycopg.errors.UniqueViolation:
             raise Conflict(f"run {run.id} exists") from None
+        for s in steps:
+            s.id = ids.get(s.idx, s.id)
 
     async def _resolve(self, cur: Cursor, run_id: str) -> str:
         await cur.execute(Q["run_exists"], {"id": run_id})
@@ -170,64 +265,394 @@ class PostgresStore:
         raise NotFound(f"no run {run_id!r}")
 
     async def get_run(self, run_id: str, *, with_plan: bool = True) -> RunRecord:
-        async with self._tx() as cur:
-            resolved = await self._resolve(cur, run_id)
-            await cur.execute(Q["get_run"] if with_plan else Q["get_run_header"], {"id": resolved})
-            return run_from_row(_one(await cur.fetchone()))
+        query = Q["get_run"] if with_plan else Q["get_run_header"]
+        async with self._connection() as conn, conn.cursor() as cur:
+            await cur.execute(query, {"id": run_id})
+            row = await cur.fetchone()
+            if row is None:  # not the whole id: a unique prefix of one
+                await cur.execute(query, {"id": await self._resolve(cur, run_id)})
+                row = await cur.fetchone()
+        return run_from_row(_one(row))
 
     async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
-        async with self._tx() as cur:
-            await cur.execute(Q["list_runs"], {"limit": limit, "status": str(status) if status else None})
-            return [run_from_row(r) for r in await cur.fetchall()]
+        rows = await self._rows(Q["list_runs"], {"limit": limit, "status": str(status) if status else None})
+        return [run_from_row(r) for r in rows]
 
     async def get_steps(self, run_id: str) -> list[StepRecord]:
-        async with self._tx() as cur:
+        async with self._connection() as conn, conn.cursor() as cur:
             await cur.execute(Q["get_steps"], {"id": await self._resolve(cur, run_id)})
             return [step_from_row(r) for r in await cur.fetchall()]
 
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
-        async with self._tx() as cur:
+        async with self._connection() as conn, conn.cursor() as cur:
             await cur.execute(Q["get_attempts"], {"id": await self._resolve(cur, run_id)})
             return [attempt_from_row(r) for r in await cur.fetchall()]
 
-    # -- ownership ---------------------------------------------------------------------
+    async def outputs(self, run_id: str, idxs: list[int]) -> dict[int, Any]:
+        rows = await self._rows(Q["outputs"], {"id": run_id, "idxs": idxs})
+        return {r["idx"]: json.loads(r["output"]) if r["output"] is not None else None for r in rows}
 
-    async def acquire_run(
-        self, run_id: str, owner: str, lease_s: float, now: float, *, dead_owner: str | None = None
-    ) -> RunRecord:
+    async def attempt_detail(self, job_id: int, attempt: int) -> dict[str, Any] | None:
+        row = await self._row(Q["attempt_detail"], {"id": job_id, "attempt": attempt})
+        if row is None or row["detail"] is None:
+            return None
+        detail: dict[str, Any] = json.loads(row["detail"])
+        return detail
+
+    # -- the queue ---------------------------------------------------------------------
+
+    async def turn(self, turn: Turn) -> TurnResult:
+        return await self._retrying(lambda: self._turn(turn))
+
+    async def _turn(self, turn: Turn) -> TurnResult:
+        result = TurnResult()
+        done = sorted(turn.done, key=lambda d: d.id)  # rows locked in id order
+        runs = sorted({d.run_id for d in done if d.run_id is not None})
+        claim = turn.claim > 0
+        params: dict[str, Any] = {"owner": turn.owner, "now": turn.now, "channel": self.channel}
+        if claim:
+            params.update(n=turn.claim, queues=turn.queues, tasks=turn.tasks)
+        if done:
+            params.update(_done_params(done, with_runs=bool(runs)))
+        rows: list[Row] = []
+        async with self._connection() as conn:
+            if not runs:
+                # Standalone jobs only: one statement finishes them and claims the next.
+                query = _FINISH_JOBS_AND_CLAIM if done and claim else _FINISH_JOBS if done else _CLAIM
+                if not (done or claim):
+                    return result
+                async with conn.cursor() as cur:
+                    await cur.execute(query, params)
+                    rows = await cur.fetchall()
+            else:
+                # Steps of runs: lock the runs (id order), finish (the dependents they make
+                # ready or skipped, the runs' counters), then end runs and claim, seeing the
+                # finishes. Pipelined: one implicit transaction, one round trip.
+                params.update(ids=runs, claimless=not claim)
+                finish, tail = conn.cursor(), conn.cursor()
+                async with conn.pipeline():
+                    await conn.execute(Q["lock_runs"], {"ids": runs})
+                    await finish.execute(Q["finish_steps"], params)
+                    await tail.execute(_END_RUNS_AND_CLAIM if claim else _END_RUNS, params)
+                rows = await finish.fetchall()
+                rows.extend(await tail.fetchall())
+        applied: set[int] = set()
+        claimed: list[tuple[int, int, Claimed]] = []
+        for r in rows:
+            kind = r["kind"]
+            if kind == "c":
+                claimed.append((r["k1"], r["k2"], _claimed(r, turn.now)))
+            elif kind == "a":
+                applied.add(r["id"])
+            elif kind == "m":
+                result.marked.append((r["run_id"], r["idx"], StepStatus(r["status"])))
+            elif kind == "e":
+                result.ended[r["run_id"]] = RunStatus(r["status"])
+            elif kind == "n":
+                result.left_ready = True
+        result.rejected = [d.id for d in turn.done if d.id not in applied] if done else []
+        result.claimed = [c for _, _, c in sorted(claimed, key=lambda c: (c[0], c[1]))]
+        return result
+
+    # -- workers -----------------------------------------------------------------------
+
+    async def register_worker(self, worker: WorkerRecord) -> list[int]:
+        async with self._connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                Q["put_worker"],
+                {
+                    "id": worker.id,
+                    "name": worker.name,
+                    "queues": json.dumps(worker.queues) if worker.queues is not None else None,
+                    "concurrency": worker.concurrency,
+                    "started_at": worker.started_at,
+                    "expires_at": worker.expires_at,
+                },
+            )
+            await cur.execute(Q["same_name_workers"], {"name": worker.name, "id": worker.id})
+            earlier = [r["id"] for r in await cur.fetchall()]
+        return await self._sweep(worker.started_at, earlier, expire=False) if earlier else []
+
+    async def unregister_worker(self, owner: str, now: float) -> None:
+        async def call() -> None:
+            async with self._tx() as cur:
+                await self._release(cur, owner, None, now)
+                await cur.execute(Q["delete_workers"], {"ids": [owner]})
+
+        await self._retrying(call)
+
+    async def heartbeat(self, owner: str, now: float, lease_s: float, held: list[int]) -> Beat:
+        rows = await self._rows(Q["heartbeat"], {"owner": owner, "expires": now + lease_s, "held": held})
+        if not any(r["kind"] == "r" for r in rows):
+            return Beat(lost=True, stop=list(held))
+        return Beat(stop=[r["id"] for r in rows if r["kind"] == "s"])
+
+    async def release(self, owner: str, ids: list[int], now: float) -> None:
+        if not ids:
+            return
+
+        async def call() -> None:
+            async with self._tx() as cur:
+                await self._release(cur, owner, ids, now)
+
+        await self._retrying(call)
+
+    async def _release(self, cur: Cursor, owner: str, ids: list[int] | None, now: float) -> None:
+        """Give back (uncounted) what ``owner`` holds, of ``ids`` or all of it."""
+        await cur.execute(Q["held_by"], {"owner": owner, "ids": ids})
+        held = await cur.fetchall()
+        if held:
+            await self._requeue(cur, held, now, lost=False, owner=owner)
+
+    async def sweep(self, now: float, dead: list[str] | None = None) -> list[int]:
+        return await self._sweep(now, list(dead or []), expire=True)
+
+    async def _sweep(self, now: float, dead: list[str], *, expire: bool) -> list[int]:
+        """Rescue running attempts whose holder is gone, forget expired workers (and the
+        ``dead``), and (``expire``) fail runs past their deadline."""
+        scan = await self._rows(Q["sweep_scan"], {"now": now, "dead": dead})
+        orphans = [r for r in scan if r["kind"] == "o"]
+        gone = dead + [r["run_id"] for r in scan if r["kind"] == "w"]
+        overdue = [r["run_id"] for r in scan if r["kind"] == "r"] if expire else []
+        if not (orphans or gone or overdue):
+            return []
+
+        async def call() -> list[int]:
+            async with self._tx() as cur:
+                rescued = await self._requeue(cur, orphans, now, lost=True, dead=dead) if orphans else []
+                if gone:
+                    await cur.execute(Q["delete_workers"], {"ids": gone})
+                for run_id in overdue:
+                    await self._expire(cur, run_id, now)
+                return rescued
+
+        return await self._retrying(call)
+
+    async def _requeue(
+        self,
+        cur: Cursor,
+        held: Iterable[Row],
+        now: float,
+        *,
+        lost: bool,
+        owner: str | None = None,
+        dead: list[str] | None = None,
+    ) -> list[int]:
+        """Running attempts (rows with id and run_id) back to the queue: ``lost`` ones are
+        recorded and counted; released ones are not. Those of a run that ended (or a job
+        cancelled) are cancelled. Their runs are locked first, in id order. The ids requeued."""
+        held = list(held)
+        runs = sorted({r["run_id"] for r in held if r["run_id"] is not None})
+        if runs:
+            await cur.execute(Q["lock_runs"], {"ids": runs})
+        await cur.execute(
+            Q["requeue"],
+            {
+                "ids": [r["id"] for r in held],
+                "owner": owner,
+                "dead": dead or [],
+                "now": now,
+                "lost": lost,
+                "channel": self.channel,
+            },
+        )
+        requeued = await cur.fetchall()
+        if runs:
+            await cur.execute(_END_RUNS, {"ids": runs, "now": now})
+        return [r["id"] for r in requeued]
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        return [worker_from_row(r) for r in await self._rows(Q["list_workers"])]
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """LISTEN on a connection of its own (not the pool's) and ``wake`` on each NOTIFY,
+        until cancelled. A lost connection is opened again (with a short backoff), and the
+        worker woken then, as notifications may have been missed meanwhile."""
+        delay = 0.1
+        reconnected = False
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=max(1, int(self._timeout_s))
+                )
+            except psycopg.Error:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                reconnected = True
+                continue
+            try:
+                await conn.execute(f'LISTEN "{self.channel}"')
+                delay = 0.1
+                if reconnected:
+                    wake()
+                async for _ in conn.notifies():
+                    wake()
+            except psycopg.Error:
+                reconnected = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                await conn.close()
+
+    # -- control -----------------------------------------------------------------------
+
+    async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
         async with self._tx() as cur:
             rid = await self._resolve(cur, run_id)
-            await cur.execute(
-                Q["take_run"],
-                {"id": rid, "owner": owner, "expires": now + lease_s, "now": now, "dead": dead_owner},
-            )
-            if await cur.fetchone() is None:
-                await cur.execute(Q["get_run_header"], {"id": rid})
-                row = _one(await cur.fetchone())
-                if row["status"] not in ("pending", "running"):
-                    raise Conflict(f"run {rid} is {row['status']}; it cannot be executed")
-                raise Conflict(f"run {rid} is being executed by {row['owner']}")
-            await cur.execute(Q["requeue_lost_steps"], {"id": rid, "owner": owner, "now": now})
+            await cur.execute(Q["lock_run"], {"id": rid})
+            current = RunStatus(_one(await cur.fetchone())["status"])
+            if current is not status:
+                await cur.execute(
+                    Q["set_run_status"],
+                    {
+                        "id": rid,
+                        "status": str(status),
+                        "error": None,
+                        "terminal": status.terminal,
+                        "now": now,
+                        "sources": _RUN_SOURCES[status],
+                    },
+                )
+                if await cur.fetchone() is None:
+                    raise Conflict(f"run {rid} is {current}; it cannot become {status}")
+                if status is RunStatus.RUNNING:
+                    await cur.execute(Q["notify"], {"channel": self.channel})
+            if status is RunStatus.CANCELLED:
+                await cur.execute(Q["cancel_idle_steps"], {"id": rid, "error": "run cancelled", "now": now})
             await cur.execute(Q["get_run_header"], {"id": rid})
             return run_from_row(_one(await cur.fetchone()))
 
-    async def release_run(self, run_id: str, owner: str) -> None:
+    async def expire_run(self, run_id: str, now: float) -> bool:
         async with self._tx() as cur:
-            await cur.execute(Q["release_run"], {"id": run_id, "owner": owner})
-            await cur.execute(Q["orphan_running_steps"], {"id": run_id, "owner": owner})
+            return await self._expire(cur, run_id, now)
 
-    async def heartbeat(
-        self, owner: str, lease_s: float, now: float, run_ids: list[str]
-    ) -> dict[str, RunStatus | None]:
+    @staticmethod
+    async def _expire(cur: Cursor, run_id: str, now: float) -> bool:
+        await cur.execute(Q["expire_run"], {"id": run_id, "now": now})
+        row = await cur.fetchone()
+        if row is None:
+            return False
+        await cur.execute(Q["cancel_idle_steps"], {"id": run_id, "error": row["error"], "now": now})
+        return True
+
+    # -- standalone jobs ---------------------------------------------------------------
+
+    async def enqueue(self, jobs: list[NewJob], now: float) -> list[JobRecord]:
+        if not jobs:
+            return []
+        return await self._enqueue(None, jobs, now)
+
+    async def _enqueue(self, cur: Cursor | None, jobs: list[NewJob], now: float) -> list[JobRecord]:
+        """Insert ``jobs`` in one statement (on ``cur``'s transaction, or in their own); a
+        unique key already taken gives the job holding it, marked duplicate."""
+        ps = [job_params(j, now) for j in jobs]
+        params: dict[str, Any] = {
+            key: [p[key] for p in ps]
+            for key in (
+                "task",
+                "status",
+                "queue",
+                "priority",
+                "args",
+                "max_attempts",
+                "timeout_s",
+                "unique_key",
+                "run_at",
+            )
+        }
+        params.update(now=now, channel=self.channel)
+        if cur is None:
+            rows = await self._rows(Q["insert_jobs"], params)
+        else:
+            await cur.execute(Q["insert_jobs"], params)
+            rows = await cur.fetchall()
+        inserted = iter(r for r in rows if r["unique_key"] is None)
+        by_key = {r["unique_key"]: r for r in rows if r["unique_key"] is not None}
+        out: list[JobRecord | None] = []
+        missing: list[str] = []
+        for job in jobs:
+            if job.unique_key is None:
+                out.append(job_from_row(next(inserted)))
+            elif (row := by_key.pop(job.unique_key, None)) is not None:
+                out.append(job_from_row(row))
+            else:
+                out.append(None)
+                missing.append(job.unique_key)
+        if missing:
+            # Taken by a job committed before (or by one of this batch): read it back, in a
+            # statement of its own, whose snapshot sees what the insert waited for.
+            if cur is None:
+                found = await self._rows(Q["jobs_by_key"], {"keys": missing})
+            else:
+                await cur.execute(Q["jobs_by_key"], {"keys": missing})
+                found = await cur.fetchall()
+            existing = {r["unique_key"]: r for r in found}
+            for i, job in enumerate(jobs):
+                if out[i] is None:
+                    record = job_from_row(existing[job.unique_key])
+                    record.duplicate = True
+                    out[i] = record
+        return [r for r in out if r is not None]
+
+    async def _job(self, job_id: int) -> JobRecord:
+        row = await self._row(Q["get_job"], {"id": job_id})
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return job_from_row(row)
+
+    async def get_job(self, job_id: int) -> JobRecord:
+        return await self._job(job_id)
+
+    async def list_jobs(
+        self, *, state: str | None = None, queue: str | None = None, limit: int = 50
+    ) -> list[JobRecord]:
+        statuses = [STATE_STATUSES[state]] if state is not None else None
+        rows = await self._rows(Q["list_jobs"], {"queue": queue, "statuses": statuses, "limit": limit})
+        return [job_from_row(r) for r in rows]
+
+    async def get_job_attempts(self, job_id: int) -> list[AttemptRecord]:
+        await self._job(job_id)
+        return [attempt_from_row(r) for r in await self._rows(Q["job_attempts"], {"id": job_id})]
+
+    async def retry_job(self, job_id: int, now: float) -> JobRecord:
+        row = await self._row(Q["retry_job"], {"id": job_id, "channel": self.channel})
+        if row is None:
+            job = await self._job(job_id)
+            raise Conflict(f"job {job_id} is {job.state}; only discarded or cancelled jobs can be retried")
+        return job_from_row(row)
+
+    async def cancel_job(self, job_id: int, now: float) -> JobRecord:
+        row = await self._row(Q["cancel_job"], {"id": job_id, "now": now})
+        if row is None:
+            job = await self._job(job_id)
+            raise Conflict(f"job {job_id} is {job.state}; there is nothing to cancel")
+        return job_from_row(row)
+
+    # -- cron --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: Schedule) -> None:
+        await self._execute(Q["put_schedule"], schedule_params(schedule))
+
+    async def list_schedules(self) -> list[Schedule]:
+        return [schedule_from_row(r) for r in await self._rows(Q["list_schedules"])]
+
+    async def delete_schedule(self, name: str) -> bool:
+        return await self._row(Q["delete_schedule"], {"name": name}) is not None
+
+    async def fire_schedule(
+        self, name: str, expected_next: float, next_at: float, jobs: list[NewJob], now: float
+    ) -> bool:
         async with self._tx() as cur:
-            await cur.execute(Q["renew_runs"], {"expires": now + lease_s, "owner": owner})
-            await cur.execute(Q["runs_control"], {"ids": run_ids})
-            found = {r["id"]: r for r in await cur.fetchall()}
-        out: dict[str, RunStatus | None] = {}
-        for run_id in run_ids:
-            row = found.get(run_id)
-            out[run_id] = RunStatus(row["status"]) if row and row["owner"] == owner else None
-        return out
+            await cur.execute(
+                Q["move_schedule"], {"name": name, "expected": expected_next, "next_at": next_at}
+            )
+            if await cur.fetchone() is None:
+                return False
+            if jobs:
+                await self._enqueue(cur, jobs, now)
+            return True
+
+    # -- budgets and the cache ---------------------------------------------------------
 
     async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
         async with self._tx() as cur:
@@ -261,155 +686,82 @@ class PostgresStore:
                 )
 
     async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
-        async with self._tx() as cur:
-            await cur.execute(Q["ledger_of_run"], {"run_id": run_id})
-            return [_entry(r) for r in await cur.fetchall()]
+        return [_entry(r) for r in await self._rows(Q["ledger_of_run"], {"run_id": run_id})]
 
     async def cache_get(self, key: str, now: float) -> str | None:
-        async with self._tx() as cur:
-            await cur.execute(Q["cache_get"], {"key": key, "now": now})
-            row = await cur.fetchone()
+        row = await self._row(Q["cache_get"], {"key": key, "now": now})
         return None if row is None else str(row["value"])
 
     async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
-        async with self._tx() as cur:
-            await cur.execute(
-                Q["cache_put"], {"key": key, "value": value, "now": now, "expires_at": expires_at}
-            )
-
-    async def orphaned_runs(self, now: float) -> list[str]:
-        async with self._tx() as cur:
-            await cur.execute(Q["orphaned_runs"], {"now": now})
-            return [r["id"] for r in await cur.fetchall()]
-
-    # -- the executor's batch --------------------------------------------------------
-
-    async def commit(self, batch: Batch) -> CommitResult:
-        result = CommitResult()
-        rid, owner = batch.run_id, batch.owner
-        async with self._tx() as cur:
-            # The run row is locked for the transaction: pause, cancel and takeovers wait.
-            await cur.execute(Q["lock_run"], {"id": rid})
-            row = await cur.fetchone()
-            if row is None:
-                raise NotFound(f"no run {rid!r}")
-            run_status = RunStatus(row["status"])
-            if row["owner"] != owner:
-                result.lost = True
-                result.rejected_finishes = [f.idx for f in batch.finishes]
-                result.rejected_claims = [c.idx for c in batch.claims]
-                result.run_status = run_status
-                return result
-
-            if batch.finishes:
-                fs = batch.finishes
-                await cur.execute(
-                    Q["finish_steps"],
-                    {
-                        "id": rid,
-                        "owner": owner,
-                        "idx": [f.idx for f in fs],
-                        "attempt": [f.attempt for f in fs],
-                        "status": [str(f.status) for f in fs],
-                        "output": [f.output for f in fs],
-                        "error": [f.error for f in fs],
-                        "finished_at": [f.finished_at for f in fs],
-                        "not_before": [f.not_before for f in fs],
-                    },
-                )
-                applied = {r["idx"] for r in await cur.fetchall()}
-                result.rejected_finishes = [f.idx for f in fs if f.idx not in applied]
-                done = [f for f in fs if f.idx in applied]
-                if done:
-                    await cur.execute(
-                        Q["insert_attempts"],
-                        {
-                            "id": rid,
-                            "owner": owner,
-                            "idx": [f.idx for f in done],
-                            "attempt": [f.attempt for f in done],
-                            "status": [f.outcome for f in done],
-                            "started_at": [f.started_at for f in done],
-                            "finished_at": [f.finished_at for f in done],
-                            "error": [f.error for f in done],
-                            "detail": [f.detail for f in done],
-                        },
-                    )
-
-            by_target: dict[StepStatus, list[tuple[int, str | None]]] = {}
-            for m in batch.marks:
-                by_target.setdefault(m.status, []).append((m.idx, m.error))
-            for target, marks in by_target.items():
-                await cur.execute(
-                    Q["mark_steps"],
-                    {
-                        "id": rid,
-                        "status": str(target),
-                        "terminal": target.terminal,
-                        "now": batch.now,
-                        "idx": [i for i, _ in marks],
-                        "error": [e for _, e in marks],
-                        "sources": _STEP_SOURCES[target],
-                    },
-                )
-
-            if batch.claims:
-                if run_status is RunStatus.RUNNING:
-                    cs = batch.claims
-                    await cur.execute(
-                        Q["claim_steps"],
-                        {
-                            "id": rid,
-                            "owner": owner,
-                            "idx": [c.idx for c in cs],
-                            "attempt": [c.attempt for c in cs],
-                            "started_at": [c.started_at for c in cs],
-                        },
-                    )
-                    claimed = {r["idx"] for r in await cur.fetchall()}
-                    result.rejected_claims = [c.idx for c in cs if c.idx not in claimed]
-                else:
-                    result.rejected_claims = [c.idx for c in batch.claims]
-
-            final = batch.run_status
-            if final is not None and await self._set_status(cur, rid, final, batch.now, batch.run_error):
-                run_status = final
-            result.run_status = run_status
-        return result
-
-    @staticmethod
-    async def _set_status(cur: Cursor, run_id: str, status: RunStatus, now: float, error: str | None) -> bool:
-        await cur.execute(
-            Q["set_run_status"],
-            {
-                "id": run_id,
-                "status": str(status),
-                "error": error,
-                "terminal": status.terminal,
-                "now": now,
-                "sources": _RUN_SOURCES[status],
-            },
+        await self._execute(
+            Q["cache_put"], {"key": key, "value": value, "now": now, "expires_at": expires_at}
         )
-        return await cur.fetchone() is not None
-
-    async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
-        async with self._tx() as cur:
-            rid = await self._resolve(cur, run_id)
-            await cur.execute(Q["lock_run"], {"id": rid})
-            row = _one(await cur.fetchone())
-            current = RunStatus(row["status"])
-            if current is not status and not await self._set_status(cur, rid, status, now, None):
-                raise Conflict(f"run {rid} is {current}; it cannot become {status}")
-            if status is RunStatus.CANCELLED:
-                await cur.execute(Q["cancel_idle_steps"], {"id": rid, "now": now})
-                owner_alive = row["owner"] is not None and (row["lease_expires_at"] or 0) >= now
-                if not owner_alive:
-                    await cur.execute(Q["cancel_orphan_running_steps"], {"id": rid, "now": now})
-            await cur.execute(Q["get_run_header"], {"id": rid})
-            return run_from_row(_one(await cur.fetchone()))
 
 
-def _entry(row: dict[str, Any]) -> LedgerEntry:
+def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
+    """Finished attempts as the arrays of ``finish_jobs``/``finish_steps``."""
+    params: dict[str, Any] = {
+        "id": [d.id for d in done],
+        "attempt": [d.attempt for d in done],
+        "status": [str(d.status) for d in done],
+        "outcome": [d.outcome for d in done],
+        "output": [d.output for d in done],
+        "error": [d.error for d in done],
+        "started_at": [d.started_at for d in done],
+        "finished_at": [d.finished_at for d in done],
+        "not_before": [d.not_before for d in done],
+        "detail": [d.detail for d in done],
+    }
+    if with_runs:
+        dep_of: list[int] = []
+        dep_idx: list[int] = []
+        dep_skip: list[bool] = []
+        for d in done:
+            if d.run_id is None:
+                continue
+            if d.status is StepStatus.SUCCEEDED and d.unblocks:
+                deps, skip = d.unblocks, False
+            elif d.skips:
+                deps, skip = d.skips, True
+            else:
+                continue
+            dep_of.extend([d.id] * len(deps))
+            dep_idx.extend(deps)
+            dep_skip.extend([skip] * len(deps))
+        params.update(
+            skip_reason=[d.skip_reason for d in done], dep_of=dep_of, dep_idx=dep_idx, dep_skip=dep_skip
+        )
+    return params
+
+
+def _claimed(r: Row, now: float) -> Claimed:
+    if r["run_id"] is not None:
+        return Claimed(
+            r["id"], r["run_id"], r["idx"], r["task"], r["attempt"], now, previous_error=r["error"]
+        )
+    return Claimed(
+        r["id"],
+        None,
+        0,
+        r["task"],
+        r["attempt"],
+        now,
+        args=r["args"],
+        max_attempts=r["max_attempts"],
+        timeout_s=r["timeout_s"],
+        previous_error=r["error"],
+    )
+
+
+def _channel(schema: str | None) -> str:
+    """The NOTIFY channel of a schema (an identifier of at most 63 bytes)."""
+    if schema is None:
+        return "baton_work"
+    name = f"baton_work_{schema}"
+    return name if len(name) <= 63 else f"baton_work_{hashlib.sha1(schema.encode()).hexdigest()[:20]}"
+
+
+def _entry(row: Row) -> LedgerEntry:
     return LedgerEntry(
         row["scope"],
         int(row["reserved_tokens"]),
@@ -419,7 +771,7 @@ def _entry(row: dict[str, Any]) -> LedgerEntry:
     )
 
 
-def _one(row: dict[str, Any] | None) -> dict[str, Any]:
+def _one(row: Row | None) -> Row:
     if row is None:
         raise NotFound("the run vanished while it was being read")
     return row

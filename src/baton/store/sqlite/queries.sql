@@ -1,17 +1,17 @@
 -- Named queries of the SQLite store. Each block starts with "-- name: <name>".
 
 -- name: insert_run
-INSERT INTO runs (id, name, status, plan, workdir, created_at, started_at, finished_at,
-                  owner, lease_expires_at, error, total_steps, step_base)
-VALUES (:id, :name, :status, :plan, :workdir, :created_at, :started_at, :finished_at,
-        :owner, :lease_expires_at, :error, :total_steps, :step_base);
+INSERT INTO runs (id, name, status, plan, workdir, created_at, started_at, finished_at, error,
+                  total_steps, step_base, max_parallel, barrier, run_timeout_s, queue, unfinished)
+VALUES (:id, :name, :status, :plan, :workdir, :created_at, :started_at, :finished_at, :error,
+        :total_steps, :step_base, :max_parallel, :barrier, :run_timeout_s, :queue, :unfinished);
 
 -- name: next_step_base
 SELECT COALESCE(MAX(id), 0) + 1 FROM steps;
 
 -- name: insert_step
-INSERT INTO steps (id, run_id, idx, step_id, task, wave, status)
-VALUES (?, ?, ?, ?, ?, ?, ?);
+INSERT INTO steps (id, run_id, idx, step_id, task, wave, status, waiting, rank, queue, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: get_run
 SELECT * FROM runs WHERE id = ?;
@@ -20,16 +20,16 @@ SELECT * FROM runs WHERE id = ?;
 SELECT id FROM runs WHERE id LIKE ? || '%' ESCAPE '\' LIMIT 2;
 
 -- name: list_runs
-SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner, lease_expires_at, error, total_steps
-FROM runs ORDER BY created_at DESC LIMIT ?;
+SELECT *, NULL AS plan FROM runs ORDER BY created_at DESC LIMIT ?;
 
 -- name: list_runs_by_status
-SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner, lease_expires_at, error, total_steps
-FROM runs WHERE status = ? ORDER BY created_at DESC LIMIT ?;
+SELECT *, NULL AS plan FROM runs WHERE status = ? ORDER BY created_at DESC LIMIT ?;
 
 -- name: get_run_header
-SELECT id, name, status, NULL AS plan, workdir, created_at, started_at, finished_at, owner, lease_expires_at, error, total_steps
-FROM runs WHERE id = ?;
+SELECT *, NULL AS plan FROM runs WHERE id = ?;
+
+-- name: run_exists
+SELECT 1 FROM runs WHERE id = ?;
 
 -- name: step_range
 SELECT step_base, step_base + total_steps - 1 AS step_last FROM runs WHERE id = ?;
@@ -41,46 +41,94 @@ SELECT * FROM steps WHERE id BETWEEN ? AND ? ORDER BY id;
 SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
 WHERE a.step BETWEEN ? AND ? ORDER BY a.finished_at, a.step, a.attempt;
 
--- name: take_run
-UPDATE runs SET owner = :owner, lease_expires_at = :expires,
-       status = 'running', started_at = COALESCE(started_at, :now)
-WHERE id = :id AND status IN ('pending', 'running')
-  AND (owner IS NULL OR owner = :owner OR lease_expires_at < :now OR owner = :dead);
-
--- name: lost_running_steps
-SELECT id, attempt, started_at, lease_owner FROM steps
-WHERE id BETWEEN ? AND ? AND status = 'running' AND (lease_owner IS NULL OR lease_owner != ?);
-
--- name: requeue_lost_step
-UPDATE steps SET status = 'ready', lease_owner = NULL
-WHERE id = ? AND status = 'running' AND attempt = ?;
-
 -- name: insert_attempt
 INSERT OR REPLACE INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?);
-
--- name: release_run
-UPDATE runs SET owner = NULL, lease_expires_at = NULL WHERE id = ? AND owner = ?;
-
--- name: orphan_running_steps
-UPDATE steps SET lease_owner = NULL
-WHERE id BETWEEN ? AND ? AND lease_owner = ? AND status = 'running';
-
--- name: renew_runs
-UPDATE runs SET lease_expires_at = ? WHERE owner = ?;
-
--- name: run_control
-SELECT status, owner, step_base FROM runs WHERE id = ?;
 
 -- name: finish_step
 UPDATE steps SET status = ?, output = ?, error = ?, finished_at = ?, not_before = ?,
        lease_owner = NULL
 WHERE id = ? AND status = 'running' AND attempt = ? AND lease_owner = ?;
 
+-- name: unblock_step
+-- One need of the step succeeded; at 0 left, a pending step is ready.
+UPDATE steps SET waiting = waiting - ?,
+       status = CASE WHEN status = 'pending' AND waiting <= ? THEN 'ready' ELSE status END
+WHERE id = ?;
+
+-- name: now_ready
+SELECT run_id, idx FROM steps WHERE id IN (SELECT value FROM json_each(?)) AND status = 'ready';
+
+-- name: skip_step
+UPDATE steps SET status = 'skipped', error = ?, finished_at = ? WHERE id = ? AND status = 'pending';
+
+-- name: count_run
+UPDATE runs SET running = MAX(0, running - ?), unfinished = unfinished - ?, failed = failed + ?
+WHERE id = ?
+RETURNING unfinished, failed, status, step_base, total_steps;
+
+-- name: failed_steps
+SELECT step_id FROM steps WHERE id BETWEEN ? AND ? AND status = 'failed' ORDER BY id LIMIT 20;
+
+-- name: end_run
+UPDATE runs SET status = ?, error = ?, finished_at = ?
+WHERE id = ? AND status IN ('pending', 'running', 'paused');
+
+-- name: promote_scheduled
+UPDATE steps SET status = 'ready'
+WHERE run_id IS NULL AND status = 'pending' AND not_before <= ?;
+
+-- name: runs_with_slots
+SELECT id, step_base, step_base + total_steps - 1 AS step_last, max_parallel - running AS free,
+       barrier
+FROM runs
+WHERE status IN ('pending', 'running') AND running < max_parallel AND unfinished > 0
+  AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+ORDER BY created_at LIMIT 64;
+
+-- name: ready_steps_of_run
+SELECT id, idx, task, attempt, error FROM steps
+WHERE run_id = :run AND status IN ('ready', 'retrying')
+  AND (not_before IS NULL OR not_before <= :now)
+  AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
+ORDER BY priority DESC, rank DESC, id LIMIT :n;
+
+-- name: ready_steps_of_barrier_run
+SELECT id, idx, task, attempt, error FROM steps
+WHERE run_id = :run AND status IN ('ready', 'retrying')
+  AND (not_before IS NULL OR not_before <= :now)
+  AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
+  AND wave <= (SELECT MIN(wave) FROM steps WHERE id BETWEEN :first AND :last
+               AND status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))
+ORDER BY priority DESC, rank DESC, id LIMIT :n;
+
 -- name: claim_step
-UPDATE steps SET status = 'running', attempt = ?, lease_owner = ?,
-       started_at = ?, finished_at = NULL, not_before = NULL
-WHERE id = ? AND status IN ('pending', 'ready', 'retrying') AND attempt = ?;
+UPDATE steps SET status = 'running', attempt = attempt + 1, lease_owner = ?, started_at = ?,
+       finished_at = NULL, not_before = NULL
+WHERE id = ? AND status IN ('ready', 'retrying');
+
+-- name: start_run_slots
+UPDATE runs SET running = running + ?, status = 'running',
+       started_at = COALESCE(started_at, ?),
+       deadline = CASE WHEN run_timeout_s IS NULL THEN NULL
+                       ELSE COALESCE(deadline, COALESCE(started_at, ?) + run_timeout_s) END
+WHERE id = ?;
+
+-- name: ready_jobs_of_queue
+SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error
+FROM steps
+WHERE run_id IS NULL AND queue = :queue AND status IN ('ready', 'retrying')
+  AND (not_before IS NULL OR not_before <= :now)
+  AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
+ORDER BY priority DESC, id LIMIT :n;
+
+-- name: ready_jobs
+SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error
+FROM steps
+WHERE run_id IS NULL AND status IN ('ready', 'retrying')
+  AND (not_before IS NULL OR not_before <= :now)
+  AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
+ORDER BY priority DESC, id LIMIT :n;
 
 -- name: set_run_status
 UPDATE runs SET status = ?, error = COALESCE(?, error),
@@ -88,27 +136,131 @@ UPDATE runs SET status = ?, error = COALESCE(?, error),
 WHERE id = ? AND status IN (SELECT value FROM json_each(?));
 
 -- name: cancel_idle_steps
-UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = ?
+UPDATE steps SET status = 'cancelled', error = ?, finished_at = ?
 WHERE id BETWEEN ? AND ? AND status IN ('pending', 'ready', 'retrying');
 
--- name: cancel_orphan_running_steps
-UPDATE steps SET status = 'cancelled', error = 'run cancelled', finished_at = ?, lease_owner = NULL
-WHERE id BETWEEN ? AND ? AND status = 'running';
+-- name: expire_run
+UPDATE runs SET status = 'failed', finished_at = :now,
+       error = 'run timed out after ' || run_timeout_s || 's'
+WHERE id = :id AND status IN ('pending', 'running', 'paused');
 
--- name: orphaned_runs
-SELECT id FROM runs
-WHERE status = 'running' AND (owner IS NULL OR lease_expires_at < ?)
-ORDER BY created_at;
+-- name: overdue_runs
+SELECT id FROM runs WHERE deadline < ? AND status IN ('pending', 'running', 'paused');
 
--- name: mark_ready
--- Many at once (a fan-out makes thousands ready together): ids as one JSON array.
-UPDATE steps SET status = 'ready'
-WHERE id IN (SELECT value FROM json_each(?)) AND status = 'pending';
+-- name: put_worker
+INSERT OR REPLACE INTO workers (id, name, queues, concurrency, started_at, expires_at)
+VALUES (?, ?, ?, ?, ?, ?);
 
--- name: mark_step
-UPDATE steps SET status = ?, error = COALESCE(?, error),
-       finished_at = CASE WHEN ? THEN ? ELSE finished_at END
-WHERE id = ? AND status IN (SELECT value FROM json_each(?));
+-- name: same_name_workers
+SELECT id FROM workers WHERE name = ? AND id <> ?;
+
+-- name: worker_live
+SELECT 1 FROM workers WHERE id = ? AND expires_at >= ?;
+
+-- name: renew_worker
+UPDATE workers SET expires_at = ? WHERE id = ?;
+
+-- name: delete_worker
+DELETE FROM workers WHERE id = ?;
+
+-- name: list_workers
+SELECT w.*, (SELECT COUNT(*) FROM steps s WHERE s.status = 'running' AND s.lease_owner = w.id)
+       AS running
+FROM workers w ORDER BY started_at;
+
+-- name: to_stop
+-- Of the jobs a worker thinks it holds, those it must stop.
+SELECT s.id FROM steps s LEFT JOIN runs r ON r.id = s.run_id
+WHERE s.id IN (SELECT value FROM json_each(:held))
+  AND (s.status <> 'running' OR s.lease_owner IS NOT :owner OR s.cancel_requested = 1
+       OR r.status IN ('cancelled', 'failed', 'completed'));
+
+-- name: orphaned_steps
+-- Running attempts whose holder is not a live worker.
+SELECT s.id, s.run_id, s.attempt, s.started_at, s.lease_owner, s.cancel_requested,
+       r.status AS run_status
+FROM steps s LEFT JOIN runs r ON r.id = s.run_id
+WHERE s.status = 'running'
+  AND (s.lease_owner IS NULL OR s.lease_owner IN (SELECT value FROM json_each(:dead))
+       OR s.lease_owner NOT IN (SELECT id FROM workers WHERE expires_at >= :now));
+
+-- name: expired_workers
+SELECT id FROM workers WHERE expires_at < ?;
+
+-- name: held_by
+SELECT s.id, s.run_id, s.attempt, s.started_at, s.lease_owner, s.cancel_requested,
+       r.status AS run_status
+FROM steps s LEFT JOIN runs r ON r.id = s.run_id
+WHERE s.status = 'running' AND s.lease_owner = ?;
+
+-- name: requeue_step
+-- Back to the queue: lost (counted, the attempt is recorded) or released (not counted).
+UPDATE steps SET status = ?, lease_owner = NULL, attempt = attempt - ?, started_at = NULL,
+       error = COALESCE(?, error), finished_at = CASE WHEN ? = 'cancelled' THEN ? END
+WHERE id = ? AND status = 'running';
+
+-- name: outputs
+SELECT idx, output FROM steps WHERE id IN (SELECT value FROM json_each(?)) AND status = 'succeeded';
+
+-- name: attempt_detail
+SELECT detail FROM attempts WHERE step = ? AND attempt = ?;
+
+-- name: insert_job
+INSERT INTO steps (run_id, idx, step_id, task, status, queue, priority, args, max_attempts,
+                   timeout_s, unique_key, not_before, created_at)
+VALUES (NULL, 0, :task, :task, :status, :queue, :priority, :args, :max_attempts, :timeout_s,
+        :unique_key, :run_at, :now)
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING;
+
+-- name: job_by_key
+SELECT * FROM steps WHERE unique_key = ? AND run_id IS NULL;
+
+-- name: get_job
+SELECT * FROM steps WHERE id = ? AND run_id IS NULL;
+
+-- name: list_jobs
+SELECT * FROM steps
+WHERE run_id IS NULL AND (:queue IS NULL OR queue = :queue)
+  AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))
+ORDER BY id DESC LIMIT :limit;
+
+-- name: job_attempts
+SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
+WHERE a.step = ? ORDER BY a.attempt;
+
+-- name: retry_job
+UPDATE steps SET status = 'ready', not_before = NULL, finished_at = NULL, cancel_requested = 0,
+       attempt_base = attempt
+WHERE id = ? AND run_id IS NULL AND status IN ('failed', 'cancelled');
+
+-- name: cancel_idle_job
+UPDATE steps SET status = 'cancelled', error = 'cancelled by request', finished_at = ?
+WHERE id = ? AND run_id IS NULL AND status IN ('pending', 'ready', 'retrying');
+
+-- name: cancel_running_job
+UPDATE steps SET cancel_requested = 1 WHERE id = ? AND run_id IS NULL AND status = 'running';
+
+-- name: put_schedule
+INSERT INTO schedules (name, task, cron, args, queue, priority, max_attempts, timeout_s,
+                       catch_up_s, next_at)
+VALUES (:name, :task, :cron, :args, :queue, :priority, :max_attempts, :timeout_s, :catch_up_s,
+        :next_at)
+ON CONFLICT (name) DO UPDATE SET
+    task = excluded.task, args = excluded.args, queue = excluded.queue,
+    priority = excluded.priority, max_attempts = excluded.max_attempts,
+    timeout_s = excluded.timeout_s, catch_up_s = excluded.catch_up_s,
+    next_at = CASE WHEN schedules.cron = excluded.cron THEN schedules.next_at
+                   ELSE excluded.next_at END,
+    cron = excluded.cron;
+
+-- name: list_schedules
+SELECT * FROM schedules ORDER BY name;
+
+-- name: delete_schedule
+DELETE FROM schedules WHERE name = ?;
+
+-- name: move_schedule
+UPDATE schedules SET next_at = ? WHERE name = ? AND next_at = ?;
 
 -- name: cache_get
 SELECT value FROM llm_cache WHERE key = ? AND (expires_at IS NULL OR expires_at >= ?);

@@ -10,30 +10,42 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
-from baton.status import RUN_SOURCES, STEP_SOURCES, RunStatus, StepStatus
+from baton.status import RUN_SOURCES, RunStatus, StepStatus
 from baton.store.base import (
     AttemptRecord,
-    Batch,
+    Beat,
     BudgetClaim,
     BudgetSettle,
-    CommitResult,
+    Claimed,
+    JobRecord,
     LedgerEntry,
+    NewJob,
     RunRecord,
+    Schedule,
     StepRecord,
+    Turn,
+    TurnResult,
+    WorkerRecord,
 )
 from baton.store.sql import (
+    STATE_STATUSES,
     attempt_from_row,
+    job_from_row,
+    job_params,
     load_migrations,
     load_queries,
     run_from_row,
     run_params,
+    schedule_from_row,
+    schedule_params,
     step_from_row,
+    worker_from_row,
 )
 
 Q = load_queries(__package__)
@@ -43,7 +55,6 @@ def _sources(statuses: frozenset[Any]) -> str:
     return json.dumps(sorted(str(s) for s in statuses))
 
 
-_STEP_SOURCES_JSON = {target: _sources(src) for target, src in STEP_SOURCES.items()}
 _RUN_SOURCES_JSON = {target: _sources(src) for target, src in RUN_SOURCES.items()}
 
 
@@ -80,7 +91,8 @@ class SQLiteStore:
         if self._db is not None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
@@ -139,14 +151,28 @@ class SQLiteStore:
     def _insert_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
         with self._write() as db:
             base = db.execute(Q["next_step_base"]).fetchone()[0]
-            db.execute(
-                Q["insert_run"],
-                {**run_params(run), "step_base": base},
-            )
+            db.execute(Q["insert_run"], {**run_params(run), "step_base": base})
             db.executemany(
                 Q["insert_step"],
-                ((base + s.idx, run.id, s.idx, s.step_id, s.task, s.wave, str(s.status)) for s in steps),
+                (
+                    (
+                        base + s.idx,
+                        run.id,
+                        s.idx,
+                        s.step_id,
+                        s.task,
+                        s.wave,
+                        str(s.status),
+                        s.waiting,
+                        s.rank,
+                        run.queue,
+                        run.created_at,
+                    )
+                    for s in steps
+                ),
             )
+            for s in steps:
+                s.id = base + s.idx
 
     def _range(self, db: sqlite3.Connection, run_id: str) -> tuple[int, int]:
         """The first and last step id of a run."""
@@ -154,7 +180,7 @@ class SQLiteStore:
         return int(row[0]), int(row[1])
 
     def _resolve_id(self, run_id: str) -> str:
-        if self.db.execute(Q["run_control"], (run_id,)).fetchone() is not None:
+        if self.db.execute(Q["run_exists"], (run_id,)).fetchone() is not None:
             return run_id
         escaped = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         rows = self.db.execute(Q["find_run_by_prefix"], (escaped,)).fetchall() if run_id else []
@@ -184,56 +210,370 @@ class SQLiteStore:
         rows = self.db.execute(Q["get_attempts"], span).fetchall()
         return [attempt_from_row(r) for r in rows]
 
-    # -- ownership ---------------------------------------------------------------------
+    async def outputs(self, run_id: str, idxs: list[int]) -> dict[int, Any]:
+        first, _ = self._range(self.db, run_id)
+        rows = self.db.execute(Q["outputs"], (json.dumps([first + i for i in idxs]),)).fetchall()
+        return {r["idx"]: json.loads(r["output"]) if r["output"] is not None else None for r in rows}
 
-    async def acquire_run(
-        self, run_id: str, owner: str, lease_s: float, now: float, *, dead_owner: str | None = None
-    ) -> RunRecord:
-        run_id = self._resolve_id(run_id)
+    async def attempt_detail(self, job_id: int, attempt: int) -> dict[str, Any] | None:
+        row = self.db.execute(Q["attempt_detail"], (job_id, attempt)).fetchone()
+        if row is None or row["detail"] is None:
+            return None
+        detail: dict[str, Any] = json.loads(row["detail"])
+        return detail
+
+    # -- the queue ---------------------------------------------------------------------
+
+    async def turn(self, turn: Turn) -> TurnResult:
+        result = TurnResult()
         with self._write() as db:
-            taken = db.execute(
-                Q["take_run"],
-                {"id": run_id, "owner": owner, "expires": now + lease_s, "now": now, "dead": dead_owner},
+            if turn.done:
+                self._finish(db, turn, result)
+            if turn.claim > 0:
+                live = db.execute(Q["worker_live"], (turn.owner, turn.now)).fetchone()
+                if live is None:
+                    result.lost = True
+                else:
+                    self._claim(db, turn, result)
+        return result
+
+    def _finish(self, db: sqlite3.Connection, turn: Turn, result: TurnResult) -> None:
+        owner, now = turn.owner, turn.now
+        counts: dict[str, list[int]] = {}  # run -> [running, unfinished, failed] deltas
+        attempts: list[tuple[Any, ...]] = []
+        unblocked: list[int] = []
+        for d in turn.done:
+            applied = db.execute(
+                Q["finish_step"],
+                (str(d.status), d.output, d.error, d.finished_at, d.not_before, d.id, d.attempt, owner),
             ).rowcount
-            if not taken:
-                row = db.execute(Q["get_run_header"], (run_id,)).fetchone()
-                status = row["status"]
-                if status not in ("pending", "running"):
-                    raise Conflict(f"run {run_id} is {status}; it cannot be executed")
-                raise Conflict(f"run {run_id} is being executed by {row['owner']}")
-            first, last = self._range(db, run_id)
-            for lost in db.execute(Q["lost_running_steps"], (first, last, owner)).fetchall():
-                db.execute(Q["requeue_lost_step"], (lost["id"], lost["attempt"]))
+            if not applied:
+                result.rejected.append(d.id)
+                continue
+            attempts.append(
+                (d.id, d.attempt, d.outcome, d.started_at, d.finished_at, d.error, owner, d.detail)
+            )
+            if d.run_id is None:
+                continue
+            c = counts.setdefault(d.run_id, [0, 0, 0])
+            c[0] += 1
+            if d.status.terminal:
+                c[1] += 1
+            if d.status is StepStatus.FAILED:
+                c[2] += 1
+            base = d.id - d.idx
+            if d.status is StepStatus.SUCCEEDED and d.unblocks:
+                tally: dict[int, int] = {}
+                for dep in d.unblocks:
+                    tally[base + dep] = tally.get(base + dep, 0) + 1
+                db.executemany(Q["unblock_step"], [(n, n, dep) for dep, n in tally.items()])
+                unblocked.extend(tally)
+            elif d.skips:
+                reason = d.skip_reason or "a step it needs did not succeed"
+                for dep in d.skips:
+                    if db.execute(Q["skip_step"], (reason, now, base + dep)).rowcount:
+                        c[1] += 1
+                        result.marked.append((d.run_id, dep, StepStatus.SKIPPED))
+        if len(attempts) == 1:
+            db.execute(Q["insert_attempt"], attempts[0])
+        elif attempts:
+            db.executemany(Q["insert_attempt"], attempts)
+        if unblocked:
+            for row in db.execute(Q["now_ready"], (json.dumps(unblocked),)):
+                result.marked.append((row["run_id"], row["idx"], StepStatus.READY))
+        for run_id, (running, finished, failed) in counts.items():
+            self._count(db, run_id, running, finished, failed, now, result)
+
+    def _count(
+        self,
+        db: sqlite3.Connection,
+        run_id: str,
+        running: int,
+        finished: int,
+        failed: int,
+        now: float,
+        result: TurnResult,
+    ) -> None:
+        """Move a run's counters; the run ends when nothing of it is left unfinished."""
+        row = db.execute(Q["count_run"], (running, finished, failed, run_id)).fetchone()
+        if row is None or row["unfinished"] > 0 or row["status"] not in ("pending", "running", "paused"):
+            return
+        if row["failed"]:
+            base = row["step_base"]
+            names = [r[0] for r in db.execute(Q["failed_steps"], (base, base + row["total_steps"] - 1))]
+            status, error = RunStatus.FAILED, "; ".join(f"{n}: failed" for n in names)
+        else:
+            status, error = RunStatus.COMPLETED, None
+        db.execute(Q["end_run"], (str(status), error, now, run_id))
+        result.ended[run_id] = status
+
+    def _claim(self, db: sqlite3.Connection, turn: Turn, result: TurnResult) -> None:
+        owner, now = turn.owner, turn.now
+        left = turn.claim
+        tasks = json.dumps(turn.tasks) if turn.tasks is not None else None
+        queues = json.dumps(turn.queues) if turn.queues is not None else None
+        for run in db.execute(Q["runs_with_slots"], {"queues": queues}).fetchall():
+            if left <= 0:
+                break
+            n = min(left, run["free"])
+            params = {"run": run["id"], "now": now, "tasks": tasks, "n": n}
+            if run["barrier"]:
+                params.update(first=run["step_base"], last=run["step_last"])
+                rows = db.execute(Q["ready_steps_of_barrier_run"], params).fetchall()
+            else:
+                rows = db.execute(Q["ready_steps_of_run"], params).fetchall()
+            if not rows:
+                continue
+            db.executemany(Q["claim_step"], [(owner, now, r["id"]) for r in rows])
+            db.execute(Q["start_run_slots"], (len(rows), now, now, run["id"]))
+            run_id = run["id"]
+            result.claimed.extend(
+                Claimed(
+                    r["id"], run_id, r["idx"], r["task"], r["attempt"] + 1, now, previous_error=r["error"]
+                )
+                for r in rows
+            )
+            left -= len(rows)
+        if left <= 0:
+            return
+        db.execute(Q["promote_scheduled"], (now,))
+        for queue in turn.queues if turn.queues is not None else [None]:
+            if left <= 0:
+                break
+            params = {"queue": queue, "now": now, "tasks": tasks, "n": left}
+            rows = db.execute(Q["ready_jobs" if queue is None else "ready_jobs_of_queue"], params).fetchall()
+            if not rows:
+                continue
+            db.executemany(Q["claim_step"], [(owner, now, r["id"]) for r in rows])
+            result.claimed.extend(
+                Claimed(
+                    r["id"],
+                    None,
+                    0,
+                    r["task"],
+                    r["attempt"] + 1,
+                    now,
+                    args=r["args"],
+                    max_attempts=r["max_attempts"],
+                    timeout_s=r["timeout_s"],
+                    previous_error=r["error"],
+                )
+                for r in rows
+            )
+            left -= len(rows)
+
+    # -- workers -----------------------------------------------------------------------
+
+    async def register_worker(self, worker: WorkerRecord) -> list[int]:
+        with self._write() as db:
+            db.execute(
+                Q["put_worker"],
+                (
+                    worker.id,
+                    worker.name,
+                    json.dumps(worker.queues) if worker.queues is not None else None,
+                    worker.concurrency,
+                    worker.started_at,
+                    worker.expires_at,
+                ),
+            )
+            earlier = [r[0] for r in db.execute(Q["same_name_workers"], (worker.name, worker.id))]
+            return self._rescue(db, worker.started_at, earlier) if earlier else []
+
+    async def unregister_worker(self, owner: str, now: float) -> None:
+        with self._write() as db:
+            self._requeue(db, db.execute(Q["held_by"], (owner,)).fetchall(), now, lost=False, owner=owner)
+            db.execute(Q["delete_worker"], (owner,))
+
+    async def heartbeat(self, owner: str, now: float, lease_s: float, held: list[int]) -> Beat:
+        with self._write() as db:
+            if not db.execute(Q["renew_worker"], (now + lease_s, owner)).rowcount:
+                return Beat(lost=True, stop=list(held))
+            if not held:
+                return Beat()
+            rows = db.execute(Q["to_stop"], {"held": json.dumps(held), "owner": owner}).fetchall()
+            return Beat(stop=[r[0] for r in rows])
+
+    async def release(self, owner: str, ids: list[int], now: float) -> None:
+        if not ids:
+            return
+        with self._write() as db:
+            rows = [r for r in db.execute(Q["held_by"], (owner,)).fetchall() if r["id"] in set(ids)]
+            self._requeue(db, rows, now, lost=False, owner=owner)
+
+    async def sweep(self, now: float, dead: list[str] | None = None) -> list[int]:
+        with self._write() as db:
+            rescued = self._rescue(db, now, list(dead or []))
+            for row in db.execute(Q["overdue_runs"], (now,)).fetchall():
+                self._expire(db, row["id"], now)
+            return rescued
+
+    def _rescue(self, db: sqlite3.Connection, now: float, dead: list[str]) -> list[int]:
+        """Requeue running attempts whose holder is gone; forget expired workers."""
+        dead = dead + [r[0] for r in db.execute(Q["expired_workers"], (now,))]
+        rows = db.execute(Q["orphaned_steps"], {"dead": json.dumps(dead), "now": now}).fetchall()
+        self._requeue(db, rows, now, lost=True)
+        for worker_id in dead:
+            db.execute(Q["delete_worker"], (worker_id,))
+        return [r["id"] for r in rows]
+
+    def _requeue(
+        self,
+        db: sqlite3.Connection,
+        rows: Sequence[sqlite3.Row],
+        now: float,
+        *,
+        lost: bool,
+        owner: str | None = None,
+    ) -> None:
+        """Running attempts back to the queue: ``lost`` ones are recorded and counted;
+        released ones are not. Those of a run that ended (or a job cancelled) are cancelled."""
+        counts: dict[str, list[int]] = {}
+        for r in rows:
+            run_status = r["run_status"]
+            stop = run_status in ("cancelled", "failed", "completed") or bool(r["cancel_requested"])
+            status = "cancelled" if stop else "ready"
+            error = None
+            if lost:
+                error = "lost: its worker stopped or its lease expired"
                 db.execute(
                     Q["insert_attempt"],
-                    (
-                        lost["id"],
-                        lost["attempt"],
-                        "lost",
-                        lost["started_at"],
-                        now,
-                        "lost: its worker stopped or its lease expired",
-                        lost["lease_owner"],
-                        None,
-                    ),
+                    (r["id"], r["attempt"], "lost", r["started_at"], now, error, r["lease_owner"], None),
                 )
+            if stop:
+                error = "run cancelled" if run_status == "cancelled" else "cancelled"
+            db.execute(Q["requeue_step"], (status, 0 if lost else 1, error, status, now, r["id"]))
+            if r["run_id"] is not None:
+                c = counts.setdefault(r["run_id"], [0, 0])
+                c[0] += 1
+                c[1] += 1 if stop else 0
+        result = TurnResult()
+        for run_id, (running, finished) in counts.items():
+            self._count(db, run_id, running, finished, 0, now, result)
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        return [worker_from_row(r) for r in self.db.execute(Q["list_workers"])]
+
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """SQLite has no notifications: workers poll (and wake each other in-process)."""
+
+    # -- control -----------------------------------------------------------------------
+
+    @staticmethod
+    def _set_run_status(
+        db: sqlite3.Connection, run_id: str, status: RunStatus, now: float, error: str | None
+    ) -> bool:
+        terminal = status.terminal
+        return (
+            db.execute(
+                Q["set_run_status"],
+                (str(status), error, terminal, now, run_id, _RUN_SOURCES_JSON[status]),
+            ).rowcount
+            == 1
+        )
+
+    async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
+        run_id = self._resolve_id(run_id)
+        with self._write() as db:
+            row = db.execute(Q["get_run_header"], (run_id,)).fetchone()
+            current = RunStatus(row["status"])
+            if current is not status and not self._set_run_status(db, run_id, status, now, None):
+                raise Conflict(f"run {run_id} is {current}; it cannot become {status}")
+            if status is RunStatus.CANCELLED:
+                first, last = self._range(db, run_id)
+                db.execute(Q["cancel_idle_steps"], ("run cancelled", now, first, last))
             return run_from_row(db.execute(Q["get_run_header"], (run_id,)).fetchone())
 
-    async def release_run(self, run_id: str, owner: str) -> None:
+    async def expire_run(self, run_id: str, now: float) -> bool:
         with self._write() as db:
-            db.execute(Q["release_run"], (run_id, owner))
-            db.execute(Q["orphan_running_steps"], (*self._range(db, run_id), owner))
+            return self._expire(db, run_id, now)
 
-    async def heartbeat(
-        self, owner: str, lease_s: float, now: float, run_ids: list[str]
-    ) -> dict[str, RunStatus | None]:
+    def _expire(self, db: sqlite3.Connection, run_id: str, now: float) -> bool:
+        if not db.execute(Q["expire_run"], {"id": run_id, "now": now}).rowcount:
+            return False
+        row = db.execute(Q["get_run_header"], (run_id,)).fetchone()
+        first, last = self._range(db, run_id)
+        db.execute(Q["cancel_idle_steps"], (row["error"], now, first, last))
+        return True
+
+    # -- standalone jobs ---------------------------------------------------------------
+
+    async def enqueue(self, jobs: list[NewJob], now: float) -> list[JobRecord]:
+        out: list[JobRecord] = []
         with self._write() as db:
-            db.execute(Q["renew_runs"], (now + lease_s, owner))
-            out: dict[str, RunStatus | None] = {}
-            for run_id in run_ids:
-                row = db.execute(Q["run_control"], (run_id,)).fetchone()
-                out[run_id] = RunStatus(row["status"]) if row and row["owner"] == owner else None
-            return out
+            for job in jobs:
+                cur = db.execute(Q["insert_job"], job_params(job, now))
+                if cur.rowcount:
+                    out.append(job_from_row(db.execute(Q["get_job"], (cur.lastrowid,)).fetchone()))
+                else:
+                    record = job_from_row(db.execute(Q["job_by_key"], (job.unique_key,)).fetchone())
+                    record.duplicate = True
+                    out.append(record)
+        return out
+
+    def _job(self, job_id: int) -> JobRecord:
+        row = self.db.execute(Q["get_job"], (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return job_from_row(row)
+
+    async def get_job(self, job_id: int) -> JobRecord:
+        return self._job(job_id)
+
+    async def list_jobs(
+        self, *, state: str | None = None, queue: str | None = None, limit: int = 50
+    ) -> list[JobRecord]:
+        statuses = json.dumps([STATE_STATUSES[state]]) if state is not None else None
+        rows = self.db.execute(
+            Q["list_jobs"], {"queue": queue, "statuses": statuses, "limit": limit}
+        ).fetchall()
+        return [job_from_row(r) for r in rows]
+
+    async def get_job_attempts(self, job_id: int) -> list[AttemptRecord]:
+        self._job(job_id)
+        return [attempt_from_row(r) for r in self.db.execute(Q["job_attempts"], (job_id,))]
+
+    async def retry_job(self, job_id: int, now: float) -> JobRecord:
+        with self._write() as db:
+            if not db.execute(Q["retry_job"], (job_id,)).rowcount:
+                job = self._job(job_id)
+                raise Conflict(
+                    f"job {job_id} is {job.state}; only discarded or cancelled jobs can be retried"
+                )
+        return self._job(job_id)
+
+    async def cancel_job(self, job_id: int, now: float) -> JobRecord:
+        with self._write() as db:
+            if not (
+                db.execute(Q["cancel_idle_job"], (now, job_id)).rowcount
+                or db.execute(Q["cancel_running_job"], (job_id,)).rowcount
+            ):
+                job = self._job(job_id)
+                raise Conflict(f"job {job_id} is {job.state}; there is nothing to cancel")
+        return self._job(job_id)
+
+    # -- cron --------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: Schedule) -> None:
+        with self._write() as db:
+            db.execute(Q["put_schedule"], schedule_params(schedule))
+
+    async def list_schedules(self) -> list[Schedule]:
+        return [schedule_from_row(r) for r in self.db.execute(Q["list_schedules"])]
+
+    async def delete_schedule(self, name: str) -> bool:
+        with self._write() as db:
+            return db.execute(Q["delete_schedule"], (name,)).rowcount == 1
+
+    async def fire_schedule(
+        self, name: str, expected_next: float, next_at: float, jobs: list[NewJob], now: float
+    ) -> bool:
+        with self._write() as db:
+            if not db.execute(Q["move_schedule"], (next_at, name, expected_next)).rowcount:
+                return False
+            for job in jobs:
+                db.execute(Q["insert_job"], job_params(job, now))
+            return True
 
     async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
         with self._write() as db:
@@ -263,144 +603,3 @@ class SQLiteStore:
     async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
         with self._write() as db:
             db.execute(Q["cache_put"], (key, value, now, expires_at))
-
-    async def orphaned_runs(self, now: float) -> list[str]:
-        return [r["id"] for r in self.db.execute(Q["orphaned_runs"], (now,))]
-
-    # -- the executor's batch --------------------------------------------------------
-
-    async def commit(self, batch: Batch) -> CommitResult:
-        result = CommitResult()
-        with self._write() as db:
-            row = db.execute(Q["run_control"], (batch.run_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no run {batch.run_id!r}")
-            if row["owner"] != batch.owner:
-                result.lost = True
-                result.rejected_finishes = [f.idx for f in batch.finishes]
-                result.rejected_claims = [c.idx for c in batch.claims]
-                result.run_status = RunStatus(row["status"])
-                return result
-            run_status = RunStatus(row["status"])
-            rid, owner, base = batch.run_id, batch.owner, row["step_base"]
-
-            if batch.finishes:
-                rows: list[tuple[Any, ...]] = [
-                    (
-                        str(f.status),
-                        f.output,
-                        f.error,
-                        f.finished_at,
-                        f.not_before,
-                        base + f.idx,
-                        f.attempt,
-                        owner,
-                    )
-                    for f in batch.finishes
-                ]
-                applied = self._apply_many(db, Q["finish_step"], rows)
-                result.rejected_finishes = [
-                    f.idx for f, ok in zip(batch.finishes, applied, strict=True) if not ok
-                ]
-                attempts = [
-                    (
-                        base + f.idx,
-                        f.attempt,
-                        f.outcome,
-                        f.started_at,
-                        f.finished_at,
-                        f.error,
-                        owner,
-                        f.detail,
-                    )
-                    for f, ok in zip(batch.finishes, applied, strict=True)
-                    if ok
-                ]
-                if len(attempts) == 1:
-                    db.execute(Q["insert_attempt"], attempts[0])
-                elif attempts:
-                    db.executemany(Q["insert_attempt"], attempts)
-
-            if batch.marks:
-                ready = [base + m.idx for m in batch.marks if m.status is StepStatus.READY]
-                if ready:
-                    db.execute(Q["mark_ready"], (json.dumps(ready),))
-                marks: list[tuple[Any, ...]] = [
-                    (
-                        str(m.status),
-                        m.error,
-                        m.status.terminal,
-                        batch.now,
-                        base + m.idx,
-                        _STEP_SOURCES_JSON[m.status],
-                    )
-                    for m in batch.marks
-                    if m.status is not StepStatus.READY
-                ]
-                if marks:
-                    db.executemany(Q["mark_step"], marks)
-
-            if batch.claims:
-                if run_status is RunStatus.RUNNING:
-                    claims = [
-                        (c.attempt, owner, c.started_at, base + c.idx, c.attempt - 1) for c in batch.claims
-                    ]
-                    applied = self._apply_many(db, Q["claim_step"], claims)
-                    result.rejected_claims = [
-                        c.idx for c, ok in zip(batch.claims, applied, strict=True) if not ok
-                    ]
-                else:
-                    result.rejected_claims = [c.idx for c in batch.claims]
-
-            final = batch.run_status
-            if final is not None and self._set_run_status(db, rid, final, batch.now, batch.run_error):
-                run_status = final
-            result.run_status = run_status
-        return result
-
-    @staticmethod
-    def _apply_many(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[bool]:
-        """Run a guarded UPDATE per row; which rows it applied to.
-
-        The fast path is one executemany; only when some row was guarded out does it redo
-        the rows one by one (inside a savepoint) to learn which.
-        """
-        if len(rows) == 1:
-            return [db.execute(sql, rows[0]).rowcount == 1]
-        db.execute("SAVEPOINT many")
-        changed = db.executemany(sql, rows).rowcount
-        if changed == len(rows):
-            db.execute("RELEASE many")
-            return [True] * len(rows)
-        db.execute("ROLLBACK TO many")
-        applied = [db.execute(sql, row).rowcount == 1 for row in rows]
-        db.execute("RELEASE many")
-        return applied
-
-    @staticmethod
-    def _set_run_status(
-        db: sqlite3.Connection, run_id: str, status: RunStatus, now: float, error: str | None
-    ) -> bool:
-        terminal = status.terminal
-        return (
-            db.execute(
-                Q["set_run_status"],
-                (str(status), error, terminal, now, run_id, _RUN_SOURCES_JSON[status]),
-            ).rowcount
-            == 1
-        )
-
-    async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
-        run_id = self._resolve_id(run_id)
-        with self._write() as db:
-            row = db.execute(Q["get_run_header"], (run_id,)).fetchone()
-            current = RunStatus(row["status"])
-            if current is not status and not self._set_run_status(db, run_id, status, now, None):
-                raise Conflict(f"run {run_id} is {current}; it cannot become {status}")
-            if status is RunStatus.CANCELLED:
-                first, last = self._range(db, run_id)
-                db.execute(Q["cancel_idle_steps"], (now, first, last))
-                owner_alive = row["owner"] is not None and (row["lease_expires_at"] or 0) >= now
-                if not owner_alive:
-                    db.execute(Q["cancel_orphan_running_steps"], (now, first, last))
-            return run_from_row(db.execute(Q["get_run_header"], (run_id,)).fetchone())
