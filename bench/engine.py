@@ -67,13 +67,13 @@ async def timed_run(db: Path, name: str, steps: list[dict[str, Any]], max_parall
     async with Engine(str(db), measure_latency=True) as engine:
         started = time.perf_counter()
         handle = await engine.submit(plan)
-        assert not isinstance(handle, str)
-        executor = handle.executor
+        worker = handle.worker
+        assert worker is not None
         record = await handle.wait()
         elapsed = time.perf_counter() - started
     if record.status is not RunStatus.COMPLETED:
         raise SystemExit(f"{name}: run ended {record.status}: {record.error}")
-    lat = sorted(executor.start_latencies or [0.0])
+    lat = sorted(worker.start_latencies or [0.0])
     return {
         "steps_per_s": len(steps) / elapsed,
         "seconds": elapsed,

@@ -1,4 +1,4 @@
-"""The command line: ``baton run|validate|runs|show|pause|resume|cancel``.
+"""The command line: ``baton run|validate|runs|show|pause|resume|cancel|worker|jobs|schedules``.
 
 Each command is a thin layer over the Engine, run with ``asyncio.run``. Errors are mapped to
 exit codes in one place (:func:`_execute`): a BatonError prints ``error: ...`` and exits with
@@ -55,7 +55,11 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DbOption = Annotated[
     str,
-    typer.Option("--db", envvar="BATON_DB", help="Database: a file path, sqlite:///path or memory://."),
+    typer.Option(
+        "--db",
+        envvar="BATON_DB",
+        help="Database: a file path, sqlite:///path, postgresql://... or memory://.",
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 ImportOption = Annotated[
@@ -749,6 +753,12 @@ def pause(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = Fals
 def cancel(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = False) -> None:
     """Cancel a run: no new step starts, running ones are stopped."""
     _control(run_id, db, json_out, RunStatus.CANCELLED)
+
+
+# The queue's commands (worker, jobs, schedules) live in their own module.
+from baton.cli import queue as _queue  # noqa: E402
+
+__all__ = ["_queue", "app", "main"]
 
 
 def main() -> None:

@@ -323,7 +323,9 @@ class Engine:
                 {s.lease_owner for s in await self.store.get_steps(run.id) if s.lease_owner is not None}
             )
             if held and (self.worker is None or held != [self.worker.id]):
-                raise Conflict(f"run {run.id} is being executed by {', '.join(held)}; there is nothing to resume")
+                raise Conflict(
+                    f"run {run.id} is being executed by {', '.join(held)}; there is nothing to resume"
+                )
         worker = await self.start_worker()
         worker.poke()
         return RunHandle(run.id, self)
@@ -429,6 +431,24 @@ class Engine:
         if fired and self.worker is not None:
             self.worker.poke()
         return fired
+
+    async def retry_job(self, job_id: int) -> JobRecord:
+        """A discarded or cancelled job back to available, with its attempts renewed."""
+        await self.open()
+        job = await self.store.retry_job(job_id, time.time())
+        if self.worker is not None:
+            self.worker.poke()
+        return job
+
+    async def cancel_job(self, job_id: int) -> JobRecord:
+        """Cancel a job that has not finished; a running one is stopped by its worker."""
+        await self.open()
+        job = await self.store.cancel_job(job_id, time.time())
+        if self.worker is not None:
+            for attempt_id, attempt in list(self.worker.running.items()):
+                if attempt_id == job_id and attempt.task is not None:
+                    self.worker.stop_jobs([job_id])
+        return job
 
     async def wait_job(self, job_id: int, timeout_s: float | None = None) -> JobRecord:
         """Wait until a job is completed, discarded or cancelled."""

@@ -124,7 +124,7 @@ class Worker:
     ) -> None:
         self.engine = engine
         self.id = engine.owner
-        self.name = name or engine.owner.rsplit(":", 1)[0]
+        self.name = name or engine.owner
         self.concurrency = concurrency
         self.queues = queues
         self.sweep_s = sweep_s
@@ -133,15 +133,19 @@ class Worker:
         self.results: list[_Result] = []
         self.wake = asyncio.Event()
         self.hungry = True  # something may be claimable that the last turn did not see
+        self.completed = 0  # attempts this worker finished and recorded
         self.accepting = True
         self.lost = False
         self.rand = random.Random()
         self.start_latencies: list[float] | None = [] if engine.measure_latency else None
         self._committed_at = 0.0
+        self._jobs_checked = 0.0
+        self._tasks = engine.registry.names()
         self._loop_task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()  # set when a turn leaves nothing running here
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -177,8 +181,9 @@ class Worker:
         self.accepting = False
         self.wake.set()
         if grace_s and self.running:
+            self._idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained(), grace_s)
+                await asyncio.wait_for(self._idle.wait(), grace_s)
         # What is still running is given back (uncounted) when the worker unregisters.
         tasks = [a.task for a in self.running.values() if a.task is not None]
         for attempt in self.running.values():
@@ -192,11 +197,11 @@ class Worker:
         self.wake.set()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._loop_task
-        for task in (self._beat_task, self._watch_task):
-            if task is not None:
-                task.cancel()
+        for helper in (self._beat_task, self._watch_task):
+            if helper is not None:
+                helper.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                    await helper
         for plan in self.plans.values():
             if plan.deadline is not None:
                 plan.deadline.cancel()
@@ -206,10 +211,6 @@ class Worker:
             except BatonError as exc:
                 log.warning("could not unregister worker", worker=self.id, error=exc.message)
         self._loop_task = None
-
-    async def _drained(self) -> None:
-        while self.running:
-            await asyncio.sleep(0.05)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -224,8 +225,22 @@ class Worker:
             want = free if free > 0 and (self.hungry or done) else 0
             claimed: list[Claimed] = []
             if done or want:
+                # Standalone jobs are looked for when woken (a notification, a poll, a
+                # submit) and at least every poll interval, not on every step's turn.
+                jobs = self.hungry or now - self._jobs_checked >= self.engine.poll_s
+                if jobs:
+                    self._jobs_checked = now
                 self.hungry = False
-                turn = Turn(self.id, now, done, want, self.queues, self.engine.registry.names())
+                turn = Turn(
+                    self.id,
+                    now,
+                    done,
+                    want,
+                    self.queues,
+                    self._tasks,
+                    jobs=jobs,
+                    report=self.engine.events.active,
+                )
                 try:
                     outcome = await store.turn(turn)
                 except BatonError as exc:
@@ -235,6 +250,7 @@ class Worker:
                     await asyncio.sleep(self.engine.poll_s)
                     continue
                 self._committed_at = time.perf_counter()
+                self.completed += len(done) - len(outcome.rejected)
                 self._after(done, outcome)
                 if outcome.lost:
                     await self._lose()
@@ -243,8 +259,10 @@ class Worker:
                 if want and len(claimed) >= want:
                     self.hungry = True  # there may be more
                 await self._start_all(claimed, now)
-            if self._stopped.is_set() and not self.running and not self.results:
-                return
+            if not self.running and not self.results:
+                self._idle.set()
+                if self._stopped.is_set():
+                    return
             if claimed:
                 # One pass of the event loop runs the new attempts; those that finish
                 # without waiting (no-op and cached work) are absorbed in the next turn.
@@ -393,7 +411,7 @@ class Worker:
             if await self.engine.store.expire_run(run_id, time.time()):
                 self.engine.emit(Event("run.failed", run_id, data={"error": "run timed out"}))
                 self.engine.runs_changed({run_id})
-        self._stop_jobs([i for i, a in self.running.items() if a.claim.run_id == run_id])
+        self.stop_jobs([i for i, a in self.running.items() if a.claim.run_id == run_id])
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -524,7 +542,7 @@ class Worker:
                     await self._lose()
                     continue
                 if beat.stop:
-                    self._stop_jobs(beat.stop)
+                    self.stop_jobs(beat.stop)
                 if now >= next_sweep:
                     next_sweep = now + self.sweep_s
                     rescued = await store.sweep(now, engine.dead_workers(await store.list_workers()))
@@ -537,9 +555,9 @@ class Worker:
 
     def stop_run(self, run_id: str) -> None:
         """The run was cancelled here: stop its attempts now (others learn by heartbeat)."""
-        self._stop_jobs([i for i, a in self.running.items() if a.claim.run_id == run_id])
+        self.stop_jobs([i for i, a in self.running.items() if a.claim.run_id == run_id])
 
-    def _stop_jobs(self, ids: list[int]) -> None:
+    def stop_jobs(self, ids: list[int]) -> None:
         """Cancel these attempts; any still running after the grace period are given up."""
         tasks = [a.task for i in ids if (a := self.running.get(i)) is not None and a.task is not None]
         for task in tasks:
@@ -597,6 +615,7 @@ class Worker:
             return  # the next heartbeat finds the lease gone and tries again
         self.lost = False
         self.poke()
+
 
 #: one encoder for every output (json.dumps with options builds a new one per call).
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode

@@ -14,8 +14,8 @@ number) are rejected, never silently applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from baton.status import RunStatus, StepStatus
@@ -180,6 +180,11 @@ class Turn:
     claim: int = 0
     queues: list[str] | None = None  # None: every queue
     tasks: list[str] | None = None  # the tasks this worker can run; None: any
+    #: also look at standalone and scheduled jobs (a worker busy with a run's steps asks
+    #: for them only now and then, so steps do not pay for queries that find nothing).
+    jobs: bool = True
+    #: report the steps the turn made ready or skipped (for events).
+    report: bool = True
 
 
 @dataclass(slots=True)

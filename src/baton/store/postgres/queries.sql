@@ -85,8 +85,8 @@ SELECT id FROM runs WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR UPDATE;
 
 -- A turn is assembled from the fragments below: "<part>_ctes" are WITH-list entries and
 -- "<part>_rows" their share of one result set, (kind, id, run_id, idx, task, attempt, args,
--- max_attempts, timeout_s, error, status, k1, k2), where kind is a(pplied finish),
--- m(arked step), e(nded run), c(laimed job) or n(otified).
+-- max_attempts, timeout_s, error, status, k1, k2, k3, queue), where kind is a(pplied
+-- finish), e(nded run), c(laimed job) or n(otified).
 
 -- name: finish_jobs_ctes
 -- Finished attempts of standalone jobs: fenced by holder and attempt, recorded.
@@ -102,8 +102,8 @@ d AS (
     SET status = d.status, output = d.output, error = d.error, finished_at = d.finished_at,
         not_before = d.not_before, lease_owner = NULL
     FROM d
-    WHERE s.id = d.id AND s.status = 'running' AND s.attempt = d.attempt
-      AND s.lease_owner = %(owner)s
+    WHERE s.id = ANY(%(id)s::bigint[]) AND s.id = d.id AND s.status = 'running'
+      AND s.attempt = d.attempt AND s.lease_owner = %(owner)s
     RETURNING s.id
 ), recorded AS (
     INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
@@ -118,7 +118,8 @@ d AS (
 -- name: finish_jobs_rows
 SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
        NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
-       NULL::text AS status, 0::bigint AS k1, 0::bigint AS k2
+       NULL::text AS status, NULL::float8 AS k1, NULL::float8 AS k2, NULL::int AS k3,
+       NULL::text AS queue
 FROM fin
 
 -- name: finish_steps
@@ -138,8 +139,8 @@ WITH d AS (
     SET status = d.status, output = d.output, error = d.error, finished_at = d.finished_at,
         not_before = d.not_before, lease_owner = NULL
     FROM d
-    WHERE s.id = d.id AND s.status = 'running' AND s.attempt = d.attempt
-      AND s.lease_owner = %(owner)s
+    WHERE s.id = ANY(%(id)s::bigint[]) AND s.id = d.id AND s.status = 'running'
+      AND s.attempt = d.attempt AND s.lease_owner = %(owner)s
     RETURNING s.id, s.run_id, s.status
 ), recorded AS (
     INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
@@ -226,7 +227,7 @@ ended AS (
 -- name: end_runs_rows
 SELECT 'e' AS kind, 0::bigint AS id, id AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
        NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
-       status, 0::bigint AS k1, 0::bigint AS k2
+       status, NULL::float8 AS k1, NULL::float8 AS k2, NULL::int AS k3, NULL::text AS queue
 FROM ended
 
 -- name: claim_ctes
@@ -275,15 +276,14 @@ due AS (
         LIMIT LEAST(o.free, %(n)s + 1)
     ) c
 ), picked AS (
-    SELECT id, row_number() OVER (ORDER BY created_at, run_id, rn) AS g
-    FROM candidates ORDER BY created_at, run_id, rn LIMIT %(n)s
+    SELECT id FROM candidates ORDER BY created_at, run_id, rn LIMIT %(n)s
 ), claimed_steps AS (
     UPDATE steps s
     SET status = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
         started_at = %(now)s, finished_at = NULL, not_before = NULL
-    FROM picked
-    WHERE s.id = picked.id AND s.status IN ('ready', 'retrying')
-    RETURNING s.id, s.run_id, s.idx, s.task, s.attempt, s.error, picked.g
+    WHERE s.id = ANY(ARRAY(SELECT id FROM picked)) AND s.status IN ('ready', 'retrying')
+    RETURNING s.id, s.run_id, s.idx, s.task, s.attempt, s.error, s.created_at, s.priority,
+              s.rank
 ), slots AS (
     UPDATE runs r
     SET running = r.running + c.n, status = 'running',
@@ -320,7 +320,7 @@ due AS (
     WHERE (%(queues)s::text[] IS NULL OR d.queue = ANY(%(queues)s::text[]))
       AND (%(tasks)s::text[] IS NULL OR d.task = ANY(%(tasks)s::text[]))
 ), picked_jobs AS (
-    SELECT id, row_number() OVER (ORDER BY ord, priority DESC, id) AS g
+    SELECT id
     FROM (SELECT * FROM any_queue UNION ALL SELECT * FROM by_queue
           UNION ALL SELECT * FROM due_claimable) j
     ORDER BY ord, priority DESC, id
@@ -329,10 +329,10 @@ due AS (
     UPDATE steps s
     SET status = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
         started_at = %(now)s, finished_at = NULL, not_before = NULL
-    FROM picked_jobs
-    WHERE s.id = picked_jobs.id AND s.status IN ('ready', 'retrying', 'pending')
+    WHERE s.id = ANY(ARRAY(SELECT id FROM picked_jobs))
+      AND s.status IN ('ready', 'retrying', 'pending')
     RETURNING s.id, s.task, s.attempt, s.args, s.max_attempts + s.attempt_base AS max_attempts,
-              s.timeout_s, s.error, picked_jobs.g
+              s.timeout_s, s.error, s.queue, s.priority
 ), promoted AS (
     -- due jobs this turn does not claim become available to others
     UPDATE steps s SET status = 'ready'
@@ -354,14 +354,19 @@ due AS (
 )
 
 -- name: claim_rows
+-- (The caller orders the claims: a run's steps by run, priority and rank, jobs by queue and
+-- priority; k1/k2 carry what it needs.)
 SELECT 'c' AS kind, id, run_id, idx, task, attempt, NULL::text AS args, 1 AS max_attempts,
-       NULL::float8 AS timeout_s, error, NULL::text AS status, 0::bigint AS k1, g AS k2
+       NULL::float8 AS timeout_s, error, NULL::text AS status, created_at AS k1,
+       rank AS k2, priority AS k3, NULL::text AS queue
 FROM claimed_steps
 UNION ALL
-SELECT 'c', id, NULL, 0, task, attempt, args, max_attempts, timeout_s, error, NULL, 1, g
+SELECT 'c', id, NULL, 0, task, attempt, args, max_attempts, timeout_s, error, NULL, NULL, NULL,
+       priority, queue
 FROM claimed_jobs
 UNION ALL
-SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, 0, 0 FROM claim_notified
+SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM claim_notified
 
 -- workers ---------------------------------------------------------------------------------
 

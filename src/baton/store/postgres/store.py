@@ -337,11 +337,16 @@ class PostgresStore:
                 rows = await finish.fetchall()
                 rows.extend(await tail.fetchall())
         applied: set[int] = set()
-        claimed: list[tuple[int, int, Claimed]] = []
+        steps: list[tuple[Any, ...]] = []
+        jobs: list[tuple[Any, ...]] = []
+        position = {q: i for i, q in enumerate(turn.queues or [])}
         for r in rows:
             kind = r["kind"]
             if kind == "c":
-                claimed.append((r["k1"], r["k2"], _claimed(r, turn.now)))
+                if r["run_id"] is not None:  # oldest run first, then priority, rank, id
+                    steps.append((r["k1"], r["run_id"], -r["k3"], -r["k2"], r["id"], _claimed(r, turn.now)))
+                else:  # the worker's queue order, then priority, id
+                    jobs.append((position.get(r["queue"], 0), -r["k3"], r["id"], _claimed(r, turn.now)))
             elif kind == "a":
                 applied.add(r["id"])
             elif kind == "m":
@@ -351,7 +356,9 @@ class PostgresStore:
             elif kind == "n":
                 result.left_ready = True
         result.rejected = [d.id for d in turn.done if d.id not in applied] if done else []
-        result.claimed = [c for _, _, c in sorted(claimed, key=lambda c: (c[0], c[1]))]
+        steps.sort(key=lambda c: c[:-1])
+        jobs.sort(key=lambda c: c[:-1])
+        result.claimed = [c[-1] for c in steps] + [c[-1] for c in jobs]
         return result
 
     # -- workers -----------------------------------------------------------------------

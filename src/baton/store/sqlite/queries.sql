@@ -1,9 +1,12 @@
 -- Named queries of the SQLite store. Each block starts with "-- name: <name>".
 
+-- name: insert_plan
+INSERT INTO run_plans (run_id, plan) VALUES (:id, :plan);
+
 -- name: insert_run
-INSERT INTO runs (id, name, status, plan, workdir, created_at, started_at, finished_at, error,
+INSERT INTO runs (id, name, status, workdir, created_at, started_at, finished_at, error,
                   total_steps, step_base, max_parallel, barrier, run_timeout_s, queue, unfinished)
-VALUES (:id, :name, :status, :plan, :workdir, :created_at, :started_at, :finished_at, :error,
+VALUES (:id, :name, :status, :workdir, :created_at, :started_at, :finished_at, :error,
         :total_steps, :step_base, :max_parallel, :barrier, :run_timeout_s, :queue, :unfinished);
 
 -- name: next_step_base
@@ -14,7 +17,7 @@ INSERT INTO steps (id, run_id, idx, step_id, task, wave, status, waiting, rank, 
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: get_run
-SELECT * FROM runs WHERE id = ?;
+SELECT r.*, p.plan FROM runs r JOIN run_plans p ON p.run_id = r.id WHERE r.id = ?;
 
 -- name: find_run_by_prefix
 SELECT id FROM runs WHERE id LIKE ? || '%' ESCAPE '\' LIMIT 2;

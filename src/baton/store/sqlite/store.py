@@ -58,6 +58,25 @@ def _sources(statuses: frozenset[Any]) -> str:
 _RUN_SOURCES_JSON = {target: _sources(src) for target, src in RUN_SOURCES.items()}
 
 
+def _apply_many(db: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> list[bool]:
+    """Run a guarded UPDATE per row; which rows it applied to.
+
+    The fast path is one executemany; only when some row was guarded out does it redo the
+    rows one by one (inside a savepoint) to learn which.
+    """
+    if len(rows) == 1:
+        return [db.execute(sql, rows[0]).rowcount == 1]
+    db.execute("SAVEPOINT many")
+    changed = db.executemany(sql, rows).rowcount
+    if changed == len(rows):
+        db.execute("RELEASE many")
+        return [True] * len(rows)
+    db.execute("ROLLBACK TO many")
+    applied = [db.execute(sql, row).rowcount == 1 for row in rows]
+    db.execute("RELEASE many")
+    return applied
+
+
 def _entry(row: sqlite3.Row) -> LedgerEntry:
     return LedgerEntry(
         row["scope"], row["reserved_tokens"], row["reserved_usd"], row["spent_tokens"], row["spent_usd"]
@@ -100,6 +119,7 @@ class SQLiteStore:
         try:
             db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA wal_autocheckpoint = 10000")
             db.execute(f"PRAGMA synchronous = {self._synchronous}")
             db.execute("PRAGMA foreign_keys = ON")
             self._db = db
@@ -151,7 +171,9 @@ class SQLiteStore:
     def _insert_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
         with self._write() as db:
             base = db.execute(Q["next_step_base"]).fetchone()[0]
-            db.execute(Q["insert_run"], {**run_params(run), "step_base": base})
+            params = {**run_params(run), "step_base": base}
+            db.execute(Q["insert_run"], params)
+            db.execute(Q["insert_plan"], params)
             db.executemany(
                 Q["insert_step"],
                 (
@@ -242,11 +264,11 @@ class SQLiteStore:
         counts: dict[str, list[int]] = {}  # run -> [running, unfinished, failed] deltas
         attempts: list[tuple[Any, ...]] = []
         unblocked: list[int] = []
-        for d in turn.done:
-            applied = db.execute(
-                Q["finish_step"],
-                (str(d.status), d.output, d.error, d.finished_at, d.not_before, d.id, d.attempt, owner),
-            ).rowcount
+        rows = [
+            (str(d.status), d.output, d.error, d.finished_at, d.not_before, d.id, d.attempt, owner)
+            for d in turn.done
+        ]
+        for d, applied in zip(turn.done, _apply_many(db, Q["finish_step"], rows), strict=True):
             if not applied:
                 result.rejected.append(d.id)
                 continue
@@ -278,7 +300,7 @@ class SQLiteStore:
             db.execute(Q["insert_attempt"], attempts[0])
         elif attempts:
             db.executemany(Q["insert_attempt"], attempts)
-        if unblocked:
+        if unblocked and turn.report:
             for row in db.execute(Q["now_ready"], (json.dumps(unblocked),)):
                 result.marked.append((row["run_id"], row["idx"], StepStatus.READY))
         for run_id, (running, finished, failed) in counts.items():
@@ -334,7 +356,7 @@ class SQLiteStore:
                 for r in rows
             )
             left -= len(rows)
-        if left <= 0:
+        if left <= 0 or not turn.jobs:
             return
         db.execute(Q["promote_scheduled"], (now,))
         for queue in turn.queues if turn.queues is not None else [None]:

@@ -39,12 +39,20 @@ FROM steps;
 DROP TABLE steps;
 ALTER TABLE steps_v5 RENAME TO steps;
 
+-- A run's plan lives apart from its row: the row's counters change with every finished
+-- step, and rewriting a large plan with them would cost more than the step.
+CREATE TABLE run_plans (
+    run_id TEXT PRIMARY KEY,
+    plan   TEXT NOT NULL
+);
+INSERT INTO run_plans (run_id, plan) SELECT id, plan FROM runs;
+
 -- Runs written before this version: count each pending step's needs that have not
 -- succeeded yet (the plan has them), and the run's counters.
 UPDATE steps SET waiting = (
-    SELECT COUNT(*) FROM runs r, json_each(r.plan, '$.steps[' || steps.idx || '].needs') n
+    SELECT COUNT(*) FROM run_plans r, json_each(r.plan, '$.steps[' || steps.idx || '].needs') n
     JOIN steps s2 ON s2.run_id = steps.run_id AND s2.step_id = n.value
-    WHERE r.id = steps.run_id AND s2.status <> 'succeeded'
+    WHERE r.run_id = steps.run_id AND s2.status <> 'succeeded'
 )
 WHERE status = 'pending';
 
@@ -60,10 +68,13 @@ ALTER TABLE runs ADD COLUMN unfinished INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
 UPDATE runs SET
     max_parallel = COALESCE(json_extract(plan, '$.policy.max_parallel'), 8),
+    barrier = COALESCE(json_extract(plan, '$.policy.barrier') = 'wave', 0),
+    run_timeout_s = json_extract(plan, '$.policy.run_timeout_s'),
     running = (SELECT COUNT(*) FROM steps s WHERE s.run_id = runs.id AND s.status = 'running'),
     unfinished = (SELECT COUNT(*) FROM steps s WHERE s.run_id = runs.id
                   AND s.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled')),
     failed = (SELECT COUNT(*) FROM steps s WHERE s.run_id = runs.id AND s.status = 'failed');
+ALTER TABLE runs DROP COLUMN plan;
 
 CREATE INDEX runs_active ON runs (created_at) WHERE status IN ('pending', 'running');
 CREATE INDEX runs_deadline ON runs (deadline) WHERE deadline IS NOT NULL
