@@ -24,7 +24,7 @@ import pytest
 
 import baton
 from baton import Engine, Event, Registry, RunHandle, RunStatus, StepStatus, TaskContext
-from baton.errors import Conflict, PlanError, TaskFailed
+from baton.errors import PlanError, TaskFailed
 from baton.store import Beat, MemoryStore, SQLiteStore, Store
 from tests.conftest import PG_URL
 

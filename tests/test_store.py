@@ -121,6 +121,13 @@ class Run:
     id: str
     dag: Dag
 
+    @classmethod
+    def of(cls, run_id: str, graph: dict[str, list[str]]) -> Run:
+        """``graph``: step id -> the ids it needs, in plan order."""
+        ids = list(graph)
+        needs = [[ids.index(n) for n in graph[s]] for s in ids]
+        return cls(run_id, Dag.build(ids, needs, [1.0] * len(ids)))
+
     def idx(self, step_id: str) -> int:
         return self.dag.ids.index(step_id)
 
@@ -155,9 +162,8 @@ async def new_run(
     """A run as ``Engine.submit`` writes it: steps without needs ready, the others pending
     with ``waiting`` = their number of needs, ``rank`` = the longest path from them."""
     graph = CHAIN if graph is None else graph
-    ids = list(graph)
-    needs = [[ids.index(n) for n in graph[s]] for s in ids]
-    dag = Dag.build(ids, needs, [1.0] * len(ids))
+    made = Run.of(run_id, graph)
+    dag, ids, needs = made.dag, made.dag.ids, made.dag.needs
     task = {s: (tasks or {}).get(s, "echo") for s in ids}
     plan = {
         "name": f"plan-{run_id}",
@@ -190,7 +196,7 @@ async def new_run(
         for i, s in enumerate(ids)
     ]
     await store.create_run(run, steps)
-    return Run(run_id, dag)
+    return made
 
 
 async def statuses(store: Store, run_id: str = "run1") -> dict[str, StepStatus]:
@@ -216,9 +222,7 @@ class FakeWorker:
         record = WorkerRecord(self.id, self.name, None, 8, now, now + lease_s)
         return await self.store.register_worker(record)
 
-    async def turn(
-        self, now: float, done: Sequence[Done] = (), claim: int = 0, **kw: Any
-    ) -> TurnResult:
+    async def turn(self, now: float, done: Sequence[Done] = (), claim: int = 0, **kw: Any) -> TurnResult:
         return await self.store.turn(Turn(self.id, now, list(done), claim, **kw))
 
     async def claim(self, now: float = T0, n: int = 10, **kw: Any) -> list[Claimed]:
@@ -269,9 +273,7 @@ def failed(c: Claimed, at: float, run: Run | None = None, error: str = "boom") -
     return done
 
 
-def retrying(
-    c: Claimed, at: float, not_before: float, error: str = "boom", outcome: str = "failed"
-) -> Done:
+def retrying(c: Claimed, at: float, not_before: float, error: str = "boom", outcome: str = "failed") -> Done:
     """A failed attempt that will be tried again from ``not_before``."""
     return Done(
         c.id,
@@ -288,7 +290,9 @@ def retrying(
 
 
 def cancelled(c: Claimed, at: float) -> Done:
-    return Done(c.id, c.run_id, c.idx, c.attempt, S.CANCELLED, "cancelled", c.started_at, at, error="cancelled")
+    return Done(
+        c.id, c.run_id, c.idx, c.attempt, S.CANCELLED, "cancelled", c.started_at, at, error="cancelled"
+    )
 
 
 def by_idx(claims: Iterable[Claimed], run: Run) -> dict[str, Claimed]:
@@ -634,7 +638,12 @@ async def test_a_retry_is_not_claimable_before_its_time(store: Store) -> None:
     await w.finish(done)
 
     a_step = await step(store, "a")
-    assert (a_step.status, a_step.attempt, a_step.not_before, a_step.error) == (S.RETRYING, 1, T0 + 10, "slow")
+    assert (a_step.status, a_step.attempt, a_step.not_before, a_step.error) == (
+        S.RETRYING,
+        1,
+        T0 + 10,
+        "slow",
+    )
     record = await store.get_run("run1")
     assert (record.status, record.running, record.unfinished) == (R.RUNNING, 0, 2)
     assert [(x.attempt, x.status, x.error) for x in await store.get_attempts("run1")] == [
@@ -936,7 +945,7 @@ async def test_a_paused_run_gives_no_claims_and_resume_makes_it_claimable(store:
 
 async def test_cancel_cancels_idle_steps_at_once(store: Store, peer: Store) -> None:
     run = await new_run(store, graph={"a": [], "b": [], "after_a": ["a"], "d": []})
-    w = await worker(store)
+    w = await worker(store, lease_s=1000.0)
     c = by_idx(await w.claim(T0, n=2), run)
     assert sorted(c) == ["a", "b"]
     await w.finish(retrying(c["b"], T0 + 1, not_before=T0 + 100))
@@ -1005,7 +1014,9 @@ async def test_the_sweep_fails_runs_past_their_deadline(store: Store, peer: Stor
 
 
 @pytest.mark.parametrize("barrier", [True, False])
-async def test_a_wave_barrier_holds_later_waves_until_earlier_ones_finish(store: Store, barrier: bool) -> None:
+async def test_a_wave_barrier_holds_later_waves_until_earlier_ones_finish(
+    store: Store, barrier: bool
+) -> None:
     run = await new_run(store, graph={"a": [], "slow": [], "after_a": ["a"]}, barrier=barrier)
     w = await worker(store)
     c = by_idx(await w.claim(T0), run)
@@ -1041,3 +1052,768 @@ async def test_another_process_sees_the_queue(store: Store, peer: Store) -> None
     assert run.dag.ids[b.idx] == "b"
     await store.set_run_status("run1", R.CANCELLED, T0 + 4)
     assert (await peer.heartbeat("w1", T0 + 5, LEASE, [b.id])).stop == [b.id]
+
+
+# -- standalone jobs ----------------------------------------------------------------------
+
+
+async def test_an_enqueued_job_is_available_and_runs_with_its_inputs(store: Store, peer: Store) -> None:
+    (job,) = await store.enqueue([NewJob("echo", {"x": [1, 2]}, max_attempts=4, timeout_s=5.0)], T0)
+    assert (job.state, job.task, job.args, job.queue, job.priority) == (
+        "available",
+        "echo",
+        {"x": [1, 2]},
+        "default",
+        0,
+    )
+    assert (job.attempt, job.max_attempts, job.timeout_s, job.run_at, job.created_at) == (0, 4, 5.0, None, T0)
+    assert (job.duplicate, job.unique_key, job.lease_owner) == (False, None, None)
+    assert await peer.get_job(job.id) == job
+
+    w = await worker(peer)
+    (claim,) = await w.claim(T0 + 1)
+    assert (claim.id, claim.run_id, claim.task, claim.attempt, claim.max_attempts, claim.timeout_s) == (
+        job.id,
+        None,
+        "echo",
+        1,
+        4,
+        5.0,
+    )
+    assert claim.args is not None and json.loads(claim.args) == {"x": [1, 2]}
+    running = await store.get_job(job.id)
+    assert (running.state, running.attempt, running.lease_owner, running.started_at) == (
+        "running",
+        1,
+        "w1",
+        T0 + 1,
+    )
+
+    result = await w.finish(ok(claim, T0 + 2, output={"y": 3}))
+    assert result.ended == {}
+    done = await store.get_job(job.id)
+    assert (done.state, done.output, done.finished_at, done.error) == ("completed", {"y": 3}, T0 + 2, None)
+    assert [(x.attempt, x.status, x.owner, x.run_id) for x in await store.get_job_attempts(job.id)] == [
+        (1, "succeeded", "w1", None)
+    ]
+    assert await w.claim(T0 + 3) == []
+
+
+async def test_a_job_scheduled_for_later_waits_until_it_is_due(store: Store) -> None:
+    later, past = await store.enqueue(
+        [NewJob("echo", {"when": "later"}, run_at=T0 + 60), NewJob("echo", {"when": "past"}, run_at=T0 - 5)],
+        T0,
+    )
+    assert (later.state, later.run_at) == ("scheduled", T0 + 60)
+    assert past.state == "available"
+    assert [j.id for j in await store.list_jobs(state="scheduled")] == [later.id]
+    w = await worker(store, lease_s=1000.0)
+    assert [c.id for c in await w.claim(T0 + 1)] == [past.id]
+    assert await w.claim(T0 + 59.9) == []
+    assert [c.id for c in await w.claim(T0 + 60)] == [later.id]
+    assert (await store.get_job(later.id)).state == "running"
+
+
+async def test_a_failing_job_retries_then_is_discarded_and_can_be_retried(store: Store) -> None:
+    (job,) = await store.enqueue([NewJob("flaky", {}, max_attempts=2)], T0)
+    w = await worker(store, lease_s=1000.0)
+    (first,) = await w.claim(T0)
+    assert (first.attempt, first.max_attempts, first.previous_error) == (1, 2, None)
+    await w.finish(retrying(first, T0 + 1, not_before=T0 + 10, error="e1"))
+    record = await store.get_job(job.id)
+    assert (record.state, record.attempt, record.error) == ("retryable", 1, "e1")
+    assert [j.id for j in await store.list_jobs(state="retryable")] == [job.id]
+
+    assert await w.claim(T0 + 5) == []
+    (second,) = await w.claim(T0 + 10)
+    assert (second.attempt, second.previous_error) == (2, "e1")
+    await w.finish(failed(second, T0 + 11, error="e2"))
+    record = await store.get_job(job.id)
+    assert (record.state, record.attempt, record.error, record.finished_at) == ("discarded", 2, "e2", T0 + 11)
+    assert [(x.attempt, x.status, x.error) for x in await store.get_job_attempts(job.id)] == [
+        (1, "failed", "e1"),
+        (2, "failed", "e2"),
+    ]
+    assert [j.id for j in await store.list_jobs(state="discarded")] == [job.id]
+    assert await w.claim(T0 + 100) == []
+
+    again = await store.retry_job(job.id, T0 + 200)
+    assert (again.state, again.attempt, again.max_attempts) == ("available", 2, 4)  # a fresh budget
+    (third,) = await w.claim(T0 + 201)
+    assert (third.attempt, third.max_attempts) == (3, 4)
+    await w.finish(ok(third, T0 + 202))
+    assert (await store.get_job(job.id)).state == "completed"
+
+
+async def test_list_jobs_by_state_and_queue(store: Store) -> None:
+    jobs = await store.enqueue(
+        [
+            NewJob("echo", {"n": 0}),
+            NewJob("echo", {"n": 1}, queue="mail"),
+            NewJob("echo", {"n": 2}, run_at=T0 + 60),
+            NewJob("echo", {"n": 3}),
+            NewJob("echo", {"n": 4}, queue="mail"),
+        ],
+        T0,
+    )
+    ids = [j.id for j in jobs]
+    await new_run(store, graph={"step": []})  # steps of runs are not standalone jobs
+    w = await worker(store)
+    (claim,) = await w.claim(T0, n=1, queues=["mail"])
+    assert claim.id == ids[1]
+    await w.finish(ok(claim, T0 + 1))
+    await store.cancel_job(ids[3], T0 + 2)
+
+    assert [j.id for j in await store.list_jobs()] == ids[::-1]  # newest first
+    assert [j.id for j in await store.list_jobs(limit=2)] == [ids[4], ids[3]]
+    assert [j.id for j in await store.list_jobs(state="available")] == [ids[4], ids[0]]
+    assert [j.id for j in await store.list_jobs(state="scheduled")] == [ids[2]]
+    assert [j.id for j in await store.list_jobs(state="completed")] == [ids[1]]
+    assert [j.id for j in await store.list_jobs(state="cancelled")] == [ids[3]]
+    assert await store.list_jobs(state="running") == []
+    assert [j.id for j in await store.list_jobs(queue="mail")] == [ids[4], ids[1]]
+    assert [j.id for j in await store.list_jobs(queue="mail", state="available")] == [ids[4]]
+    assert await store.list_jobs(queue="nowhere") == []
+
+
+async def test_cancel_and_retry_jobs(store: Store) -> None:
+    available, scheduled, running, done = await store.enqueue(
+        [
+            NewJob("echo", {"n": 1}),
+            NewJob("echo", {"n": 2}, run_at=T0 + 60),
+            NewJob("echo", {"n": 3}),
+            NewJob("echo", {"n": 4}),
+        ],
+        T0,
+    )
+    w = await worker(store, lease_s=1000.0)
+    await store.cancel_job(available.id, T0)
+    claims = {c.id: c for c in await w.claim(T0 + 1)}
+    assert sorted(claims) == [running.id, done.id]
+    await w.finish(ok(claims[done.id], T0 + 2))
+
+    record = await store.get_job(available.id)
+    assert (record.state, record.finished_at) == ("cancelled", T0)
+    assert (await store.cancel_job(scheduled.id, T0 + 3)).state == "cancelled"
+    assert await w.claim(T0 + 100) == []  # neither runs, even when due
+
+    # a running job is stopped by its worker, which records it cancelled
+    assert (await store.cancel_job(running.id, T0 + 4)).state == "running"
+    await w.finish(cancelled(claims[running.id], T0 + 5))
+    assert (await store.get_job(running.id)).state == "cancelled"
+
+    with pytest.raises(Conflict):
+        await store.retry_job(done.id, T0 + 6)  # completed
+    with pytest.raises(Conflict):
+        await store.cancel_job(done.id, T0 + 6)
+    with pytest.raises(Conflict):
+        await store.cancel_job(available.id, T0 + 6)  # already cancelled
+    assert (await store.get_job(done.id)).state == "completed"
+
+    back = await store.retry_job(available.id, T0 + 7)
+    assert back.state == "available"
+    with pytest.raises(Conflict):
+        await store.retry_job(available.id, T0 + 8)  # available: nothing to retry
+    assert [c.id for c in await w.claim(T0 + 9)] == [available.id]
+
+
+async def test_unknown_jobs_are_not_found(store: Store) -> None:
+    run = await new_run(store, graph={"a": []})
+    w = await worker(store)
+    (step_claim,) = await w.claim(T0)
+    assert step_claim.run_id == run.id
+    for call in (
+        store.get_job(999_999),
+        store.get_job(step_claim.id),  # a step of a run is not a standalone job
+        store.get_job_attempts(999_999),
+        store.retry_job(999_999, T0),
+        store.cancel_job(999_999, T0),
+    ):
+        with pytest.raises(NotFound):
+            await call
+
+
+async def test_a_turn_claims_only_from_its_queues(store: Store) -> None:
+    jobs = await store.enqueue(
+        [NewJob("echo", {}, queue="mail"), NewJob("echo", {}), NewJob("echo", {}, queue="bulk")], T0
+    )
+    mail, default, bulk = (j.id for j in jobs)
+    await new_run(store, "run-default", graph={"a": []})
+    await new_run(store, "run-mail", graph={"a": []}, queue="mail", created_at=T0 + 1)
+    w = await worker(store)
+
+    claims = await w.claim(T0, queues=["mail"])
+    assert {c.id for c in claims if c.run_id is None} == {mail}
+    assert {c.run_id for c in claims if c.run_id is not None} == {"run-mail"}
+
+    claims = await w.claim(T0 + 1, queues=["bulk", "nowhere"])
+    assert [c.id for c in claims] == [bulk]
+
+    claims = await w.claim(T0 + 2)  # every queue
+    assert {c.id for c in claims if c.run_id is None} == {default}
+    assert {c.run_id for c in claims if c.run_id is not None} == {"run-default"}
+
+
+async def test_a_turn_claims_only_the_tasks_it_can_run(store: Store) -> None:
+    jobs = await store.enqueue([NewJob("send", {}), NewJob("echo", {}), NewJob("resize", {})], T0)
+    send, echo, resize = (j.id for j in jobs)
+    run = await new_run(store, graph={"a": [], "b": []}, tasks={"a": "send", "b": "echo"})
+    w = await worker(store)
+
+    claims = await w.claim(T0, tasks=["send"])
+    assert {c.id for c in claims if c.run_id is None} == {send}
+    assert run.names(claims) == ["a"]
+    assert all(c.task == "send" for c in claims)
+
+    assert await w.claim(T0 + 1, tasks=["unknown"]) == []
+    claims = await w.claim(T0 + 2, tasks=["resize", "echo"])
+    assert {c.id for c in claims if c.run_id is None} == {echo, resize}
+    assert run.names(claims) == ["b"]
+
+
+async def test_a_unique_key_admits_one_job_however_many_enqueue_at_once(
+    backend: Backend, store: Store, open_store: OpenStore
+) -> None:
+    key = "report:2026-11-21"
+    n = 50
+    # 50 "processes", each with a connection of its own (memory: the one store)
+    stores = [await open_store(pool_size=1) for _ in range(n)]
+
+    async def enqueue(s: Store, i: int) -> JobRecord:
+        jobs = [NewJob("echo", {"n": i}, unique_key=key)]
+        if backend.name == "sqlite":
+            # SQLite calls do not yield to the event loop: threads make them race.
+            (record,) = await asyncio.to_thread(lambda: asyncio.run(s.enqueue(jobs, T0 + i)))
+        else:
+            (record,) = await s.enqueue(jobs, T0 + i)
+        return record
+
+    records = await asyncio.gather(*(enqueue(s, i) for i, s in enumerate(stores)))
+    originals = [r for r in records if not r.duplicate]
+    assert len(originals) == 1
+    assert sum(r.duplicate for r in records) == n - 1
+    assert {r.id for r in records} == {originals[0].id}
+    assert all(r.unique_key == key for r in records)
+    (job,) = await store.list_jobs()
+    assert (job.id, job.args, job.state) == (originals[0].id, originals[0].args, "available")
+
+    # another key is another job; one batch may carry its own duplicates
+    one, two, again = await store.enqueue(
+        [
+            NewJob("echo", {}, unique_key="k1"),
+            NewJob("echo", {}, unique_key="k2"),
+            NewJob("echo", {}, unique_key="k1"),
+        ],
+        T0 + 100,
+    )
+    assert (one.duplicate, two.duplicate, again.duplicate) == (False, False, True)
+    assert again.id == one.id != two.id
+    assert len(await store.list_jobs()) == 3
+
+
+# -- cron schedules -----------------------------------------------------------------------
+
+
+def nightly(**kw: Any) -> Schedule:
+    fields: dict[str, Any] = {
+        "name": "nightly",
+        "task": "echo",
+        "cron": "0 3 * * *",
+        "args": {"report": "daily"},
+        "next_at": T0 + 100,
+    }
+    fields.update(kw)
+    return Schedule(**fields)
+
+
+async def test_schedules_are_put_listed_and_deleted(store: Store, peer: Store) -> None:
+    await store.put_schedule(nightly())
+    await store.put_schedule(nightly(name="hourly", cron="0 * * * *", queue="q", priority=3, catch_up_s=60.0))
+    assert await peer.list_schedules() == [
+        nightly(name="hourly", cron="0 * * * *", queue="q", priority=3, catch_up_s=60.0),
+        nightly(),
+    ]
+    assert await peer.delete_schedule("hourly")
+    assert not await peer.delete_schedule("hourly")
+    assert await store.list_schedules() == [nightly()]
+
+
+async def test_put_schedule_keeps_the_next_tick_unless_the_cron_changed(store: Store) -> None:
+    await store.put_schedule(nightly(next_at=T0 + 100))
+    # same cron (a restart re-declares it): the tick is kept, the rest replaced
+    await store.put_schedule(nightly(next_at=T0 + 999, args={"report": "v2"}, max_attempts=5))
+    (schedule,) = await store.list_schedules()
+    assert (schedule.next_at, schedule.args, schedule.max_attempts) == (T0 + 100, {"report": "v2"}, 5)
+    # another cron: the tick is the new one's
+    await store.put_schedule(nightly(cron="0 4 * * *", next_at=T0 + 200))
+    (schedule,) = await store.list_schedules()
+    assert (schedule.cron, schedule.next_at) == ("0 4 * * *", T0 + 200)
+
+
+async def test_fire_schedule_is_compare_and_set(store: Store, peer: Store) -> None:
+    await store.put_schedule(nightly(next_at=T0 + 100))
+    tick = [NewJob("echo", {"report": "daily", "tick": T0 + 100})]
+    assert await store.fire_schedule("nightly", T0 + 100, T0 + 200, tick, T0 + 100)
+    # another scheduler read the same next tick: its fire is refused and inserts nothing
+    assert not await peer.fire_schedule("nightly", T0 + 100, T0 + 200, tick, T0 + 101)
+    assert not await peer.fire_schedule("missing", T0 + 100, T0 + 200, tick, T0 + 101)
+    (schedule,) = await peer.list_schedules()
+    assert schedule.next_at == T0 + 200
+    (job,) = await store.list_jobs()
+    assert (job.task, job.args, job.state) == ("echo", {"report": "daily", "tick": T0 + 100}, "available")
+
+    # schedulers racing for the next tick: exactly one wins
+    fires = await asyncio.gather(
+        *(
+            s.fire_schedule("nightly", T0 + 200, T0 + 300, [NewJob("echo", {"tick": T0 + 200})], T0 + 200)
+            for s in (store, peer, store, peer)
+        )
+    )
+    assert sorted(fires) == [False, False, False, True]
+    assert len(await store.list_jobs()) == 2
+
+
+# -- the cache and budgets ----------------------------------------------------------------
+
+
+async def test_the_cache_keeps_values_until_they_expire(store: Store, peer: Store) -> None:
+    await store.cache_put("k", '{"text": "a"}', T0, T0 + 10)
+    await store.cache_put("forever", "f", T0, None)
+    assert await peer.cache_get("k", T0 + 5) == '{"text": "a"}'  # shared with other processes
+    assert await store.cache_get("k", T0 + 11) is None
+    assert await store.cache_get("forever", T0 + 1e9) == "f"
+    assert await store.cache_get("missing", T0) is None
+    await store.cache_put("k", "b", T0 + 20, T0 + 30)  # replaced, with a new expiry
+    assert await store.cache_get("k", T0 + 25) == "b"
+
+
+async def test_budget_reservations_are_all_or_nothing_and_settle_into_spend(
+    store: Store, peer: Store
+) -> None:
+    run_claim = BudgetClaim("run", 400, 0.4, 1000, 1.0)
+    step_claim = BudgetClaim("step:a", 400, 0.4, 500, None)
+    await store.budget_reserve("r1", [run_claim, step_claim])
+    # The step scope is full (400 reserved + 400 > 500): neither scope is charged.
+    with pytest.raises(
+        BudgetExceeded, match=r"step:a token budget: 400 used or reserved \+ 400 estimated > 500"
+    ):
+        await peer.budget_reserve("r1", [run_claim, step_claim])
+    await peer.budget_settle(
+        "r1", [BudgetSettle("run", 400, 0.4, 30, 0.03), BudgetSettle("step:a", 400, 0.4, 30, 0.03)]
+    )
+    ledger = {e.scope: e for e in await store.budget_ledger("r1")}
+    assert ledger["run"] == LedgerEntry("run", 0, 0.0, 30, pytest.approx(0.03))
+    assert ledger["step:a"].reserved_tokens == 0 and ledger["step:a"].spent_tokens == 30
+    await store.budget_reserve("r1", [BudgetClaim("run", 900, 0.9, 1000, 1.0)])
+    with pytest.raises(BudgetExceeded, match=r"run USD budget: \$0\.930000 used or reserved \+ \$0\.100000"):
+        await store.budget_reserve("r1", [BudgetClaim("run", 10, 0.1, None, 1.0)])
+    assert await store.budget_ledger("other") == []
+
+
+# -- SQLite only --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "baton.db"
+
+
+async def test_sqlite_survives_reopening(db_path: Path) -> None:
+    first = SQLiteStore(db_path)
+    await first.open()
+    run = await new_run(first)
+    w = await worker(first)
+    (a,) = await w.claim(T0)
+    await w.finish(ok(a, T0 + 1, run, output={"kept": True}), claim=1)
+    (job,) = await first.enqueue([NewJob("echo", {"n": 1}, unique_key="once")], T0)
+    await first.close()
+
+    second = SQLiteStore(db_path)
+    await second.open()
+    try:
+        record = await second.get_run("run1")
+        assert record.plan is not None
+        assert (record.status, record.plan["name"], record.running, record.unfinished) == (
+            R.RUNNING,
+            "plan-run1",
+            1,
+            2,
+        )
+        a_step, b_step, c_step = await second.get_steps("run1")
+        assert (a_step.status, a_step.output) == (S.SUCCEEDED, {"kept": True})
+        assert (b_step.status, b_step.lease_owner) == (S.RUNNING, "w1")
+        assert (c_step.status, c_step.waiting) == (S.PENDING, 1)
+        assert [(x.step_id, x.status) for x in await second.get_attempts("run1")] == [("a", "succeeded")]
+        (again,) = await second.enqueue([NewJob("echo", {"n": 2}, unique_key="once")], T0 + 1)
+        assert again.duplicate and again.id == job.id
+    finally:
+        await second.close()
+
+
+async def test_sqlite_uses_wal(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    await store.open()
+    try:
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        with sqlite3.connect(db_path) as other:
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+    finally:
+        await store.close()
+
+
+async def test_sqlite_migrations_are_versioned_and_applied_once(db_path: Path) -> None:
+    latest = max(number for number, _ in load_migrations("baton.store.sqlite"))
+    store = SQLiteStore(db_path)
+    await store.open()
+    await new_run(store)
+    await store.close()
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == latest
+
+    for _ in range(2):  # re-opening applies nothing again (and loses nothing)
+        again = SQLiteStore(db_path)
+        await again.open()
+        try:
+            assert again.db.execute("PRAGMA user_version").fetchone()[0] == latest
+            assert [r.id for r in await again.list_runs()] == ["run1"]
+            assert await statuses(again) == {"a": S.READY, "b": S.PENDING, "c": S.PENDING}
+        finally:
+            await again.close()
+
+
+async def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    store = SQLiteStore(path)
+    with pytest.raises(StoreError):
+        await store.open()
+    with pytest.raises(StoreError):
+        await store.list_runs()
+
+
+def _version_4_database(path: Path) -> None:
+    """A database as baton wrote it before the queue (migrations 1 to 4)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        for number, statements in load_migrations("baton.store.sqlite"):
+            if number <= 4:
+                for statement in statements:
+                    db.execute(statement)
+        db.execute("PRAGMA user_version = 4")
+    finally:
+        db.close()
+
+
+def _v4_run(
+    db: sqlite3.Connection,
+    run_id: str,
+    status: str,
+    graph: dict[str, list[str]],
+    steps: list[tuple[str, int, str | None, str | None]],  # (status, attempt, lease owner, output)
+    step_base: int,
+    policy: dict[str, Any] | None = None,
+) -> None:
+    plan = {
+        "name": run_id,
+        "policy": policy or {},
+        "steps": [{"id": s, "task": "echo", **({"needs": n} if n else {})} for s, n in graph.items()],
+    }
+    owner = "gone-host:1:abc" if status == "running" else None
+    db.execute(
+        "INSERT INTO runs (id, name, status, plan, workdir, created_at, started_at, owner,"
+        " lease_expires_at, total_steps, step_base) VALUES (?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)",
+        (
+            run_id,
+            run_id,
+            status,
+            json.dumps(plan),
+            T0,
+            T0 if owner else None,
+            owner,
+            T0 + LEASE if owner else None,
+            len(graph),
+            step_base,
+        ),
+    )
+    ids = list(graph)
+    waves: dict[str, int] = {}
+    for s in ids:
+        waves[s] = max((waves[n] + 1 for n in graph[s]), default=0)
+    for i, (s, (st, attempt, lease_owner, output)) in enumerate(zip(ids, steps, strict=True)):
+        db.execute(
+            "INSERT INTO steps (id, run_id, idx, step_id, task, wave, status, attempt, lease_owner,"
+            " output, started_at, finished_at) VALUES (?, ?, ?, ?, 'echo', ?, ?, ?, ?, ?, ?, ?)",
+            (
+                step_base + i,
+                run_id,
+                i,
+                s,
+                waves[s],
+                st,
+                attempt,
+                lease_owner,
+                output,
+                T0 if attempt else None,
+                T0 + 1 if st == "succeeded" else None,
+            ),
+        )
+        if st == "succeeded":
+            db.execute(
+                "INSERT INTO attempts (step, attempt, status, started_at, finished_at, owner)"
+                " VALUES (?, ?, 'succeeded', ?, ?, ?)",
+                (step_base + i, attempt, T0, T0 + 1, "gone-host:1:abc"),
+            )
+
+
+DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d"]}
+
+
+async def test_sqlite_migrates_a_version_4_database_with_a_run_in_flight(db_path: Path) -> None:
+    _version_4_database(db_path)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        # a succeeded, b running (its process is gone), c ready, d and e waiting
+        _v4_run(
+            db,
+            "old1",
+            "running",
+            DIAMOND,
+            [
+                ("succeeded", 1, None, '"A"'),
+                ("running", 1, "gone-host:1:abc", None),
+                ("ready", 0, None, None),
+                ("pending", 0, None, None),
+                ("pending", 0, None, None),
+            ],
+            step_base=1,
+            policy={"max_parallel": 3},
+        )
+    finally:
+        db.close()
+
+    store = SQLiteStore(db_path)
+    await store.open()
+    try:
+        latest = max(number for number, _ in load_migrations("baton.store.sqlite"))
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == latest
+        record = await store.get_run("old1")
+        assert (record.status, record.started_at, record.max_parallel) == (R.RUNNING, T0, 3)
+        assert (record.running, record.unfinished) == (1, 4)
+        steps = {s.step_id: s for s in await store.get_steps("old1")}
+        assert {k: (s.status, s.waiting) for k, s in steps.items()} == {
+            "a": (S.SUCCEEDED, 0),
+            "b": (S.RUNNING, 0),
+            "c": (S.READY, 0),
+            "d": (S.PENDING, 2),
+            "e": (S.PENDING, 1),
+        }
+        assert steps["a"].output == "A"
+        assert [(x.step_id, x.status) for x in await store.get_attempts("old1")] == [("a", "succeeded")]
+
+        # the run goes on: b's holder is gone, so the sweep rescues it; then to the end
+        run = Run.of("old1", DIAMOND)
+        now = T0 + 1000
+        w = await worker(store, "w-new", now=now)
+        assert await store.sweep(now) == [steps["b"].id]
+        claims = by_idx(await w.claim(now), run)
+        assert sorted(claims) == ["b", "c"]
+        assert (claims["b"].attempt, claims["c"].attempt) == (2, 1)
+        result = await w.finish(ok(claims["b"], now + 1, run), ok(claims["c"], now + 1, run), claim=10)
+        assert run.names(result.claimed) == ["d"]
+        result = await w.finish(ok(result.claimed[0], now + 2, run), claim=10)
+        assert run.names(result.claimed) == ["e"]
+        result = await w.finish(ok(result.claimed[0], now + 3, run))
+        assert result.ended == {"old1": R.COMPLETED}
+        assert [(x.step_id, x.attempt, x.status) for x in await store.get_attempts("old1")] == [
+            ("a", 1, "succeeded"),
+            ("b", 1, "lost"),
+            ("b", 2, "succeeded"),
+            ("c", 1, "succeeded"),
+            ("d", 1, "succeeded"),
+            ("e", 1, "succeeded"),
+        ]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_migrates_a_version_4_run_that_had_not_started(db_path: Path) -> None:
+    """Before the queue, every step of a new run was written pending (its process worked out
+    which could start). After the migration, its first steps must be claimable."""
+    _version_4_database(db_path)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        _v4_run(
+            db,
+            "old2",
+            "pending",
+            {"x": [], "y": ["x"]},
+            [("pending", 0, None, None), ("pending", 0, None, None)],
+            step_base=1,
+        )
+    finally:
+        db.close()
+
+    store = SQLiteStore(db_path)
+    await store.open()
+    try:
+        record = await store.get_run("old2")
+        assert (record.status, record.running, record.unfinished) == (R.PENDING, 0, 2)
+        assert [(s.step_id, s.waiting) for s in await store.get_steps("old2")] == [("x", 0), ("y", 1)]
+        w = await worker(store, now=T0 + 1000)
+        claims = await w.claim(T0 + 1000)
+        assert [(c.run_id, c.idx) for c in claims] == [("old2", 0)]
+    finally:
+        await store.close()
+
+
+def test_store_for_urls(tmp_path: Path) -> None:
+    assert isinstance(store_for("memory://"), MemoryStore)
+    by_url = store_for(f"sqlite:///{tmp_path}/a.db")
+    assert isinstance(by_url, SQLiteStore) and by_url.path == tmp_path / "a.db"
+    by_path = store_for(str(tmp_path / "b.db"))
+    assert isinstance(by_path, SQLiteStore) and by_path.path == tmp_path / "b.db"
+
+
+def test_database_urls_choose_the_store_and_its_durability(tmp_path: Path) -> None:
+    plain = store_for(str(tmp_path / "a.db"))
+    full = store_for(f"sqlite:///{tmp_path / 'b.db'}?synchronous=full")
+    assert isinstance(plain, SQLiteStore) and isinstance(full, SQLiteStore)
+    plain.open_sync()
+    full.open_sync()
+    try:
+        # PRAGMA synchronous: 1 is NORMAL, 2 is FULL.
+        assert plain.db.execute("PRAGMA synchronous").fetchone()[0] == 1
+        assert full.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        plain.db.close()
+        full.db.close()
+    with pytest.raises(UsageError, match="the one option is synchronous"):
+        store_for(f"sqlite:///{tmp_path / 'c.db'}?synchronous=sometimes")
+    with pytest.raises(UsageError, match="unsupported database URL scheme 'mysql'"):
+        store_for("mysql://localhost/x")
+
+
+# -- PostgreSQL only ----------------------------------------------------------------------
+
+
+def test_postgres_urls_choose_the_postgres_store() -> None:
+    from baton.store.postgres import PostgresStore
+
+    pg = store_for("postgresql://u@db.example:5432/baton?schema=jobs&sslmode=require")
+    assert isinstance(pg, PostgresStore)
+    # baton's option (schema) is taken out; libpq's (sslmode) go to the connection.
+    assert pg.url == "postgresql://u@db.example:5432/baton?sslmode=require&schema=jobs"
+    assert isinstance(store_for("postgres://localhost/db"), PostgresStore)
+
+
+async def test_an_unreachable_postgres_is_a_clear_store_error() -> None:
+    from baton.store.postgres import PostgresStore
+
+    store = PostgresStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout_s=1)
+    with pytest.raises(
+        StoreError, match=r"cannot connect to PostgreSQL at postgresql://nobody@127\.0\.0\.1:1"
+    ):
+        await store.open()
+
+
+def _with_option(url: str, option: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{option}"
+
+
+async def test_postgres_keeps_its_pool_bounded_under_load(pg_schema: str) -> None:
+    """200 calls at once through a pool of 3 connections: all are served (they wait for a
+    connection), and the store never holds more than 3."""
+    from baton.store.postgres import PostgresStore
+
+    app = f"baton_pool_{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(_with_option(PG_URL, f"application_name={app}"), schema=pg_schema, pool_size=3)
+    await store.open()
+    seen: list[int] = []
+    try:
+        await new_run(store, graph={f"s{i}": [] for i in range(20)}, max_parallel=100)
+        await worker(store)
+        async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as probe:
+            done = asyncio.Event()
+
+            async def sample() -> None:
+                while not done.is_set():
+                    cur = await probe.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None
+                    seen.append(int(row[0]))
+                    await asyncio.sleep(0.002)
+
+            async def load() -> list[Any]:
+                calls: list[Awaitable[Any]] = []
+                for i in range(50):
+                    calls.append(store.enqueue([NewJob("echo", {"n": i})], T0))
+                    calls.append(store.get_run("run1", with_plan=False))
+                    calls.append(store.turn(Turn("w1", T0, claim=1)))
+                    calls.append(store.cache_put(f"k{i}", "v", T0, None))
+                try:
+                    return await asyncio.gather(*calls)
+                finally:
+                    done.set()
+
+            _, results = await asyncio.gather(sample(), load())
+        assert len(results) == 200
+        claimed = [c for r in results if isinstance(r, TurnResult) for c in r.claimed]
+        assert len(claimed) == 50 and len({c.id for c in claimed}) == 50  # no job claimed twice
+        assert len(await store.list_jobs(limit=100)) == 50
+    finally:
+        await store.close()
+    assert seen and max(seen) <= 3
+
+
+async def test_postgres_schemas_keep_stores_apart(pg_schema: str) -> None:
+    from baton.store.postgres import PostgresStore
+
+    other_schema = f"{pg_schema}_other"
+    mine = PostgresStore(PG_URL, schema=pg_schema)
+    theirs = PostgresStore(PG_URL, schema=other_schema)
+    try:
+        await mine.open()
+        await theirs.open()
+        await new_run(mine)
+        (job,) = await theirs.enqueue([NewJob("echo", {})], T0)
+        assert [r.id for r in await mine.list_runs()] == ["run1"]
+        assert await theirs.list_runs() == []
+        with pytest.raises(NotFound):
+            await theirs.get_run("run1")
+        assert await mine.list_jobs() == []
+        w = await worker(mine)
+        claims = await w.claim(T0)
+        assert [(c.run_id, c.idx) for c in claims] == [("run1", 0)]  # not the other schema's job
+        assert (await theirs.get_job(job.id)).state == "available"
+        assert (await theirs.heartbeat("w1", T0, LEASE, [])).lost  # workers are per schema too
+    finally:
+        await mine.close()
+        await theirs.close()
+        async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{other_schema}" CASCADE')
+
+
+async def test_postgres_stores_starting_together_migrate_once(pg_schema: str) -> None:
+    from baton.store.postgres import PostgresStore
+
+    stores = [PostgresStore(PG_URL, schema=pg_schema, pool_size=1) for _ in range(8)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        await new_run(stores[0])
+        (job,) = await stores[1].enqueue([NewJob("echo", {})], T0)
+        for s in stores:
+            assert [r.id for r in await s.list_runs()] == ["run1"]
+            assert (await s.get_job(job.id)).state == "available"
+    finally:
+        for s in stores:
+            await s.close()
+    again = PostgresStore(PG_URL, schema=pg_schema)
+    await again.open()  # nothing left to apply, nothing lost
+    try:
+        assert await statuses(again) == {"a": S.READY, "b": S.PENDING, "c": S.PENDING}
+    finally:
+        await again.close()

@@ -86,29 +86,32 @@ SELECT id FROM runs WHERE id = ANY(%(ids)s::text[]) ORDER BY id FOR UPDATE;
 -- A turn is assembled from the fragments below: "<part>_ctes" are WITH-list entries and
 -- "<part>_rows" their share of one result set, (kind, id, run_id, idx, task, attempt, args,
 -- max_attempts, timeout_s, error, status, k1, k2, k3, queue), where kind is a(pplied
--- finish), e(nded run), c(laimed job) or n(otified).
+-- finish), e(nded run), c(laimed job), n(otified) or l(ost: the worker's lease lapsed).
 
 -- name: finish_jobs_ctes
--- Finished attempts of standalone jobs: fenced by holder and attempt, recorded.
-d AS (
-    SELECT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(status)s::text[],
-                         %(outcome)s::text[], %(output)s::text[], %(error)s::text[],
-                         %(started_at)s::float8[], %(finished_at)s::float8[],
-                         %(not_before)s::float8[], %(detail)s::text[])
-        AS d (id, attempt, status, outcome, output, error, started_at, finished_at, not_before,
-              detail)
-), fin AS (
+-- Finished attempts of standalone jobs: fenced by holder and attempt, recorded. `done` is a
+-- JSON object: job id -> {a: attempt, s: status, o: outcome, out: output, e: error,
+-- sa: started_at, fa: finished_at, nb: not_before, dt: detail, r: run id, sr: skip reason}.
+-- (Looked up by key rather than joined: a join of the batch with `steps` is at the mercy of
+-- row estimates, and a nested loop over the batch per row costs batch size squared.)
+fin AS (
     UPDATE steps s
-    SET status = d.status, output = d.output, error = d.error, finished_at = d.finished_at,
-        not_before = d.not_before, lease_owner = NULL
-    FROM d
-    WHERE s.id = ANY(%(id)s::bigint[]) AND s.id = d.id AND s.status = 'running'
-      AND s.attempt = d.attempt AND s.lease_owner = %(owner)s
-    RETURNING s.id
+    SET status = %(done)s::jsonb -> s.id::text ->> 's',
+        output = %(done)s::jsonb -> s.id::text ->> 'out',
+        error = %(done)s::jsonb -> s.id::text ->> 'e',
+        finished_at = (%(done)s::jsonb -> s.id::text ->> 'fa')::float8,
+        not_before = (%(done)s::jsonb -> s.id::text ->> 'nb')::float8,
+        lease_owner = NULL
+    WHERE s.id = ANY(%(done_ids)s::bigint[]) AND s.status = 'running'
+      AND s.lease_owner = %(owner)s
+      AND s.attempt = (%(done)s::jsonb -> s.id::text ->> 'a')::int
+      AND s.run_id IS NOT DISTINCT FROM %(done)s::jsonb -> s.id::text ->> 'r'
+    RETURNING s.id, s.run_id, s.status, s.attempt
 ), recorded AS (
     INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
-    SELECT d.id, d.attempt, d.outcome, d.started_at, d.finished_at, d.error, %(owner)s, d.detail
-    FROM d JOIN fin ON fin.id = d.id
+    SELECT fin.id, fin.attempt, v.d ->> 'o', (v.d ->> 'sa')::float8, (v.d ->> 'fa')::float8,
+           v.d ->> 'e', %(owner)s, v.d ->> 'dt'
+    FROM fin, LATERAL (SELECT %(done)s::jsonb -> fin.id::text AS d) v
     ON CONFLICT (step, attempt) DO UPDATE
     SET status = excluded.status, started_at = excluded.started_at,
         finished_at = excluded.finished_at, error = excluded.error, owner = excluded.owner,
@@ -123,46 +126,44 @@ SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS task, 0 AS
 FROM fin
 
 -- name: finish_steps
--- Finished attempts of any jobs, with what they do to their runs: dependents unblocked
--- (ready at 0 needs left) or skipped, and the runs' counters. The runs are locked already
--- (lock_runs, an earlier statement of the same transaction), so this statement's snapshot
--- is the truth about their steps.
-WITH d AS (
-    SELECT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(status)s::text[],
-                         %(outcome)s::text[], %(output)s::text[], %(error)s::text[],
-                         %(started_at)s::float8[], %(finished_at)s::float8[],
-                         %(not_before)s::float8[], %(detail)s::text[], %(skip_reason)s::text[])
-        AS d (id, attempt, status, outcome, output, error, started_at, finished_at, not_before,
-              detail, skip_reason)
-), fin AS (
+-- Finished attempts of any jobs (`done` as in finish_jobs_ctes), with what they do to their
+-- runs: dependents unblocked (ready at 0 needs left) or skipped, and the runs' counters. The
+-- runs are locked already (lock_runs, an earlier statement of the same transaction), so this
+-- statement's snapshot is the truth about their steps.
+WITH fin AS (
     UPDATE steps s
-    SET status = d.status, output = d.output, error = d.error, finished_at = d.finished_at,
-        not_before = d.not_before, lease_owner = NULL
-    FROM d
-    WHERE s.id = ANY(%(id)s::bigint[]) AND s.id = d.id AND s.status = 'running'
-      AND s.attempt = d.attempt AND s.lease_owner = %(owner)s
-    RETURNING s.id, s.run_id, s.status
+    SET status = %(done)s::jsonb -> s.id::text ->> 's',
+        output = %(done)s::jsonb -> s.id::text ->> 'out',
+        error = %(done)s::jsonb -> s.id::text ->> 'e',
+        finished_at = (%(done)s::jsonb -> s.id::text ->> 'fa')::float8,
+        not_before = (%(done)s::jsonb -> s.id::text ->> 'nb')::float8,
+        lease_owner = NULL
+    WHERE s.id = ANY(%(done_ids)s::bigint[]) AND s.status = 'running'
+      AND s.lease_owner = %(owner)s
+      AND s.attempt = (%(done)s::jsonb -> s.id::text ->> 'a')::int
+      AND s.run_id IS NOT DISTINCT FROM %(done)s::jsonb -> s.id::text ->> 'r'
+    RETURNING s.id, s.run_id, s.status, s.attempt
 ), recorded AS (
     INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
-    SELECT d.id, d.attempt, d.outcome, d.started_at, d.finished_at, d.error, %(owner)s, d.detail
-    FROM d JOIN fin ON fin.id = d.id
+    SELECT fin.id, fin.attempt, v.d ->> 'o', (v.d ->> 'sa')::float8, (v.d ->> 'fa')::float8,
+           v.d ->> 'e', %(owner)s, v.d ->> 'dt'
+    FROM fin, LATERAL (SELECT %(done)s::jsonb -> fin.id::text AS d) v
     ON CONFLICT (step, attempt) DO UPDATE
     SET status = excluded.status, started_at = excluded.started_at,
         finished_at = excluded.finished_at, error = excluded.error, owner = excluded.owner,
         detail = excluded.detail
 ), deps AS (
     -- per dependent: how many of its needs succeeded now, and whether one did not
-    SELECT fin.run_id, x.idx,
+    SELECT x.run_id, x.idx,
            COUNT(*) FILTER (WHERE NOT x.skip) AS unblocked,
            BOOL_OR(x.skip) AS skip,
-           (ARRAY_AGG(COALESCE(d.skip_reason, 'a step it needs did not succeed') ORDER BY x.ord)
+           (ARRAY_AGG(COALESCE(%(done)s::jsonb -> x.done::text ->> 'sr',
+                               'a step it needs did not succeed') ORDER BY x.ord)
                FILTER (WHERE x.skip))[1] AS reason
-    FROM unnest(%(dep_of)s::bigint[], %(dep_idx)s::int[], %(dep_skip)s::bool[])
-             WITH ORDINALITY AS x (done, idx, skip, ord)
-    JOIN fin ON fin.id = x.done
-    JOIN d ON d.id = x.done
-    WHERE fin.run_id IS NOT NULL
-    GROUP BY fin.run_id, x.idx
+    FROM unnest(%(dep_of)s::bigint[], %(dep_run)s::text[], %(dep_idx)s::int[],
+                %(dep_skip)s::bool[]) WITH ORDINALITY AS x (done, run_id, idx, skip, ord)
+    WHERE x.done = ANY(ARRAY(SELECT id FROM fin))
+    GROUP BY x.run_id, x.idx
 ), marked AS (
     UPDATE steps s
     SET waiting = s.waiting - deps.unblocked,
@@ -204,7 +205,7 @@ WITH d AS (
 SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS status FROM fin
 UNION ALL
 SELECT 'm', 0, run_id, idx, status FROM marked
-WHERE was = 'pending' AND status IN ('ready', 'skipped')
+WHERE was = 'pending' AND (status = 'skipped' OR (status = 'ready' AND %(report)s))
 UNION ALL
 SELECT 'n', 0, NULL, 0, NULL FROM finish_notified;
 
@@ -231,17 +232,21 @@ SELECT 'e' AS kind, 0::bigint AS id, id AS run_id, 0 AS idx, NULL::text AS task,
 FROM ended
 
 -- name: claim_ctes
--- Up to n attempts: first the ready steps of runs with free slots (oldest run first; in a
+-- Up to n attempts, for a worker whose lease holds: first the ready steps of runs with free slots (oldest run first; in a
 -- run, highest priority, longest remaining path first; a barrier run only its lowest
 -- unfinished wave), then standalone jobs (per queue in the worker's order, or any queue;
 -- highest priority, then oldest; scheduled jobs that are due count as available, and those
--- not claimed become so). Runs are locked SKIP LOCKED: a run another worker is claiming from
+-- not claimed become so; all that only when the turn asks for jobs). Runs are locked SKIP LOCKED: a run another worker is claiming from
 -- or finishing in is passed over, never waited for; a locked run's steps change only under
 -- its lock, so they need no row locks of their own before the update. Jobs are locked SKIP
 -- LOCKED themselves.
-due AS (
+live AS (
+    -- a worker whose lease lapsed claims nothing (others may have taken its jobs over)
+    SELECT EXISTS (SELECT 1 FROM workers WHERE id = %(owner)s AND expires_at >= %(now)s) AS ok
+), due AS (
     SELECT id, queue, task, priority FROM steps
-    WHERE run_id IS NULL AND status = 'pending' AND not_before <= %(now)s
+    WHERE %(jobs)s AND (SELECT ok FROM live)
+      AND run_id IS NULL AND status = 'pending' AND not_before <= %(now)s
     ORDER BY not_before
     FOR UPDATE SKIP LOCKED
 ), open_runs AS (
@@ -252,7 +257,8 @@ due AS (
                  AND w.status NOT IN ('succeeded', 'failed', 'skipped', 'cancelled'))
            END AS wave_cap
     FROM runs r
-    WHERE r.status IN ('pending', 'running') AND r.running < r.max_parallel AND r.unfinished > 0
+    WHERE (SELECT ok FROM live)
+      AND r.status IN ('pending', 'running') AND r.running < r.max_parallel AND r.unfinished > 0
       AND (%(queues)s::text[] IS NULL OR r.queue = ANY(%(queues)s::text[]))
       AND EXISTS (
           SELECT 1 FROM steps s
@@ -295,7 +301,7 @@ due AS (
     WHERE r.id = c.run_id
 ), any_queue AS (
     SELECT s.id, s.priority, 0::bigint AS ord FROM steps s
-    WHERE %(queues)s::text[] IS NULL
+    WHERE %(queues)s::text[] IS NULL AND %(jobs)s AND (SELECT ok FROM live)
       AND s.run_id IS NULL AND s.status IN ('ready', 'retrying')
       AND (s.not_before IS NULL OR s.not_before <= %(now)s)
       AND (%(tasks)s::text[] IS NULL OR s.task = ANY(%(tasks)s::text[]))
@@ -305,6 +311,7 @@ due AS (
 ), by_queue AS (
     SELECT j.id, j.priority, q.ord
     FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q (name, ord)
+    JOIN live ON live.ok AND %(jobs)s
     CROSS JOIN LATERAL (
         SELECT s.id, s.priority FROM steps s
         WHERE s.run_id IS NULL AND s.queue = q.name AND s.status IN ('ready', 'retrying')
@@ -367,6 +374,9 @@ FROM claimed_jobs
 UNION ALL
 SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM claim_notified
+UNION ALL
+SELECT 'l', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM live WHERE NOT ok
 
 -- workers ---------------------------------------------------------------------------------
 

@@ -311,7 +311,7 @@ class PostgresStore:
         claim = turn.claim > 0
         params: dict[str, Any] = {"owner": turn.owner, "now": turn.now, "channel": self.channel}
         if claim:
-            params.update(n=turn.claim, queues=turn.queues, tasks=turn.tasks)
+            params.update(n=turn.claim, queues=turn.queues, tasks=turn.tasks, jobs=turn.jobs)
         if done:
             params.update(_done_params(done, with_runs=bool(runs)))
         rows: list[Row] = []
@@ -328,7 +328,7 @@ class PostgresStore:
                 # Steps of runs: lock the runs (id order), finish (the dependents they make
                 # ready or skipped, the runs' counters), then end runs and claim, seeing the
                 # finishes. Pipelined: one implicit transaction, one round trip.
-                params.update(ids=runs, claimless=not claim)
+                params.update(ids=runs, claimless=not claim, report=turn.report)
                 finish, tail = conn.cursor(), conn.cursor()
                 async with conn.pipeline():
                     await conn.execute(Q["lock_runs"], {"ids": runs})
@@ -355,6 +355,8 @@ class PostgresStore:
                 result.ended[r["run_id"]] = RunStatus(r["status"])
             elif kind == "n":
                 result.left_ready = True
+            elif kind == "l":
+                result.lost = True
         result.rejected = [d.id for d in turn.done if d.id not in applied] if done else []
         steps.sort(key=lambda c: c[:-1])
         jobs.sort(key=lambda c: c[:-1])
@@ -706,21 +708,31 @@ class PostgresStore:
 
 
 def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
-    """Finished attempts as the arrays of ``finish_jobs``/``finish_steps``."""
+    """Finished attempts as the parameters of ``finish_jobs_ctes``/``finish_steps``."""
     params: dict[str, Any] = {
-        "id": [d.id for d in done],
-        "attempt": [d.attempt for d in done],
-        "status": [str(d.status) for d in done],
-        "outcome": [d.outcome for d in done],
-        "output": [d.output for d in done],
-        "error": [d.error for d in done],
-        "started_at": [d.started_at for d in done],
-        "finished_at": [d.finished_at for d in done],
-        "not_before": [d.not_before for d in done],
-        "detail": [d.detail for d in done],
+        "done_ids": [d.id for d in done],
+        "done": json.dumps(
+            {
+                str(d.id): {
+                    "a": d.attempt,
+                    "s": str(d.status),
+                    "o": d.outcome,
+                    "out": d.output,
+                    "e": d.error,
+                    "sa": d.started_at,
+                    "fa": d.finished_at,
+                    "nb": d.not_before,
+                    "dt": d.detail,
+                    "r": d.run_id,
+                    "sr": d.skip_reason,
+                }
+                for d in done
+            }
+        ),
     }
     if with_runs:
         dep_of: list[int] = []
+        dep_run: list[str] = []
         dep_idx: list[int] = []
         dep_skip: list[bool] = []
         for d in done:
@@ -733,11 +745,10 @@ def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
             else:
                 continue
             dep_of.extend([d.id] * len(deps))
+            dep_run.extend([d.run_id] * len(deps))
             dep_idx.extend(deps)
             dep_skip.extend([skip] * len(deps))
-        params.update(
-            skip_reason=[d.skip_reason for d in done], dep_of=dep_of, dep_idx=dep_idx, dep_skip=dep_skip
-        )
+        params.update(dep_of=dep_of, dep_run=dep_run, dep_idx=dep_idx, dep_skip=dep_skip)
     return params
 
 

@@ -66,8 +66,17 @@ SELECT run_id, idx FROM steps WHERE id IN (SELECT value FROM json_each(?)) AND s
 UPDATE steps SET status = 'skipped', error = ?, finished_at = ? WHERE id = ? AND status = 'pending';
 
 -- name: count_run
-UPDATE runs SET running = MAX(0, running - ?), unfinished = unfinished - ?, failed = failed + ?
-WHERE id = ?
+-- A turn's effect on a run: steps done (slots freed), finished for good, failed, claimed.
+UPDATE runs SET
+    running = MAX(0, running - :done + :claimed),
+    unfinished = unfinished - :finished,
+    failed = failed + :failed,
+    status = CASE WHEN :claimed > 0 AND status = 'pending' THEN 'running' ELSE status END,
+    started_at = CASE WHEN :claimed > 0 THEN COALESCE(started_at, :now) ELSE started_at END,
+    deadline = CASE WHEN :claimed > 0 AND run_timeout_s IS NOT NULL
+                    THEN COALESCE(deadline, COALESCE(started_at, :now) + run_timeout_s)
+                    ELSE deadline END
+WHERE id = :id
 RETURNING unfinished, failed, status, step_base, total_steps;
 
 -- name: failed_steps
@@ -85,7 +94,7 @@ WHERE run_id IS NULL AND status = 'pending' AND not_before <= ?;
 SELECT id, step_base, step_base + total_steps - 1 AS step_last, max_parallel - running AS free,
        barrier
 FROM runs
-WHERE status IN ('pending', 'running') AND running < max_parallel AND unfinished > 0
+WHERE status IN ('pending', 'running') AND unfinished > 0
   AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
 ORDER BY created_at LIMIT 64;
 
@@ -109,13 +118,6 @@ ORDER BY priority DESC, rank DESC, id LIMIT :n;
 UPDATE steps SET status = 'running', attempt = attempt + 1, lease_owner = ?, started_at = ?,
        finished_at = NULL, not_before = NULL
 WHERE id = ? AND status IN ('ready', 'retrying');
-
--- name: start_run_slots
-UPDATE runs SET running = running + ?, status = 'running',
-       started_at = COALESCE(started_at, ?),
-       deadline = CASE WHEN run_timeout_s IS NULL THEN NULL
-                       ELSE COALESCE(deadline, COALESCE(started_at, ?) + run_timeout_s) END
-WHERE id = ?;
 
 -- name: ready_jobs_of_queue
 SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error

@@ -94,6 +94,7 @@ class SQLiteStore:
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._synchronous = synchronous
         self._db: sqlite3.Connection | None = None
+        self._json_cache: dict[int, tuple[list[str], str]] = {}
 
     # -- connection ------------------------------------------------------------------
 
@@ -248,20 +249,26 @@ class SQLiteStore:
 
     async def turn(self, turn: Turn) -> TurnResult:
         result = TurnResult()
+        # Per run: [steps done, steps finished for good, steps failed, steps claimed]; each
+        # run's counters move once, at the end of the turn.
+        counts: dict[str, list[int]] = {}
         with self._write() as db:
             if turn.done:
-                self._finish(db, turn, result)
+                self._finish(db, turn, result, counts)
             if turn.claim > 0:
                 live = db.execute(Q["worker_live"], (turn.owner, turn.now)).fetchone()
                 if live is None:
                     result.lost = True
                 else:
-                    self._claim(db, turn, result)
+                    self._claim(db, turn, result, counts)
+            for run_id, (done, finished, failed, claimed) in counts.items():
+                self._count(db, run_id, done, finished, failed, claimed, turn.now, result)
         return result
 
-    def _finish(self, db: sqlite3.Connection, turn: Turn, result: TurnResult) -> None:
+    def _finish(
+        self, db: sqlite3.Connection, turn: Turn, result: TurnResult, counts: dict[str, list[int]]
+    ) -> None:
         owner, now = turn.owner, turn.now
-        counts: dict[str, list[int]] = {}  # run -> [running, unfinished, failed] deltas
         attempts: list[tuple[Any, ...]] = []
         unblocked: list[int] = []
         rows = [
@@ -277,7 +284,7 @@ class SQLiteStore:
             )
             if d.run_id is None:
                 continue
-            c = counts.setdefault(d.run_id, [0, 0, 0])
+            c = counts.setdefault(d.run_id, [0, 0, 0, 0])
             c[0] += 1
             if d.status.terminal:
                 c[1] += 1
@@ -303,21 +310,28 @@ class SQLiteStore:
         if unblocked and turn.report:
             for row in db.execute(Q["now_ready"], (json.dumps(unblocked),)):
                 result.marked.append((row["run_id"], row["idx"], StepStatus.READY))
-        for run_id, (running, finished, failed) in counts.items():
-            self._count(db, run_id, running, finished, failed, now, result)
 
     def _count(
         self,
         db: sqlite3.Connection,
         run_id: str,
-        running: int,
+        done: int,
         finished: int,
         failed: int,
+        claimed: int,
         now: float,
         result: TurnResult,
     ) -> None:
         """Move a run's counters; the run ends when nothing of it is left unfinished."""
-        row = db.execute(Q["count_run"], (running, finished, failed, run_id)).fetchone()
+        params = {
+            "id": run_id,
+            "done": done,
+            "finished": finished,
+            "failed": failed,
+            "claimed": claimed,
+            "now": now,
+        }
+        row = db.execute(Q["count_run"], params).fetchone()
         if row is None or row["unfinished"] > 0 or row["status"] not in ("pending", "running", "paused"):
             return
         if row["failed"]:
@@ -329,15 +343,29 @@ class SQLiteStore:
         db.execute(Q["end_run"], (str(status), error, now, run_id))
         result.ended[run_id] = status
 
-    def _claim(self, db: sqlite3.Connection, turn: Turn, result: TurnResult) -> None:
+    def _encoded(self, names: list[str] | None) -> str | None:
+        """A worker's task or queue list as a JSON parameter (kept: it is the same list each turn)."""
+        if names is None:
+            return None
+        cached = self._json_cache.get(id(names))
+        if cached is None or cached[0] is not names:
+            cached = (names, json.dumps(names))
+            self._json_cache[id(names)] = cached
+        return cached[1]
+
+    def _claim(
+        self, db: sqlite3.Connection, turn: Turn, result: TurnResult, counts: dict[str, list[int]]
+    ) -> None:
         owner, now = turn.owner, turn.now
         left = turn.claim
-        tasks = json.dumps(turn.tasks) if turn.tasks is not None else None
-        queues = json.dumps(turn.queues) if turn.queues is not None else None
+        tasks, queues = self._encoded(turn.tasks), self._encoded(turn.queues)
         for run in db.execute(Q["runs_with_slots"], {"queues": queues}).fetchall():
             if left <= 0:
                 break
-            n = min(left, run["free"])
+            c = counts.get(run["id"])
+            n = min(left, run["free"] + (c[0] if c else 0))  # c[0]: slots this turn freed
+            if n <= 0:
+                continue
             params = {"run": run["id"], "now": now, "tasks": tasks, "n": n}
             if run["barrier"]:
                 params.update(first=run["step_base"], last=run["step_last"])
@@ -347,8 +375,8 @@ class SQLiteStore:
             if not rows:
                 continue
             db.executemany(Q["claim_step"], [(owner, now, r["id"]) for r in rows])
-            db.execute(Q["start_run_slots"], (len(rows), now, now, run["id"]))
             run_id = run["id"]
+            counts.setdefault(run_id, [0, 0, 0, 0])[3] += len(rows)
             result.claimed.extend(
                 Claimed(
                     r["id"], run_id, r["idx"], r["task"], r["attempt"] + 1, now, previous_error=r["error"]
@@ -471,7 +499,7 @@ class SQLiteStore:
                 c[1] += 1 if stop else 0
         result = TurnResult()
         for run_id, (running, finished) in counts.items():
-            self._count(db, run_id, running, finished, 0, now, result)
+            self._count(db, run_id, running, finished, 0, 0, now, result)
 
     async def list_workers(self) -> list[WorkerRecord]:
         return [worker_from_row(r) for r in self.db.execute(Q["list_workers"])]
