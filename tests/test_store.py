@@ -36,7 +36,6 @@ from baton.store import (
     Claimed,
     Done,
     JobRecord,
-    LedgerEntry,
     MemoryStore,
     NewJob,
     RunRecord,
@@ -611,7 +610,7 @@ async def test_a_failure_skips_what_follows_and_fails_the_run(store: Store) -> N
     assert (steps["fetch"].status, steps["fetch"].error) == (S.FAILED, "HTTP 500")
     for name in ("parse", "load", "log"):
         assert steps[name].status is S.SKIPPED
-        assert steps[name].error and "fetch" in steps[name].error
+        assert "fetch" in (steps[name].error or "")
         assert steps[name].finished_at == T0 + 1
     # the independent step still runs; the run ends when it does
     record = await store.get_run("run1")
@@ -1402,7 +1401,9 @@ async def test_budget_reservations_are_all_or_nothing_and_settle_into_spend(
         "r1", [BudgetSettle("run", 400, 0.4, 30, 0.03), BudgetSettle("step:a", 400, 0.4, 30, 0.03)]
     )
     ledger = {e.scope: e for e in await store.budget_ledger("r1")}
-    assert ledger["run"] == LedgerEntry("run", 0, 0.0, 30, pytest.approx(0.03))
+    run_entry = ledger["run"]
+    assert (run_entry.reserved_tokens, run_entry.reserved_usd, run_entry.spent_tokens) == (0, 0.0, 30)
+    assert run_entry.spent_usd == pytest.approx(0.03)
     assert ledger["step:a"].reserved_tokens == 0 and ledger["step:a"].spent_tokens == 30
     await store.budget_reserve("r1", [BudgetClaim("run", 900, 0.9, 1000, 1.0)])
     with pytest.raises(BudgetExceeded, match=r"run USD budget: \$0\.930000 used or reserved \+ \$0\.100000"):
@@ -1766,7 +1767,7 @@ async def test_postgres_keeps_its_pool_bounded_under_load(pg_schema: str) -> Non
         assert len(await store.list_jobs(limit=100)) == 50
     finally:
         await store.close()
-    assert seen and max(seen) <= 3
+    assert 1 <= max(seen) <= 3, seen
 
 
 async def test_postgres_schemas_keep_stores_apart(pg_schema: str) -> None:
@@ -1798,11 +1799,16 @@ async def test_postgres_schemas_keep_stores_apart(pg_schema: str) -> None:
 
 
 async def test_postgres_stores_starting_together_migrate_once(pg_schema: str) -> None:
+    """Processes starting at once on a fresh schema: every one opens (creating the schema
+    and applying the migrations exactly once between them) and they share the data."""
     from baton.store.postgres import PostgresStore
 
-    stores = [PostgresStore(PG_URL, schema=pg_schema, pool_size=1) for _ in range(8)]
+    stores = [PostgresStore(PG_URL, schema=pg_schema, pool_size=1) for _ in range(12)]
     try:
-        await asyncio.gather(*(s.open() for s in stores))
+        # every open is awaited (no pool left half-open behind a failure) before checking
+        opened = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
+        errors = [str(e) for e in opened if isinstance(e, BaseException)]
+        assert not errors, errors
         await new_run(stores[0])
         (job,) = await stores[1].enqueue([NewJob("echo", {})], T0)
         for s in stores:

@@ -1,6 +1,7 @@
 -- Named queries of the PostgreSQL store. Each block starts with "-- name: <name>".
--- Batches go in as arrays (unnest) so one statement applies a whole worker turn, and guarded
--- updates say through RETURNING which rows they applied to.
+-- Batches go in as arrays (unnest) or a JSON object keyed by job id, so one statement
+-- applies a whole worker turn, and guarded updates say through RETURNING which rows they
+-- applied to.
 --
 -- Locking discipline (no deadlocks, no waits in claims): whoever changes a step of a run
 -- holds that run's row lock first (finishes, sweeps and control lock runs FOR UPDATE in id
@@ -125,34 +126,12 @@ SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS task, 0 AS
        NULL::text AS queue
 FROM fin
 
--- name: finish_steps
--- Finished attempts of any jobs (`done` as in finish_jobs_ctes), with what they do to their
--- runs: dependents unblocked (ready at 0 needs left) or skipped, and the runs' counters. The
--- runs are locked already (lock_runs, an earlier statement of the same transaction), so this
+-- name: finish_steps_ctes
+-- What finished steps (finish_jobs_ctes, which handles steps of runs too) do to their runs:
+-- dependents unblocked (ready at 0 needs left) or skipped, and the runs' counters. The runs
+-- are locked already (lock_runs, an earlier statement of the same transaction), so this
 -- statement's snapshot is the truth about their steps.
-WITH fin AS (
-    UPDATE steps s
-    SET status = %(done)s::jsonb -> s.id::text ->> 's',
-        output = %(done)s::jsonb -> s.id::text ->> 'out',
-        error = %(done)s::jsonb -> s.id::text ->> 'e',
-        finished_at = (%(done)s::jsonb -> s.id::text ->> 'fa')::float8,
-        not_before = (%(done)s::jsonb -> s.id::text ->> 'nb')::float8,
-        lease_owner = NULL
-    WHERE s.id = ANY(%(done_ids)s::bigint[]) AND s.status = 'running'
-      AND s.lease_owner = %(owner)s
-      AND s.attempt = (%(done)s::jsonb -> s.id::text ->> 'a')::int
-      AND s.run_id IS NOT DISTINCT FROM %(done)s::jsonb -> s.id::text ->> 'r'
-    RETURNING s.id, s.run_id, s.status, s.attempt
-), recorded AS (
-    INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
-    SELECT fin.id, fin.attempt, v.d ->> 'o', (v.d ->> 'sa')::float8, (v.d ->> 'fa')::float8,
-           v.d ->> 'e', %(owner)s, v.d ->> 'dt'
-    FROM fin, LATERAL (SELECT %(done)s::jsonb -> fin.id::text AS d) v
-    ON CONFLICT (step, attempt) DO UPDATE
-    SET status = excluded.status, started_at = excluded.started_at,
-        finished_at = excluded.finished_at, error = excluded.error, owner = excluded.owner,
-        detail = excluded.detail
-), deps AS (
+deps AS (
     -- per dependent: how many of its needs succeeded now, and whether one did not
     SELECT x.run_id, x.idx,
            COUNT(*) FILTER (WHERE NOT x.skip) AS unblocked,
@@ -202,12 +181,14 @@ WITH fin AS (
             OR EXISTS (SELECT 1 FROM fin WHERE run_id IS NOT NULL))
     ) x
 )
+
+-- name: finish_steps_rows
 SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS status FROM fin
 UNION ALL
 SELECT 'm', 0, run_id, idx, status FROM marked
 WHERE was = 'pending' AND (status = 'skipped' OR (status = 'ready' AND %(report)s))
 UNION ALL
-SELECT 'n', 0, NULL, 0, NULL FROM finish_notified;
+SELECT 'n', 0, NULL, 0, NULL FROM finish_notified
 
 -- name: end_runs_ctes
 -- Runs with nothing left unfinished end: failed if a step failed, completed otherwise.

@@ -15,13 +15,15 @@ schema (created if missing); tests give each test its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -71,19 +73,46 @@ _CLAIM = f"WITH {Q['claim_ctes']}\n{Q['claim_rows']}"
 _FINISH_JOBS_AND_CLAIM = (
     f"WITH {Q['finish_jobs_ctes']},\n{Q['claim_ctes']}\n{Q['finish_jobs_rows']}\nUNION ALL\n{Q['claim_rows']}"
 )
+_FINISH_STEPS = f"WITH {Q['finish_jobs_ctes']},\n{Q['finish_steps_ctes']}\n{Q['finish_steps_rows']}"
 _END_RUNS = f"WITH {Q['end_runs_ctes']}\n{Q['end_runs_rows']}"
 _END_RUNS_AND_CLAIM = (
     f"WITH {Q['end_runs_ctes']},\n{Q['claim_ctes']}\n{Q['end_runs_rows']}\nUNION ALL\n{Q['claim_rows']}"
 )
 
-#: a turn that meets a deadlock or a serialization failure is tried again this many times.
-_TURN_TRIES = 6
-_LOST = "lost: its worker stopped or its lease expired"
+#: a transaction that meets a deadlock or a serialization failure is tried again, this many
+#: times in all (psycopg derives neither error from TransactionRollback, their SQLSTATE class).
+_TRIES = 6
+_RETRYABLE = (
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.TransactionRollback,
+)
 
 Row = dict[str, Any]
 Cursor = psycopg.AsyncCursor[Row]
 Connection = psycopg.AsyncConnection[Row]
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _retried(
+    method: Callable[Concatenate[PostgresStore, P], Awaitable[T]],
+) -> Callable[Concatenate[PostgresStore, P], Coroutine[Any, Any, T]]:
+    """The method (one transaction), run again after a deadlock or a serialization failure
+    (with a short random backoff); a StoreError when they persist."""
+
+    @functools.wraps(method)
+    async def retried(self: PostgresStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(_TRIES):
+            try:
+                return await method(self, *args, **kwargs)
+            except _RETRYABLE as exc:
+                if attempt == _TRIES - 1:
+                    raise StoreError(f"database error: {exc}") from None
+                await asyncio.sleep(random.uniform(0.001, 0.004) * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return retried
 
 
 class PostgresStore:
@@ -140,14 +169,19 @@ class PostgresStore:
             async with await psycopg.AsyncConnection.connect(
                 self._conninfo, autocommit=True, connect_timeout=max(1, int(self._timeout_s))
             ) as conn:
+                # (IF NOT EXISTS still races with a process creating it at the same moment)
                 if self._schema is not None:
-                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                    with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
+                        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
             await pool.open(wait=True, timeout=self._timeout_s)
         except (psycopg.Error, PoolTimeout) as exc:
             await pool.close()
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             where = _redacted(self._conninfo)
             raise StoreError(f"cannot connect to PostgreSQL at {where}: {reason}") from None
+        except BaseException:  # cancelled while connecting: leave no pool behind
+            await pool.close()
+            raise
         self._pool = pool
         try:
             await self._migrate()
@@ -170,7 +204,7 @@ class PostgresStore:
                 yield conn
         except PoolTimeout as exc:
             raise StoreError(f"no database connection free in time: {exc}") from None
-        except psycopg.errors.TransactionRollback:
+        except _RETRYABLE:
             raise  # a deadlock or serialization failure: the caller may try again
         except psycopg.OperationalError as exc:
             raise StoreError(f"database error: {exc}") from None
@@ -196,17 +230,6 @@ class PostgresStore:
         rows = await self._rows(query, params)
         return rows[0] if rows else None
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call`` (one transaction), again after a deadlock or a serialization failure."""
-        for attempt in range(_TURN_TRIES):
-            try:
-                return await call()
-            except psycopg.errors.TransactionRollback as exc:
-                if attempt == _TURN_TRIES - 1:
-                    raise StoreError(f"database error: {exc}") from None
-                await asyncio.sleep(random.uniform(0.001, 0.004) * 2**attempt)
-        raise AssertionError("unreachable")
-
     async def _migrate(self) -> None:
         async with self._tx() as cur:
             await cur.execute(Q["migration_lock"])
@@ -222,6 +245,7 @@ class PostgresStore:
 
     # -- runs ------------------------------------------------------------------------
 
+    @_retried
     async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
         step_params = {
             "run_id": run.id,
@@ -264,6 +288,7 @@ class PostgresStore:
             raise NotFound(f"run id prefix {run_id!r} is ambiguous")
         raise NotFound(f"no run {run_id!r}")
 
+    @_retried
     async def get_run(self, run_id: str, *, with_plan: bool = True) -> RunRecord:
         query = Q["get_run"] if with_plan else Q["get_run_header"]
         async with self._connection() as conn, conn.cursor() as cur:
@@ -274,24 +299,29 @@ class PostgresStore:
                 row = await cur.fetchone()
         return run_from_row(_one(row))
 
+    @_retried
     async def list_runs(self, limit: int = 50, status: RunStatus | None = None) -> list[RunRecord]:
         rows = await self._rows(Q["list_runs"], {"limit": limit, "status": str(status) if status else None})
         return [run_from_row(r) for r in rows]
 
+    @_retried
     async def get_steps(self, run_id: str) -> list[StepRecord]:
         async with self._connection() as conn, conn.cursor() as cur:
             await cur.execute(Q["get_steps"], {"id": await self._resolve(cur, run_id)})
             return [step_from_row(r) for r in await cur.fetchall()]
 
+    @_retried
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         async with self._connection() as conn, conn.cursor() as cur:
             await cur.execute(Q["get_attempts"], {"id": await self._resolve(cur, run_id)})
             return [attempt_from_row(r) for r in await cur.fetchall()]
 
+    @_retried
     async def outputs(self, run_id: str, idxs: list[int]) -> dict[int, Any]:
         rows = await self._rows(Q["outputs"], {"id": run_id, "idxs": idxs})
         return {r["idx"]: json.loads(r["output"]) if r["output"] is not None else None for r in rows}
 
+    @_retried
     async def attempt_detail(self, job_id: int, attempt: int) -> dict[str, Any] | None:
         row = await self._row(Q["attempt_detail"], {"id": job_id, "attempt": attempt})
         if row is None or row["detail"] is None:
@@ -301,10 +331,8 @@ class PostgresStore:
 
     # -- the queue ---------------------------------------------------------------------
 
+    @_retried
     async def turn(self, turn: Turn) -> TurnResult:
-        return await self._retrying(lambda: self._turn(turn))
-
-    async def _turn(self, turn: Turn) -> TurnResult:
         result = TurnResult()
         done = sorted(turn.done, key=lambda d: d.id)  # rows locked in id order
         runs = sorted({d.run_id for d in done if d.run_id is not None})
@@ -317,10 +345,10 @@ class PostgresStore:
         rows: list[Row] = []
         async with self._connection() as conn:
             if not runs:
-                # Standalone jobs only: one statement finishes them and claims the next.
-                query = _FINISH_JOBS_AND_CLAIM if done and claim else _FINISH_JOBS if done else _CLAIM
                 if not (done or claim):
                     return result
+                # Standalone jobs only: one statement finishes them and claims the next.
+                query = _FINISH_JOBS_AND_CLAIM if done and claim else _FINISH_JOBS if done else _CLAIM
                 async with conn.cursor() as cur:
                     await cur.execute(query, params)
                     rows = await cur.fetchall()
@@ -332,7 +360,7 @@ class PostgresStore:
                 finish, tail = conn.cursor(), conn.cursor()
                 async with conn.pipeline():
                     await conn.execute(Q["lock_runs"], {"ids": runs})
-                    await finish.execute(Q["finish_steps"], params)
+                    await finish.execute(_FINISH_STEPS, params)
                     await tail.execute(_END_RUNS_AND_CLAIM if claim else _END_RUNS, params)
                 rows = await finish.fetchall()
                 rows.extend(await tail.fetchall())
@@ -365,6 +393,7 @@ class PostgresStore:
 
     # -- workers -----------------------------------------------------------------------
 
+    @_retried
     async def register_worker(self, worker: WorkerRecord) -> list[int]:
         async with self._connection() as conn, conn.cursor() as cur:
             await cur.execute(
@@ -382,29 +411,25 @@ class PostgresStore:
             earlier = [r["id"] for r in await cur.fetchall()]
         return await self._sweep(worker.started_at, earlier, expire=False) if earlier else []
 
+    @_retried
     async def unregister_worker(self, owner: str, now: float) -> None:
-        async def call() -> None:
-            async with self._tx() as cur:
-                await self._release(cur, owner, None, now)
-                await cur.execute(Q["delete_workers"], {"ids": [owner]})
+        async with self._tx() as cur:
+            await self._release(cur, owner, None, now)
+            await cur.execute(Q["delete_workers"], {"ids": [owner]})
 
-        await self._retrying(call)
-
+    @_retried
     async def heartbeat(self, owner: str, now: float, lease_s: float, held: list[int]) -> Beat:
         rows = await self._rows(Q["heartbeat"], {"owner": owner, "expires": now + lease_s, "held": held})
         if not any(r["kind"] == "r" for r in rows):
             return Beat(lost=True, stop=list(held))
         return Beat(stop=[r["id"] for r in rows if r["kind"] == "s"])
 
+    @_retried
     async def release(self, owner: str, ids: list[int], now: float) -> None:
         if not ids:
             return
-
-        async def call() -> None:
-            async with self._tx() as cur:
-                await self._release(cur, owner, ids, now)
-
-        await self._retrying(call)
+        async with self._tx() as cur:
+            await self._release(cur, owner, ids, now)
 
     async def _release(self, cur: Cursor, owner: str, ids: list[int] | None, now: float) -> None:
         """Give back (uncounted) what ``owner`` holds, of ``ids`` or all of it."""
@@ -413,6 +438,7 @@ class PostgresStore:
         if held:
             await self._requeue(cur, held, now, lost=False, owner=owner)
 
+    @_retried
     async def sweep(self, now: float, dead: list[str] | None = None) -> list[int]:
         return await self._sweep(now, list(dead or []), expire=True)
 
@@ -426,16 +452,17 @@ class PostgresStore:
         if not (orphans or gone or overdue):
             return []
 
-        async def call() -> list[int]:
-            async with self._tx() as cur:
-                rescued = await self._requeue(cur, orphans, now, lost=True, dead=dead) if orphans else []
-                if gone:
-                    await cur.execute(Q["delete_workers"], {"ids": gone})
-                for run_id in overdue:
-                    await self._expire(cur, run_id, now)
-                return rescued
-
-        return await self._retrying(call)
+        async with self._tx() as cur:
+            # every run this touches, locked up front in id order
+            runs = sorted({r["run_id"] for r in orphans if r["run_id"] is not None} | set(overdue))
+            if runs:
+                await cur.execute(Q["lock_runs"], {"ids": runs})
+            rescued = await self._requeue(cur, orphans, now, lost=True, dead=dead) if orphans else []
+            if gone:
+                await cur.execute(Q["delete_workers"], {"ids": gone})
+            for run_id in overdue:
+                await self._expire(cur, run_id, now)
+            return rescued
 
     async def _requeue(
         self,
@@ -470,6 +497,7 @@ class PostgresStore:
             await cur.execute(_END_RUNS, {"ids": runs, "now": now})
         return [r["id"] for r in requeued]
 
+    @_retried
     async def list_workers(self) -> list[WorkerRecord]:
         return [worker_from_row(r) for r in await self._rows(Q["list_workers"])]
 
@@ -505,6 +533,7 @@ class PostgresStore:
 
     # -- control -----------------------------------------------------------------------
 
+    @_retried
     async def set_run_status(self, run_id: str, status: RunStatus, now: float) -> RunRecord:
         async with self._tx() as cur:
             rid = await self._resolve(cur, run_id)
@@ -531,6 +560,7 @@ class PostgresStore:
             await cur.execute(Q["get_run_header"], {"id": rid})
             return run_from_row(_one(await cur.fetchone()))
 
+    @_retried
     async def expire_run(self, run_id: str, now: float) -> bool:
         async with self._tx() as cur:
             return await self._expire(cur, run_id, now)
@@ -546,6 +576,7 @@ class PostgresStore:
 
     # -- standalone jobs ---------------------------------------------------------------
 
+    @_retried
     async def enqueue(self, jobs: list[NewJob], now: float) -> list[JobRecord]:
         if not jobs:
             return []
@@ -609,9 +640,11 @@ class PostgresStore:
             raise NotFound(f"no job {job_id}")
         return job_from_row(row)
 
+    @_retried
     async def get_job(self, job_id: int) -> JobRecord:
         return await self._job(job_id)
 
+    @_retried
     async def list_jobs(
         self, *, state: str | None = None, queue: str | None = None, limit: int = 50
     ) -> list[JobRecord]:
@@ -619,10 +652,12 @@ class PostgresStore:
         rows = await self._rows(Q["list_jobs"], {"queue": queue, "statuses": statuses, "limit": limit})
         return [job_from_row(r) for r in rows]
 
+    @_retried
     async def get_job_attempts(self, job_id: int) -> list[AttemptRecord]:
         await self._job(job_id)
         return [attempt_from_row(r) for r in await self._rows(Q["job_attempts"], {"id": job_id})]
 
+    @_retried
     async def retry_job(self, job_id: int, now: float) -> JobRecord:
         row = await self._row(Q["retry_job"], {"id": job_id, "channel": self.channel})
         if row is None:
@@ -630,6 +665,7 @@ class PostgresStore:
             raise Conflict(f"job {job_id} is {job.state}; only discarded or cancelled jobs can be retried")
         return job_from_row(row)
 
+    @_retried
     async def cancel_job(self, job_id: int, now: float) -> JobRecord:
         row = await self._row(Q["cancel_job"], {"id": job_id, "now": now})
         if row is None:
@@ -639,15 +675,19 @@ class PostgresStore:
 
     # -- cron --------------------------------------------------------------------------
 
+    @_retried
     async def put_schedule(self, schedule: Schedule) -> None:
         await self._execute(Q["put_schedule"], schedule_params(schedule))
 
+    @_retried
     async def list_schedules(self) -> list[Schedule]:
         return [schedule_from_row(r) for r in await self._rows(Q["list_schedules"])]
 
+    @_retried
     async def delete_schedule(self, name: str) -> bool:
         return await self._row(Q["delete_schedule"], {"name": name}) is not None
 
+    @_retried
     async def fire_schedule(
         self, name: str, expected_next: float, next_at: float, jobs: list[NewJob], now: float
     ) -> bool:
@@ -663,6 +703,7 @@ class PostgresStore:
 
     # -- budgets and the cache ---------------------------------------------------------
 
+    @_retried
     async def budget_reserve(self, run_id: str, claims: list[BudgetClaim]) -> None:
         async with self._tx() as cur:
             for claim in claims:
@@ -678,6 +719,7 @@ class PostgresStore:
                     {"run_id": run_id, "scope": claim.scope, "tokens": claim.tokens, "usd": claim.usd},
                 )
 
+    @_retried
     async def budget_settle(self, run_id: str, settles: list[BudgetSettle]) -> None:
         async with self._tx() as cur:
             for s in settles:
@@ -694,13 +736,16 @@ class PostgresStore:
                     },
                 )
 
+    @_retried
     async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
         return [_entry(r) for r in await self._rows(Q["ledger_of_run"], {"run_id": run_id})]
 
+    @_retried
     async def cache_get(self, key: str, now: float) -> str | None:
         row = await self._row(Q["cache_get"], {"key": key, "now": now})
         return None if row is None else str(row["value"])
 
+    @_retried
     async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
         await self._execute(
             Q["cache_put"], {"key": key, "value": value, "now": now, "expires_at": expires_at}
@@ -708,7 +753,7 @@ class PostgresStore:
 
 
 def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
-    """Finished attempts as the parameters of ``finish_jobs_ctes``/``finish_steps``."""
+    """Finished attempts as the parameters of ``finish_jobs_ctes`` (and ``finish_steps_ctes``)."""
     params: dict[str, Any] = {
         "done_ids": [d.id for d in done],
         "done": json.dumps(

@@ -55,6 +55,8 @@ UPDATE steps SET waiting = (
     WHERE r.run_id = steps.run_id AND s2.status <> 'succeeded'
 )
 WHERE status = 'pending';
+-- Version 4 wrote every step of a new run pending; those with nothing to wait for are ready.
+UPDATE steps SET status = 'ready' WHERE status = 'pending' AND waiting = 0;
 
 ALTER TABLE runs DROP COLUMN owner;
 ALTER TABLE runs DROP COLUMN lease_expires_at;
