@@ -1029,7 +1029,19 @@ async def test_a_wave_barrier_holds_later_waves_until_earlier_ones_finish(
     assert run.names(result.claimed) == ["after_a"]
 
 
-async def test_a_turn_says_when_it_left_work_it_did_not_claim(store: Store) -> None:
+async def test_postgres_says_when_a_turn_left_work_for_other_workers(pg_schema: str) -> None:
+    """What it notifies other workers about (SQLite workers poll instead)."""
+    from baton.store.postgres import PostgresStore
+
+    store = PostgresStore(PG_URL, schema=pg_schema)
+    await store.open()
+    try:
+        await _left_work(store)
+    finally:
+        await store.close()
+
+
+async def _left_work(store: Store) -> None:
     run = await new_run(store, graph={"a": [], "b": ["a"], "c": ["a"]})
     w = await worker(store)
     (a,) = await w.claim(T0)

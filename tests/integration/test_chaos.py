@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.conftest import PG_URL
 
-from baton import Engine, RunStatus, StepStatus
+from baton import Engine, Registry, RunStatus, StepStatus
 from baton.store import AttemptRecord, StepRecord
 
 TASKS = """
@@ -48,6 +48,10 @@ LEASE_S = 2.0
 SWEEP_S = 1.0  # every worker sweeps once a second
 
 
+async def _stand_in(n: int) -> dict[str, int]:
+    raise AssertionError("chaos.work runs in the worker processes only")
+
+
 def _plan() -> dict[str, object]:
     rng = random.Random(7)
     steps: list[dict[str, object]] = []
@@ -66,8 +70,12 @@ def test_kill_9_of_random_workers_loses_nothing_and_reruns_nothing_committed(
     log = tmp_path / "attempts.log"
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CHAOS_LOG": str(log)}
 
+    # The plan names chaos.work, which only the workers import: here it just has to be known.
+    registry = Registry.default()
+    registry.add(_stand_in, name="chaos.work")
+
     async def submit() -> str:
-        async with Engine(url) as engine:
+        async with Engine(url, registry=registry) as engine:
             handle = await engine.submit(_plan(), start=False)
             return handle.run_id
 
@@ -76,9 +84,8 @@ def test_kill_9_of_random_workers_loses_nothing_and_reruns_nothing_committed(
     def start(name: str) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "baton", "worker", "--db", url, "--name", name, "--concurrency", "8"]
         argv += ["--import", "chaos_tasks", "--lease-s", str(LEASE_S), "--grace-s", "1"]
-        return subprocess.Popen(
-            argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        with open(tmp_path / f"{name}.log", "ab") as err:
+            return subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
 
     workers = {f"w{i}": start(f"w{i}") for i in range(WORKERS)}
     rng = random.Random(11)

@@ -198,7 +198,8 @@ class TurnResult:
     lost: bool = False
     #: steps this turn marked ready or skipped: (run id, step index, status).
     marked: list[tuple[str, int, StepStatus]] = field(default_factory=list)
-    #: True when the turn made work claimable that it did not claim itself.
+    #: True when the turn made work claimable that it did not claim itself (set by stores
+    #: that tell other workers, as PostgreSQL does with NOTIFY; SQLite workers poll).
     left_ready: bool = False
 
 

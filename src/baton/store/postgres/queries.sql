@@ -475,10 +475,14 @@ WHERE id = %(id)s AND status = ANY(%(sources)s::text[])
 RETURNING id;
 
 -- name: cancel_idle_steps
--- A run that ended from outside: its steps not running are cancelled. (Like the SQLite store,
--- the run's `unfinished` counter is left as it is: the run has ended already.)
-UPDATE steps SET status = 'cancelled', error = %(error)s, finished_at = %(now)s
-WHERE run_id = %(id)s AND status IN ('pending', 'ready', 'retrying');
+-- A run that ended from outside: its steps not running are cancelled, and no longer count
+-- as unfinished.
+WITH cancelled AS (
+    UPDATE steps SET status = 'cancelled', error = %(error)s, finished_at = %(now)s
+    WHERE run_id = %(id)s AND status IN ('pending', 'ready', 'retrying')
+    RETURNING 1
+)
+UPDATE runs SET unfinished = unfinished - (SELECT count(*) FROM cancelled) WHERE id = %(id)s;
 
 -- name: expire_run
 UPDATE runs SET status = 'failed', finished_at = %(now)s,

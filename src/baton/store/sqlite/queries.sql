@@ -144,6 +144,9 @@ WHERE id = ? AND status IN (SELECT value FROM json_each(?));
 UPDATE steps SET status = 'cancelled', error = ?, finished_at = ?
 WHERE id BETWEEN ? AND ? AND status IN ('pending', 'ready', 'retrying');
 
+-- name: uncount_run
+UPDATE runs SET unfinished = unfinished - ? WHERE id = ?;
+
 -- name: expire_run
 UPDATE runs SET status = 'failed', finished_at = :now,
        error = 'run timed out after ' || run_timeout_s || 's'

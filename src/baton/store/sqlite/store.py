@@ -530,8 +530,7 @@ class SQLiteStore:
             if current is not status and not self._set_run_status(db, run_id, status, now, None):
                 raise Conflict(f"run {run_id} is {current}; it cannot become {status}")
             if status is RunStatus.CANCELLED:
-                first, last = self._range(db, run_id)
-                db.execute(Q["cancel_idle_steps"], ("run cancelled", now, first, last))
+                self._cancel_idle(db, run_id, "run cancelled", now)
             return run_from_row(db.execute(Q["get_run_header"], (run_id,)).fetchone())
 
     async def expire_run(self, run_id: str, now: float) -> bool:
@@ -542,9 +541,15 @@ class SQLiteStore:
         if not db.execute(Q["expire_run"], {"id": run_id, "now": now}).rowcount:
             return False
         row = db.execute(Q["get_run_header"], (run_id,)).fetchone()
-        first, last = self._range(db, run_id)
-        db.execute(Q["cancel_idle_steps"], (row["error"], now, first, last))
+        self._cancel_idle(db, run_id, row["error"], now)
         return True
+
+    def _cancel_idle(self, db: sqlite3.Connection, run_id: str, reason: str, now: float) -> None:
+        """A run that ended from outside: its steps not running are cancelled, and no longer
+        count as unfinished."""
+        first, last = self._range(db, run_id)
+        cancelled = db.execute(Q["cancel_idle_steps"], (reason, now, first, last)).rowcount
+        db.execute(Q["uncount_run"], (cancelled, run_id))
 
     # -- standalone jobs ---------------------------------------------------------------
 
