@@ -33,6 +33,7 @@ test: lint typecheck unit
 
 bench: install
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/queue.py
 
 clean:
 	rm -rf $(VENV) .baton .pytest_cache .mypy_cache .ruff_cache

@@ -166,6 +166,7 @@ async def plan_run(url: str, n: int) -> float:
 
 
 RAW_TABLE = "CREATE TABLE raw_jobs (id BIGSERIAL PRIMARY KEY, status TEXT NOT NULL, owner TEXT, output TEXT)"
+RAW_INDEX = "CREATE INDEX raw_available ON raw_jobs (id) WHERE status = 'available'"
 RAW_CLAIM = """
 UPDATE raw_jobs SET status = 'running', owner = %s
 WHERE id IN (SELECT id FROM raw_jobs WHERE status = 'available' ORDER BY id
@@ -175,18 +176,21 @@ RETURNING id
 RAW_COMPLETE = "UPDATE raw_jobs SET status = 'completed', output = 'null' WHERE id = ANY(%s)"
 
 
-def raw_child(url: str, schema_name: str, batch: int) -> None:
-    """One process of the raw loop: claim a batch, complete it, until nothing is left."""
+def raw_child(url: str, schema_name: str, batch: int, start_at: float) -> None:
+    """One process of the raw loop: connected, it waits for the common start time, then
+    claims a batch and completes it until nothing is left; prints when it finished."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'SET search_path TO "{schema_name}"')
         owner = str(os.getpid())
+        time.sleep(max(0.0, start_at - time.time()))
         while True:
             with conn.transaction():
                 ids = [r[0] for r in conn.execute(RAW_CLAIM, (owner, batch)).fetchall()]
             if not ids:
-                return
+                break
             with conn.transaction():
                 conn.execute(RAW_COMPLETE, (ids,))
+    print(time.time(), flush=True)
 
 
 def raw_limit(url: str, schema_name: str, n: int, processes: int) -> float:
@@ -194,17 +198,14 @@ def raw_limit(url: str, schema_name: str, n: int, processes: int) -> float:
         conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema_name}"')
         conn.execute(f'SET search_path TO "{schema_name}"')
         conn.execute(RAW_TABLE)
+        conn.execute(RAW_INDEX)
         conn.execute("INSERT INTO raw_jobs (status) SELECT 'available' FROM generate_series(1, %s)", (n,))
-    started = time.perf_counter()
-    children = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--raw-child", url, schema_name, str(CONCURRENCY)],
-        )
-        for _ in range(processes)
-    ]
-    for child in children:
-        child.wait()
-    return n / (time.perf_counter() - started)
+        conn.execute("ANALYZE raw_jobs")
+    start_at = time.time() + 2.0  # every child connected and waiting by then
+    argv = [sys.executable, __file__, "--raw-child", url, schema_name, str(CONCURRENCY), str(start_at)]
+    children = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    ends = [float(child.communicate()[0].strip()) for child in children]
+    return n / (max(ends) - start_at)
 
 
 def migrate(url: str, name: str) -> None:
@@ -252,11 +253,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round, 2,000 jobs")
     parser.add_argument("--db", default=DEFAULT_PG)
-    parser.add_argument("--raw-child", nargs=3, metavar=("URL", "SCHEMA", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--raw-child", nargs=4, metavar=("URL", "SCHEMA", "BATCH", "START"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.raw_child:
-        url, name, batch = args.raw_child
-        raw_child(url, name, int(batch))
+        url, name, batch, start_at = args.raw_child
+        raw_child(url, name, int(batch), float(start_at))
         return
     tune_gc()
     n = 2_000 if args.quick else 10_000

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -311,3 +312,30 @@ def test_jobs_commands_report_bad_input_with_exit_2(workdir: tuple[Path, dict[st
     assert "not valid" in bad_cron.stderr
     listed = _cli("jobs", "list", "--json", cwd=cwd, env=env)
     assert json.loads(listed.stdout) == {"jobs": []}  # nothing was queued by the bad calls
+
+
+async def test_schedules_declared_in_a_file_are_checked_and_put(engine: Engine, tmp_path: Path) -> None:
+    from baton.cli.queue import load_schedules
+
+    good = tmp_path / "schedules.yaml"
+    good.write_text(
+        "- {name: nightly, task: q.add, cron: '0 3 * * *', with: {a: 1, b: 2}, catch_up_s: 600}\n"
+        "- {task: echo, cron: '*/5 * * * *', queue: reports}\n"
+    )
+    declared = await load_schedules(engine, good)
+    assert [(s.name, s.task, s.cron, s.queue) for s in declared] == [
+        ("nightly", "q.add", "0 3 * * *", "default"),
+        ("echo", "echo", "*/5 * * * *", "reports"),
+    ]
+    assert sorted(s.name for s in await engine.store.list_schedules()) == ["echo", "nightly"]
+
+    bad = tmp_path / "bad.yaml"
+    for text, problem in [
+        ("{task: echo}", "expected a list"),
+        ("- {task: echo}", "needs at least 'task' and 'cron'"),
+        ("- {task: echo, cron: '* * * * *', every: 5}", "unknown field(s) ['every']"),
+        ("- {task: echo, cron: 'often'}", "cron expression 'often'"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=re.escape(problem)):
+            await load_schedules(engine, bad)
