@@ -11,10 +11,13 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
+
+from baton.store import MemoryStore, SQLiteStore, Store
 
 PG_URL = os.environ.get("BATON_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_SERVICES = os.environ.get("BATON_REQUIRE_SERVICES") == "1"
@@ -43,3 +46,21 @@ def pg_schema() -> Iterator[str]:
     yield schema
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+    """Each call gives a store object on the same data: another process's view of it."""
+    if request.param == "memory":
+        shared = MemoryStore()
+        return lambda: shared
+    if request.param == "postgres":
+        from baton.store.postgres import PostgresStore
+
+        schema = request.getfixturevalue("pg_schema")
+        return lambda: PostgresStore(PG_URL, schema=schema)
+    path = tmp_path / "baton.db"
+    return lambda: SQLiteStore(path)

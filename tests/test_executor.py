@@ -25,8 +25,8 @@ import pytest
 import baton
 from baton import Engine, Event, Registry, RunHandle, RunStatus, StepStatus, TaskContext
 from baton.errors import PlanError, TaskFailed
-from baton.store import Beat, MemoryStore, SQLiteStore, Store
-from tests.conftest import PG_URL
+from baton.store import Beat, Store
+from tests.conftest import StoreFactory
 
 R, S = RunStatus, StepStatus
 
@@ -138,24 +138,6 @@ async def ctx_by_module(ctx: baton.TaskContext) -> str:
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------
-
-
-StoreFactory = Callable[[], Store]
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Each call gives a store object on the same data: another process's view of it."""
-    if request.param == "memory":
-        shared = MemoryStore()
-        return lambda: shared
-    if request.param == "postgres":
-        from baton.store.postgres import PostgresStore
-
-        schema = request.getfixturevalue("pg_schema")
-        return lambda: PostgresStore(PG_URL, schema=schema)
-    path = tmp_path / "baton.db"
-    return lambda: SQLiteStore(path)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ import baton
 from baton import Engine, TaskContext
 from baton.errors import Conflict, UsageError
 from baton.queue.cron import fire_due, next_tick
-from baton.store import MemoryStore, Schedule, SQLiteStore, Store
-from tests.conftest import PG_URL
+from baton.store import Schedule, Store
+from tests.conftest import StoreFactory
 
 CALLS: Counter[str] = Counter()
 GATE = asyncio.Event()
@@ -48,24 +48,6 @@ async def wait_forever(key: str) -> str:
     CALLS[key] += 1
     await asyncio.sleep(60)
     return "late"
-
-
-StoreFactory = Callable[[], Store]
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Each call gives a store object on the same data: another process's view of it."""
-    if request.param == "memory":
-        shared = MemoryStore()
-        return lambda: shared
-    if request.param == "postgres":
-        from baton.store.postgres import PostgresStore
-
-        schema = request.getfixturevalue("pg_schema")
-        return lambda: PostgresStore(PG_URL, schema=schema)
-    path = tmp_path / "baton.db"
-    return lambda: SQLiteStore(path)
 
 
 @pytest.fixture
