@@ -132,9 +132,9 @@ def _print_job(job: JobRecord) -> None:
         _out.print(Text(f"  error: {job.error}", style="red"))
 
 
-async def _open(db: str, imports: list[str] | None = None) -> Engine:
-    _import_modules(imports)
-    return _engine(db, must_exist=imports is None)
+async def _open(db: str) -> Engine:
+    """An engine on an existing database (a missing SQLite file is NotFound)."""
+    return _engine(db, must_exist=True)
 
 
 @jobs_app.command("enqueue")

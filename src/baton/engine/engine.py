@@ -445,9 +445,7 @@ class Engine:
         await self.open()
         job = await self.store.cancel_job(job_id, time.time())
         if self.worker is not None:
-            for attempt_id, attempt in list(self.worker.running.items()):
-                if attempt_id == job_id and attempt.task is not None:
-                    self.worker.stop_jobs([job_id])
+            self.worker.stop_jobs([job_id])  # if it runs here; elsewhere its worker's heartbeat
         return job
 
     async def wait_job(self, job_id: int, timeout_s: float | None = None) -> JobRecord:

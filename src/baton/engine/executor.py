@@ -21,7 +21,7 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from baton.plan.analysis import analyze
 from baton.plan.dag import Dag
 from baton.plan.model import Plan, RetryPolicy
 from baton.plan.refs import Ref, has_refs, referenced_steps, resolve
-from baton.status import RunStatus, StepStatus
+from baton.status import StepStatus
 from baton.store.base import Claimed, Done, Turn, TurnResult, WorkerRecord
 from baton.tasks.registry import TaskContext, TaskDef
 from baton.validators import FAILING, run_checks
@@ -104,9 +104,8 @@ class RunPlan:
 class _Attempt:
     claim: Claimed
     plan: RunPlan | None  # None: a standalone job
+    retry: RetryPolicy
     task: asyncio.Task[None] | None = None
-    inputs: Any = None
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
     given_up: bool = False
 
 
@@ -371,11 +370,7 @@ class Worker:
                 if plan is None:
                     give_back.append(claim.id)
                     continue
-            attempt = _Attempt(claim, plan)
-            if plan is None:
-                attempt.retry = JOB_RETRY
-            else:
-                attempt.retry = plan.retries[claim.idx]
+            attempt = _Attempt(claim, plan, JOB_RETRY if plan is None else plan.retries[claim.idx])
             self.running[claim.id] = attempt
             if self.engine.events.active:
                 self._emit("step.running", claim.run_id, claim.idx, {"attempt": claim.attempt}, claim.id)
@@ -473,9 +468,10 @@ class Worker:
         result = _Result(claim.id, claim.attempt, started, started, "failed")
         ctx: TaskContext | None = None
         try:
-            task = self.engine.registry.get(claim.task) if plan is None else plan.tasks[claim.idx]
-            if task is None:
-                task = self.engine.registry.get(claim.task)  # raises UnknownTask
+            # A task not registered here raises UnknownTask, which fails the attempt.
+            task = (plan.tasks[claim.idx] if plan is not None else None) or self.engine.registry.get(
+                claim.task
+            )
             inputs = await self._inputs(attempt)
             ctx = await self._context(attempt) if task.context_param is not None else None
             timeout = plan.timeouts[claim.idx] if plan is not None else claim.timeout_s
@@ -620,4 +616,4 @@ class Worker:
 #: one encoder for every output (json.dumps with options builds a new one per call).
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 
-__all__ = ["RunPlan", "RunStatus", "Worker"]
+__all__ = ["RunPlan", "Worker"]
