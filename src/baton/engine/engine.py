@@ -266,6 +266,7 @@ class Engine:
         self.emit(Event("run.pending", run_id, data={"name": plan.name, "steps": len(steps)}))
         if start:
             worker = await self.start_worker()
+            worker.adopt(run, plan, dag)
             worker.poke()
         return RunHandle(run_id, self)
 

@@ -34,7 +34,7 @@ from baton.plan.dag import Dag
 from baton.plan.model import Plan, RetryPolicy
 from baton.plan.refs import Ref, has_refs, referenced_steps, resolve
 from baton.status import StepStatus
-from baton.store.base import Claimed, Done, Turn, TurnResult, WorkerRecord
+from baton.store.base import Claimed, Done, RunRecord, Turn, TurnResult, WorkerRecord
 from baton.tasks.registry import TaskContext, TaskDef
 from baton.validators import FAILING, run_checks
 
@@ -66,7 +66,17 @@ class _Result:
 class RunPlan:
     """What a worker keeps of a run whose steps it executes (a plan does not change)."""
 
-    def __init__(self, engine: Engine, run_id: str, plan: Plan, dag: Dag, workdir: Path) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        run_id: str,
+        plan: Plan,
+        dag: Dag,
+        workdir: Path,
+        *,
+        run_timeout_s: float | None = None,
+        started_at: float | None = None,
+    ) -> None:
         self.run_id = run_id
         self.plan = plan
         self.dag = dag
@@ -86,7 +96,11 @@ class RunPlan:
         #: outputs of succeeded steps seen here (the store has them all).
         self.outputs: dict[int, Any] = {}
         self.last_details: dict[int, dict[str, Any]] = {}
+        self.run_timeout_s = run_timeout_s
+        self.started_at = started_at  # None: not known here until this worker starts a step
         self.deadline: asyncio.TimerHandle | None = None
+        self.announced = False  # run.running emitted, the deadline armed
+        self.used_at = time.monotonic()
 
     def downstream(self, i: int) -> list[int]:
         """Every step that (transitively) needs step ``i``."""
@@ -239,6 +253,7 @@ class Worker:
                     self._tasks,
                     jobs=jobs,
                     report=self.engine.events.active,
+                    check_lease=jobs,
                 )
                 try:
                     outcome = await store.turn(turn)
@@ -370,6 +385,13 @@ class Worker:
                 if plan is None:
                     give_back.append(claim.id)
                     continue
+                if not plan.announced:
+                    plan.announced = True
+                    self.engine.emit(Event("run.running", plan.run_id))
+                    if plan.run_timeout_s is not None:
+                        self._arm_deadline(plan, claim.started_at)
+            if plan is not None:
+                plan.used_at = time.monotonic()
             attempt = _Attempt(claim, plan, JOB_RETRY if plan is None else plan.retries[claim.idx])
             self.running[claim.id] = attempt
             if self.engine.events.active:
@@ -390,15 +412,47 @@ class Worker:
         except (BatonError, ValueError) as exc:
             log.error("cannot execute the steps of this run here", run_id=claim.run_id, error=str(exc))
             return None
-        info = RunPlan(engine, run.id, plan, dag, engine.workdir_path(run.workdir))
+        info = RunPlan(
+            engine,
+            run.id,
+            plan,
+            dag,
+            engine.workdir_path(run.workdir),
+            run_timeout_s=run.run_timeout_s,
+            started_at=run.started_at,
+        )
         self.plans[run.id] = info
-        if run.run_timeout_s is not None and run.started_at is not None:
-            remaining = run.started_at + run.run_timeout_s - time.time()
-            info.deadline = asyncio.get_running_loop().call_later(
-                max(0.0, remaining), lambda: asyncio.ensure_future(self._expire(run.id))
-            )
-        engine.emit(Event("run.running", run.id))
         return info
+
+    def adopt(self, run: RunRecord, plan: Plan, dag: Dag) -> None:
+        """A run this process just submitted: its steps start here without reading the
+        plan back from the store."""
+        if run.id not in self.plans:
+            engine = self.engine
+            self.plans[run.id] = RunPlan(
+                engine, run.id, plan, dag, engine.workdir_path(run.workdir), run_timeout_s=run.run_timeout_s
+            )
+
+    def _arm_deadline(self, plan: RunPlan, claimed_at: float) -> None:
+        """The run fails when its deadline passes (the first claim started its clock)."""
+        assert plan.run_timeout_s is not None
+        started = plan.started_at if plan.started_at is not None else claimed_at
+        remaining = started + plan.run_timeout_s - time.time()
+        run_id = plan.run_id
+        plan.deadline = asyncio.get_running_loop().call_later(
+            max(0.0, remaining), lambda: asyncio.ensure_future(self._expire(run_id))
+        )
+
+    def _forget_idle_plans(self, idle_s: float = 60.0) -> None:
+        """Plans of runs this worker has not started a step of for a while (others may
+        have ended them): dropped, and read again should a step of theirs come here."""
+        limit = time.monotonic() - idle_s
+        busy = {a.plan.run_id for a in self.running.values() if a.plan is not None}
+        for run_id, plan in list(self.plans.items()):
+            if plan.used_at < limit and run_id not in busy:
+                if plan.deadline is not None:
+                    plan.deadline.cancel()
+                del self.plans[run_id]
 
     async def _expire(self, run_id: str) -> None:
         """A run's deadline passed: it fails; its steps running here stop now."""
@@ -546,6 +600,7 @@ class Worker:
                         log.info("rescued jobs of a worker that is gone", jobs=len(rescued))
                         self.poke()
                     await engine.fire_schedules(now)
+                    self._forget_idle_plans()
             except BatonError as exc:  # a busy or vanished database: try again next beat
                 log.warning("heartbeat failed", worker=self.id, error=exc.message)
 

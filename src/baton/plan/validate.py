@@ -158,7 +158,8 @@ def graph_problems(
         path = " -> ".join(steps[i].id for i in cycle)
         problems.append(Problem("steps", f"cycle: {path}"))
 
-    ancestors = None if leftover else _ancestors(needs)
+    # Only references need the transitive closure; plans without inputs skip it.
+    ancestors = None if leftover or not any(s.inputs for s in steps) else _ancestors(needs)
     tasks = {name: registry.get(name) for name in {s.task for s in steps} if name in registry}
     hinted = False
     for i, step in enumerate(steps):

@@ -185,6 +185,10 @@ class Turn:
     jobs: bool = True
     #: report the steps the turn made ready or skipped (for events).
     report: bool = True
+    #: make sure the worker's lease holds before claiming. A worker asks now and then, not
+    #: every turn: its heartbeat learns of a lapse too, and what a lapsed worker claims
+    #: meanwhile is rescued by the next sweep (its late finishes are refused).
+    check_lease: bool = True
 
 
 @dataclass(slots=True)

@@ -70,14 +70,16 @@ UPDATE steps SET status = 'skipped', error = ?, finished_at = ? WHERE id = ? AND
 UPDATE runs SET
     running = MAX(0, running - :done + :claimed),
     unfinished = unfinished - :finished,
-    failed = failed + :failed,
-    status = CASE WHEN :claimed > 0 AND status = 'pending' THEN 'running' ELSE status END,
-    started_at = CASE WHEN :claimed > 0 THEN COALESCE(started_at, :now) ELSE started_at END,
-    deadline = CASE WHEN :claimed > 0 AND run_timeout_s IS NOT NULL
-                    THEN COALESCE(deadline, COALESCE(started_at, :now) + run_timeout_s)
-                    ELSE deadline END
+    failed = failed + :failed
 WHERE id = :id
-RETURNING unfinished, failed, status, step_base, total_steps;
+RETURNING unfinished, failed, status, step_base, total_steps, started_at;
+
+-- name: start_run
+UPDATE runs SET
+    status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+    started_at = :now,
+    deadline = CASE WHEN run_timeout_s IS NOT NULL THEN :now + run_timeout_s END
+WHERE id = :id AND started_at IS NULL;
 
 -- name: failed_steps
 SELECT step_id FROM steps WHERE id BETWEEN ? AND ? AND status = 'failed' ORDER BY id LIMIT 20;

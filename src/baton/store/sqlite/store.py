@@ -256,8 +256,7 @@ class SQLiteStore:
             if turn.done:
                 self._finish(db, turn, result, counts)
             if turn.claim > 0:
-                live = db.execute(Q["worker_live"], (turn.owner, turn.now)).fetchone()
-                if live is None:
+                if turn.check_lease and db.execute(Q["worker_live"], (turn.owner, turn.now)).fetchone() is None:
                     result.lost = True
                 else:
                     self._claim(db, turn, result, counts)
@@ -270,7 +269,8 @@ class SQLiteStore:
     ) -> None:
         owner, now = turn.owner, turn.now
         attempts: list[tuple[Any, ...]] = []
-        unblocked: list[int] = []
+        # Dependent step id -> needs of it that succeeded this turn (a fan-in counts once).
+        tally: dict[int, int] = {}
         rows = [
             (str(d.status), d.output, d.error, d.finished_at, d.not_before, d.id, d.attempt, owner)
             for d in turn.done
@@ -292,11 +292,8 @@ class SQLiteStore:
                 c[2] += 1
             base = d.id - d.idx
             if d.status is StepStatus.SUCCEEDED and d.unblocks:
-                tally: dict[int, int] = {}
                 for dep in d.unblocks:
                     tally[base + dep] = tally.get(base + dep, 0) + 1
-                db.executemany(Q["unblock_step"], [(n, n, dep) for dep, n in tally.items()])
-                unblocked.extend(tally)
             elif d.skips:
                 reason = d.skip_reason or "a step it needs did not succeed"
                 for dep in d.skips:
@@ -307,8 +304,10 @@ class SQLiteStore:
             db.execute(Q["insert_attempt"], attempts[0])
         elif attempts:
             db.executemany(Q["insert_attempt"], attempts)
-        if unblocked and turn.report:
-            for row in db.execute(Q["now_ready"], (json.dumps(unblocked),)):
+        if tally:
+            db.executemany(Q["unblock_step"], [(n, n, dep) for dep, n in tally.items()])
+        if tally and turn.report:
+            for row in db.execute(Q["now_ready"], (json.dumps(list(tally)),)):
                 result.marked.append((row["run_id"], row["idx"], StepStatus.READY))
 
     def _count(
@@ -332,6 +331,10 @@ class SQLiteStore:
             "now": now,
         }
         row = db.execute(Q["count_run"], params).fetchone()
+        if claimed and row is not None and row["started_at"] is None:
+            # Its first claim: the run starts (status, start time and deadline are written
+            # once, so a turn does not rewrite the indexed status column).
+            db.execute(Q["start_run"], {"id": run_id, "now": now})
         if row is None or row["unfinished"] > 0 or row["status"] not in ("pending", "running", "paused"):
             return
         if row["failed"]:
