@@ -256,7 +256,8 @@ class SQLiteStore:
             if turn.done:
                 self._finish(db, turn, result, counts)
             if turn.claim > 0:
-                if turn.check_lease and db.execute(Q["worker_live"], (turn.owner, turn.now)).fetchone() is None:
+                live = db.execute(Q["worker_live"], (turn.owner, turn.now)) if turn.check_lease else None
+                if live is not None and live.fetchone() is None:
                     result.lost = True
                 else:
                     self._claim(db, turn, result, counts)
