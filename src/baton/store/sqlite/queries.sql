@@ -41,8 +41,16 @@ SELECT step_base, step_base + total_steps - 1 AS step_last FROM runs WHERE id = 
 SELECT * FROM steps WHERE id BETWEEN ? AND ? ORDER BY id;
 
 -- name: get_attempts
+-- The recorded attempts, and each plain success that lives only in its step row.
 SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
-WHERE a.step BETWEEN ? AND ? ORDER BY a.finished_at, a.step, a.attempt;
+WHERE a.step BETWEEN :first AND :last
+UNION ALL
+SELECT s.id, s.attempt, 'succeeded', s.started_at, s.finished_at, NULL, s.finished_by, NULL, s.run_id,
+       s.step_id
+FROM steps s
+WHERE s.id BETWEEN :first AND :last AND s.status = 'succeeded'
+  AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.step = s.id AND a.attempt = s.attempt)
+ORDER BY 5, 1, 2;
 
 -- name: insert_attempt
 INSERT OR REPLACE INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
@@ -50,7 +58,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: finish_step
 UPDATE steps SET status = ?, output = ?, error = ?, finished_at = ?, not_before = ?,
-       lease_owner = NULL
+       finished_by = lease_owner, lease_owner = NULL
 WHERE id = ? AND status = 'running' AND attempt = ? AND lease_owner = ?;
 
 -- name: unblock_step
@@ -236,7 +244,14 @@ ORDER BY id DESC LIMIT :limit;
 
 -- name: job_attempts
 SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
-WHERE a.step = ? ORDER BY a.attempt;
+WHERE a.step = :id
+UNION ALL
+SELECT s.id, s.attempt, 'succeeded', s.started_at, s.finished_at, NULL, s.finished_by, NULL, s.run_id,
+       s.step_id
+FROM steps s
+WHERE s.id = :id AND s.status = 'succeeded'
+  AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.step = s.id AND a.attempt = s.attempt)
+ORDER BY 2;
 
 -- name: retry_job
 UPDATE steps SET status = 'ready', not_before = NULL, finished_at = NULL, cancel_requested = 0,

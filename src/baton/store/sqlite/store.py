@@ -230,7 +230,8 @@ class SQLiteStore:
 
     async def get_attempts(self, run_id: str) -> list[AttemptRecord]:
         span = self._range(self.db, self._resolve_id(run_id))
-        rows = self.db.execute(Q["get_attempts"], span).fetchall()
+        first, last = span
+        rows = self.db.execute(Q["get_attempts"], {"first": first, "last": last}).fetchall()
         return [attempt_from_row(r) for r in rows]
 
     async def outputs(self, run_id: str, idxs: list[int]) -> dict[int, Any]:
@@ -280,9 +281,11 @@ class SQLiteStore:
             if not applied:
                 result.rejected.append(d.id)
                 continue
-            attempts.append(
-                (d.id, d.attempt, d.outcome, d.started_at, d.finished_at, d.error, owner, d.detail)
-            )
+            if d.status is not StepStatus.SUCCEEDED or d.detail is not None:
+                # (a plain success is on record in its step row: see get_attempts)
+                attempts.append(
+                    (d.id, d.attempt, d.outcome, d.started_at, d.finished_at, d.error, owner, d.detail)
+                )
             if d.run_id is None:
                 continue
             c = counts.setdefault(d.run_id, [0, 0, 0, 0])
@@ -590,7 +593,7 @@ class SQLiteStore:
 
     async def get_job_attempts(self, job_id: int) -> list[AttemptRecord]:
         self._job(job_id)
-        return [attempt_from_row(r) for r in self.db.execute(Q["job_attempts"], (job_id,))]
+        return [attempt_from_row(r) for r in self.db.execute(Q["job_attempts"], {"id": job_id})]
 
     async def retry_job(self, job_id: int, now: float) -> JobRecord:
         with self._write() as db:
