@@ -103,7 +103,7 @@ WHERE run_id IS NULL AND status = 'pending' AND not_before <= ?;
 -- name: runs_with_slots
 SELECT id, step_base, step_base + total_steps - 1 AS step_last, max_parallel - running AS free,
        barrier
-FROM runs
+FROM runs INDEXED BY runs_active  -- in creation order, no sort (the planner picks runs_by_status)
 WHERE status IN ('pending', 'running') AND unfinished > 0
   AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
 ORDER BY created_at LIMIT 64;

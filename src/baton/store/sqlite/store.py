@@ -94,7 +94,7 @@ class SQLiteStore:
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._synchronous = synchronous
         self._db: sqlite3.Connection | None = None
-        self._json_cache: dict[int, tuple[list[str], str]] = {}
+        self._json_cache: dict[int, tuple[list[str], str, frozenset[str]]] = {}
 
     # -- connection ------------------------------------------------------------------
 
@@ -356,16 +356,33 @@ class SQLiteStore:
             return None
         cached = self._json_cache.get(id(names))
         if cached is None or cached[0] is not names:
-            cached = (names, json.dumps(names))
+            cached = (names, json.dumps(names), frozenset(names))
             self._json_cache[id(names)] = cached
         return cached[1]
+
+    def _ready(
+        self, db: sqlite3.Connection, query: str, params: dict[str, Any], tasks: list[str] | None
+    ) -> list[sqlite3.Row]:
+        """The first ready rows a query finds, of tasks this worker knows.
+
+        Asked first without the task filter (a list the database would unpack on every
+        call); only when that finds a task unknown here is the filtered query run.
+        """
+        rows = db.execute(query, {**params, "tasks": None}).fetchall()
+        if tasks is None or not rows:
+            return rows
+        self._encoded(tasks)
+        known = self._json_cache[id(tasks)][2]
+        if all(r["task"] in known for r in rows):
+            return rows
+        return db.execute(query, {**params, "tasks": self._encoded(tasks)}).fetchall()
 
     def _claim(
         self, db: sqlite3.Connection, turn: Turn, result: TurnResult, counts: dict[str, list[int]]
     ) -> None:
         owner, now = turn.owner, turn.now
         left = turn.claim
-        tasks, queues = self._encoded(turn.tasks), self._encoded(turn.queues)
+        queues = self._encoded(turn.queues)
         for run in db.execute(Q["runs_with_slots"], {"queues": queues}).fetchall():
             if left <= 0:
                 break
@@ -373,12 +390,12 @@ class SQLiteStore:
             n = min(left, run["free"] + (c[0] if c else 0))  # c[0]: slots this turn freed
             if n <= 0:
                 continue
-            params = {"run": run["id"], "now": now, "tasks": tasks, "n": n}
+            params = {"run": run["id"], "now": now, "n": n}
             if run["barrier"]:
                 params.update(first=run["step_base"], last=run["step_last"])
-                rows = db.execute(Q["ready_steps_of_barrier_run"], params).fetchall()
+                rows = self._ready(db, Q["ready_steps_of_barrier_run"], params, turn.tasks)
             else:
-                rows = db.execute(Q["ready_steps_of_run"], params).fetchall()
+                rows = self._ready(db, Q["ready_steps_of_run"], params, turn.tasks)
             if not rows:
                 continue
             db.executemany(Q["claim_step"], [(owner, now, r["id"]) for r in rows])
@@ -397,8 +414,10 @@ class SQLiteStore:
         for queue in turn.queues if turn.queues is not None else [None]:
             if left <= 0:
                 break
-            params = {"queue": queue, "now": now, "tasks": tasks, "n": left}
-            rows = db.execute(Q["ready_jobs" if queue is None else "ready_jobs_of_queue"], params).fetchall()
+            params = {"queue": queue, "now": now, "n": left}
+            rows = self._ready(
+                db, Q["ready_jobs" if queue is None else "ready_jobs_of_queue"], params, turn.tasks
+            )
             if not rows:
                 continue
             db.executemany(Q["claim_step"], [(owner, now, r["id"]) for r in rows])
