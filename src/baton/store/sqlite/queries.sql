@@ -73,6 +73,14 @@ SELECT run_id, idx FROM steps WHERE id IN (SELECT value FROM json_each(?)) AND s
 -- name: skip_step
 UPDATE steps SET status = 'skipped', error = ?, finished_at = ? WHERE id = ? AND status = 'pending';
 
+-- name: count_open_run
+-- count_run for the common case, a run this turn does not end (no RETURNING to pay for).
+UPDATE runs SET
+    running = MAX(0, running - :done + :claimed),
+    unfinished = unfinished - :finished,
+    failed = failed + :failed
+WHERE id = :id AND (unfinished > :finished OR status NOT IN ('pending', 'running', 'paused'));
+
 -- name: count_run
 -- A turn's effect on a run: steps done (slots freed), finished for good, failed, claimed.
 UPDATE runs SET
@@ -80,7 +88,7 @@ UPDATE runs SET
     unfinished = unfinished - :finished,
     failed = failed + :failed
 WHERE id = :id
-RETURNING unfinished, failed, status, step_base, total_steps, started_at;
+RETURNING unfinished, failed, status, step_base, total_steps;
 
 -- name: start_run
 UPDATE runs SET
@@ -102,7 +110,7 @@ WHERE run_id IS NULL AND status = 'pending' AND not_before <= ?;
 
 -- name: runs_with_slots
 SELECT id, step_base, step_base + total_steps - 1 AS step_last, max_parallel - running AS free,
-       barrier
+       barrier, started_at
 FROM runs INDEXED BY runs_active  -- in creation order, no sort (the planner picks runs_by_status)
 WHERE status IN ('pending', 'running') AND unfinished > 0
   AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))

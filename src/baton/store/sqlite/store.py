@@ -326,19 +326,10 @@ class SQLiteStore:
         result: TurnResult,
     ) -> None:
         """Move a run's counters; the run ends when nothing of it is left unfinished."""
-        params = {
-            "id": run_id,
-            "done": done,
-            "finished": finished,
-            "failed": failed,
-            "claimed": claimed,
-            "now": now,
-        }
+        params = {"id": run_id, "done": done, "finished": finished, "failed": failed, "claimed": claimed}
+        if db.execute(Q["count_open_run"], params).rowcount:
+            return
         row = db.execute(Q["count_run"], params).fetchone()
-        if claimed and row is not None and row["started_at"] is None:
-            # Its first claim: the run starts (status, start time and deadline are written
-            # once, so a turn does not rewrite the indexed status column).
-            db.execute(Q["start_run"], {"id": run_id, "now": now})
         if row is None or row["unfinished"] > 0 or row["status"] not in ("pending", "running", "paused"):
             return
         if row["failed"]:
@@ -400,6 +391,10 @@ class SQLiteStore:
                 continue
             db.executemany(Q["claim_step"], [(owner, now, r["id"]) for r in rows])
             run_id = run["id"]
+            if run["started_at"] is None:
+                # Its first claim: the run starts. (Status, start time and deadline are
+                # written once: a turn does not rewrite the indexed status column.)
+                db.execute(Q["start_run"], {"id": run_id, "now": now})
             counts.setdefault(run_id, [0, 0, 0, 0])[3] += len(rows)
             result.claimed.extend(
                 Claimed(
