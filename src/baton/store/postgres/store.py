@@ -67,15 +67,37 @@ Q = load_queries(__package__)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _RUN_SOURCES = {target: sorted(str(s) for s in src) for target, src in RUN_SOURCES.items()}
 
+
+class _Native:
+    """A statement in PostgreSQL's own ``$n`` form, converted once from ``%(name)s``.
+
+    psycopg converts a query's placeholders on every call and caches the result only for
+    queries under 4 KiB; a turn's statements are longer, and converting them cost more
+    than a job. A raw cursor takes this form as it is (each parameter sent once).
+    """
+
+    def __init__(self, query: str) -> None:
+        names: dict[str, int] = {}
+
+        def number(match: re.Match[str]) -> str:
+            return f"${names.setdefault(match.group(1), len(names) + 1)}"
+
+        self.text = re.sub(r"%\((\w+)\)s", number, query)
+        self.names = list(names)
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
 # A turn's statements, assembled from the fragments of queries.sql (see there).
-_FINISH_JOBS = f"WITH {Q['finish_jobs_ctes']}\n{Q['finish_jobs_rows']}"
-_CLAIM = f"WITH {Q['claim_ctes']}\n{Q['claim_rows']}"
-_FINISH_JOBS_AND_CLAIM = (
+_FINISH_JOBS = _Native(f"WITH {Q['finish_jobs_ctes']}\n{Q['finish_jobs_rows']}")
+_CLAIM = _Native(f"WITH {Q['claim_ctes']}\n{Q['claim_rows']}")
+_FINISH_JOBS_AND_CLAIM = _Native(
     f"WITH {Q['finish_jobs_ctes']},\n{Q['claim_ctes']}\n{Q['finish_jobs_rows']}\nUNION ALL\n{Q['claim_rows']}"
 )
-_FINISH_STEPS = f"WITH {Q['finish_jobs_ctes']},\n{Q['finish_steps_ctes']}\n{Q['finish_steps_rows']}"
-_END_RUNS = f"WITH {Q['end_runs_ctes']}\n{Q['end_runs_rows']}"
-_END_RUNS_AND_CLAIM = (
+_FINISH_STEPS = _Native(f"WITH {Q['finish_jobs_ctes']},\n{Q['finish_steps_ctes']}\n{Q['finish_steps_rows']}")
+_END_RUNS = _Native(f"WITH {Q['end_runs_ctes']}\n{Q['end_runs_rows']}")
+_END_RUNS_AND_CLAIM = _Native(
     f"WITH {Q['end_runs_ctes']},\n{Q['claim_ctes']}\n{Q['end_runs_rows']}\nUNION ALL\n{Q['claim_rows']}"
 )
 
@@ -349,19 +371,20 @@ class PostgresStore:
                     return result
                 # Standalone jobs only: one statement finishes them and claims the next.
                 query = _FINISH_JOBS_AND_CLAIM if done and claim else _FINISH_JOBS if done else _CLAIM
-                async with conn.cursor() as cur:
-                    await cur.execute(query, params)
+                async with psycopg.AsyncRawCursor(conn) as cur:
+                    await cur.execute(query.text, query.args(params))
                     rows = await cur.fetchall()
             else:
                 # Steps of runs: lock the runs (id order), finish (the dependents they make
                 # ready or skipped, the runs' counters), then end runs and claim, seeing the
                 # finishes. Pipelined: one implicit transaction, one round trip.
                 params.update(ids=runs, claimless=not claim, report=turn.report)
-                finish, tail = conn.cursor(), conn.cursor()
+                finish, tail = psycopg.AsyncRawCursor(conn), psycopg.AsyncRawCursor(conn)
+                end = _END_RUNS_AND_CLAIM if claim else _END_RUNS
                 async with conn.pipeline():
                     await conn.execute(Q["lock_runs"], {"ids": runs})
-                    await finish.execute(_FINISH_STEPS, params)
-                    await tail.execute(_END_RUNS_AND_CLAIM if claim else _END_RUNS, params)
+                    await finish.execute(_FINISH_STEPS.text, _FINISH_STEPS.args(params))
+                    await tail.execute(end.text, end.args(params))
                 rows = await finish.fetchall()
                 rows.extend(await tail.fetchall())
         applied: set[int] = set()
@@ -494,7 +517,8 @@ class PostgresStore:
         )
         requeued = await cur.fetchall()
         if runs:
-            await cur.execute(_END_RUNS, {"ids": runs, "now": now})
+            async with psycopg.AsyncRawCursor(cur.connection) as raw:
+                await raw.execute(_END_RUNS.text, _END_RUNS.args({"ids": runs, "now": now}))
         return [r["id"] for r in requeued]
 
     @_retried
