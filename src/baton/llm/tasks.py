@@ -73,6 +73,10 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         )
         if response.source == "cached":
             ctx.details["saved_usd"] = response.raw.get("saved_usd")
+            ctx.details["cache"] = response.raw.get("cache")  # "exact" or "semantic"
+            if response.raw.get("cache") == "semantic":  # the request it was taken for, how close
+                ctx.details["similarity"] = response.raw.get("similarity")
+                ctx.details["matched_prompt"] = response.raw.get("matched_prompt")
         result: dict[str, Any] = {
             "model": response.model,
             "usage": usage,
