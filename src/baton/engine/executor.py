@@ -501,6 +501,14 @@ class Worker:
                 previous_error=None if first else claim.previous_error,
             )
         temps = attempt.retry.temperatures
+        needs = plan.dag.needs[claim.idx]
+
+        async def load_needs() -> dict[str, Any]:
+            missing = [i for i in needs if i not in plan.outputs]
+            if missing:
+                plan.outputs.update(await self.engine.store.outputs(plan.run_id, missing))
+            return {plan.dag.ids[i]: plan.outputs.get(i) for i in needs}
+
         return TaskContext(
             run_id=plan.run_id,
             step_id=plan.dag.ids[claim.idx],
@@ -512,6 +520,8 @@ class Worker:
             run_budget=plan.plan.budget,
             step_budget=plan.plan.steps[claim.idx].budget,
             complexity=plan.plan.policy.complexity,
+            needs=tuple(plan.dag.ids[i] for i in needs),
+            load_needs=load_needs,
         )
 
     async def _attempt(self, attempt: _Attempt) -> None:

@@ -28,7 +28,8 @@ FOREIGN_MARGIN = 1.25
 
 
 @functools.cache
-def _encoding() -> tiktoken.Encoding:
+def encoding() -> tiktoken.Encoding:
+    """The tokenizer (loaded once)."""
     return tiktoken.get_encoding(ENCODING)
 
 
@@ -36,7 +37,7 @@ def count(text: str) -> int:
     """Tokens of ``text`` (special-token markers count as plain text)."""
     if not text:
         return 0
-    return len(_encoding().encode(text, disallowed_special=()))
+    return len(encoding().encode(text, disallowed_special=()))
 
 
 def margin(model: str | None) -> float:
@@ -53,4 +54,4 @@ def estimate_messages(messages: Iterable[Any], model: str | None = None) -> int:
     return int(total * margin(model) + 0.999)
 
 
-__all__ = ["ENCODING", "count", "estimate_messages", "margin"]
+__all__ = ["ENCODING", "count", "encoding", "estimate_messages", "margin"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -43,6 +43,14 @@ class TaskContext:
     step_budget: Budget | None = None
     #: the plan's complexity (simple, medium, complex, crisis): model steps route by it
     complexity: str | None = None
+    #: the steps this one needs, in the order of its ``needs``
+    needs: tuple[str, ...] = ()
+    #: reads the outputs of ``needs`` (set by the executor)
+    load_needs: Callable[[], Awaitable[dict[str, Any]]] | None = field(default=None, repr=False)
+
+    async def need_outputs(self) -> dict[str, Any]:
+        """The outputs of the steps this one needs, by step id, in the order of ``needs``."""
+        return await self.load_needs() if self.load_needs is not None else {}
 
     @property
     def idempotency_key(self) -> str:
