@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from baton.errors import BudgetExceeded, UsageError
+from baton.llm import tokens
 from baton.llm.config import HOSTED, SEMANTIC_EXTRA, LLMConfig, semantic_extra_installed
 from baton.llm.prices import PriceBook
 from baton.llm.providers.anthropic import AnthropicMessages
@@ -68,11 +68,6 @@ class BudgetGuard:
 @dataclass(frozen=True, slots=True)
 class _Reservation:
     settles: list[tuple[str, int, float]]
-
-
-def conservative_tokens(text: str) -> int:
-    """An over-estimate of input tokens for reservations (three characters a token)."""
-    return math.ceil(len(text) / 3) + 8
 
 
 def cache_key(model: str, request: ChatRequest) -> str:
@@ -241,6 +236,11 @@ class Gateway:
                     order.append(fallback)
         return order
 
+    def _model_id(self, name: str) -> str:
+        """The provider's name of a configured model (what its tokenizer family is known by)."""
+        spec = self.config.models.get(name)
+        return (spec.model if spec is not None else None) or name
+
     def _estimate_usd(self, name: str, usage: Usage) -> float | None:
         spec = self.config.models.get(name)
         model = (spec.model if spec is not None else None) or name
@@ -252,9 +252,11 @@ class Gateway:
     ) -> tuple[list[str], _Reservation]:
         """Reserve the call's estimate; the models to try (cheaper ones if the policy says so)."""
         assert self.store is not None, "budgets need a store"
-        text = "\n".join(m.content for m in request.messages)
-        tokens = conservative_tokens(text) + (request.max_tokens or BUDGET_OUTPUT_TOKENS)
-        estimate = Usage(conservative_tokens(text), request.max_tokens or BUDGET_OUTPUT_TOKENS)
+        # Counted by a real tokenizer, with the margin of the model family that counts most.
+        prompt_tokens = max(tokens.estimate_messages(request.messages, self._model_id(m)) for m in order)
+        output_tokens = request.max_tokens or BUDGET_OUTPUT_TOKENS
+        estimate = Usage(prompt_tokens, output_tokens)
+        total_tokens = prompt_tokens + output_tokens
         candidates = [order]
         if guard.on_exhausted == "cheaper":
             candidates += [order[at:] for at in range(1, len(order))]
@@ -270,7 +272,7 @@ class Gateway:
                         f"{scope} has a USD budget, but the price of model {candidate[0]!r} (or a fallback) "
                         "is unknown: add it under prices: in the LLM config"
                     )
-                claims.append(BudgetClaim(scope, tokens, usd or 0.0, budget.tokens, budget.usd))
+                claims.append(BudgetClaim(scope, total_tokens, usd or 0.0, budget.tokens, budget.usd))
             try:
                 await self.store.budget_reserve(guard.run_id, claims)
             except BudgetExceeded as exc:
@@ -286,11 +288,11 @@ class Gateway:
         self, guard: BudgetGuard | None, reservation: _Reservation, response: ChatResponse | None
     ) -> None:
         assert self.store is not None and guard is not None
-        tokens, usd = 0, 0.0
+        used, usd = 0, 0.0
         if response is not None and response.usage is not None:
-            tokens = response.usage.input_tokens + response.usage.output_tokens
+            used = response.usage.input_tokens + response.usage.output_tokens
             usd = response.cost_usd or 0.0
-        settles = [BudgetSettle(scope, rt, ru, tokens, usd) for scope, rt, ru in reservation.settles]
+        settles = [BudgetSettle(scope, rt, ru, used, usd) for scope, rt, ru in reservation.settles]
         await self.store.budget_settle(guard.run_id, settles)
 
     async def _route(
