@@ -17,7 +17,8 @@ def test_most_relevant_first_and_at_most_three() -> None:
     ranked = [p.step_id for p in rank(outputs, prompt)]
     assert ranked[0] == "design_schema"  # shares invoices, total, customer with the prompt
     assert ranked[1] == "list_endpoints"  # shares only "invoices"
-    block = needs_context(outputs, prompt)
+    block, quoted = needs_context(outputs, prompt)
+    assert quoted == ranked[:3]
     assert block.count("## ") == 3
     assert block.index("## design_schema") < block.index("## list_endpoints")
 
@@ -26,7 +27,7 @@ def test_ties_keep_the_order_of_needs_and_quoted_outputs_are_not_repeated() -> N
     outputs = {"a": "alpha result", "b": "bravo result", "c": {"text": "Use port 8080."}}
     prompt = "Configure the server. Use port 8080."  # c's output is already in the prompt
     assert [p.step_id for p in rank(outputs, prompt)] == ["a", "b"]
-    assert needs_context({"x": None}, prompt) == ""
+    assert needs_context({"x": None}, prompt) == ("", [])
 
 
 def test_long_outputs_are_cut_in_the_middle_within_the_budget() -> None:
@@ -35,5 +36,5 @@ def test_long_outputs_are_cut_in_the_middle_within_the_budget() -> None:
     assert short.startswith("BEGIN") and short.endswith("END")
     assert "tokens cut" in short
     assert tokens.count(short) <= 110
-    block = needs_context({"a": text, "b": text + " again"}, "summarize", max_tokens=200)
+    block, _ = needs_context({"a": text, "b": text + " again"}, "summarize", max_tokens=200)
     assert tokens.count(block) <= 260  # two shares of 100, headers and the cut notes

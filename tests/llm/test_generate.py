@@ -208,3 +208,48 @@ async def test_the_same_question_is_answered_from_the_cache_in_a_later_run(
         record = await engine.run({"name": "uncached", "steps": [uncached]})
         (done,) = await engine.store.get_steps(record.id)
     assert done.output["text"] == "Asked again." and len(fake.received()) == 1
+
+
+DDL = "CREATE TABLE invoices (customer text, total int)"
+
+
+async def test_the_outputs_of_its_needs_reach_the_model_most_relevant_first(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    fake.program({"text": "SELECT customer, sum(total) FROM invoices GROUP BY customer"}, {"text": "ok"})
+    plan = {
+        "name": "context",
+        "steps": [
+            {"id": "logs", "task": "echo", "with": {"line": "GET /health 200"}},
+            {"id": "schema", "task": "echo", "with": {"ddl": DDL}},
+            {"id": "owner", "task": "echo", "with": {"name": "ops team"}},
+            {"id": "extra", "task": "echo", "with": {"note": "the invoices table is append-only"}},
+            {
+                "id": "query",
+                "task": "llm.generate",
+                "needs": ["logs", "schema", "owner", "extra"],
+                "with": {"prompt": "Sum the invoices total per customer.", "system": "Answer in SQL."},
+            },
+            {
+                "id": "plain",
+                "task": "llm.generate",
+                "needs": ["schema"],
+                "with": {"prompt": "Say ok.", "context": False},
+            },
+        ],
+    }
+    async with Engine(str(tmp_path / "c.db"), llm=http_config(fake)) as engine:
+        record = await engine.run(plan)
+        attempts = {a.step_id: a for a in await engine.store.get_attempts(record.id)}
+    assert record.status is RunStatus.COMPLETED
+    bodies = {r["body"]["messages"][-1]["content"]: r["body"]["messages"] for r in fake.received()}
+    query = bodies["Sum the invoices total per customer."]
+    system = query[0]["content"]
+    assert query[0]["role"] == "system" and system.startswith("Answer in SQL.\n\n")
+    # three of the four needs, those sharing the prompt's words first; the prompt unchanged
+    assert system.index("## schema") < system.index("## extra")
+    assert system.count("## ") == 3 and "CREATE TABLE invoices" in system
+    assert query[1] == {"role": "user", "content": "Sum the invoices total per customer."}
+    assert attempts["query"].detail is not None
+    assert attempts["query"].detail["context"][:2] == ["schema", "extra"]
+    assert bodies["Say ok."] == [{"role": "user", "content": "Say ok."}]  # context: false

@@ -81,14 +81,15 @@ def shorten(text: str, budget: int) -> str:
 
 def needs_context(
     outputs: dict[str, Any], prompt: str, *, limit: int = DEFAULT_LIMIT, max_tokens: int = DEFAULT_TOKENS
-) -> str:
-    """The context block for ``prompt`` (empty when there is nothing to add)."""
+) -> tuple[str, list[str]]:
+    """The context block for ``prompt`` (empty when there is nothing to add), and the steps
+    it quotes."""
     chosen = rank(outputs, prompt)[: max(0, limit)]
     if not chosen:
-        return ""
+        return "", []
     share = max(max_tokens // len(chosen), 16)
     parts = [f"## {p.step_id}\n{shorten(p.text, share)}" for p in chosen]
-    return "Results of the steps this one builds on:\n\n" + "\n\n".join(parts)
+    return "Results of the steps this one builds on:\n\n" + "\n\n".join(parts), [p.step_id for p in chosen]
 
 
 __all__ = ["DEFAULT_LIMIT", "DEFAULT_TOKENS", "needs_context", "rank", "render", "shorten"]

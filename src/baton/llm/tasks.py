@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from baton.errors import TaskFailed
+from baton.llm.context import DEFAULT_TOKENS, needs_context
 from baton.llm.extract import extract_code
 from baton.llm.gateway import BudgetGuard, Gateway
 from baton.llm.types import ChatRequest, Message
@@ -41,11 +42,24 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         max_tokens: int | None = None,
         cache: bool = True,
         tier: str | None = None,
+        context: bool = True,
+        context_tokens: int = DEFAULT_TOKENS,
     ) -> dict[str, Any]:
-        """Ask a model; the answer, or the code or JSON extracted from it."""
+        """Ask a model; the answer, or the code or JSON extracted from it.
+
+        With ``context`` (the default), the outputs of the steps this one needs — at most
+        three, the most relevant to the prompt first, within ``context_tokens`` — go into
+        the system message, unless the prompt already quotes them.
+        """
         if not isinstance(prompt, str) or not prompt.strip():
             raise TaskFailed("llm.generate: prompt must be a non-empty string")
         content = prompt + (feedback(ctx.previous_error) if ctx.previous_error else "")
+        background = ""
+        if context and ctx.needs:
+            background, quoted = needs_context(await ctx.need_outputs(), prompt, max_tokens=context_tokens)
+            if quoted:
+                ctx.details["context"] = quoted
+        system = "\n\n".join(part for part in (system, background) if part) or None
         messages = ([Message("system", system)] if system else []) + [Message("user", content)]
         temperature = ctx.temperature
         if temperature is None:
