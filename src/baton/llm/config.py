@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from baton.errors import UsageError
 from baton.llm.prices import Price
+from baton.llm.rules import RuleConfig
+from baton.llm.rules import problems as rule_problems
 
 HOSTED = {
     "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
@@ -117,6 +119,8 @@ class LLMConfig(BaseModel):
     #: the longest wait honoured (Retry-After or backoff) between those tries
     max_wait_s: float = Field(default=30.0, ge=0)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    #: deterministic answers tried before the cache and the models (see baton.llm.rules)
+    rules: list[RuleConfig] = Field(default_factory=list)
     #: USD per million tokens, for models the maintained price table lacks (or to override it)
     prices: dict[str, Price] = Field(default_factory=dict)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -180,6 +184,7 @@ class LLMConfig(BaseModel):
         problems: list[str] = []
         if self.cache.semantic is not None and not semantic_extra_installed():
             problems.append(f"cache.semantic: {SEMANTIC_EXTRA}")
+        problems += rule_problems(self.rules)
         todo = [name]
         while todo:
             current = todo.pop(0)

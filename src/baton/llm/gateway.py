@@ -1,6 +1,7 @@
 """The gateway: the one path of every model call.
 
-cache (exact, then semantic where configured) → budget → provider (retries of transient
+rules (deterministic answers, first attempts only) → cache (exact, then semantic where
+configured) → budget → provider (retries of transient
 errors honouring Retry-After, bounded; then the next configured model) → accounting
 (tokens, cost from the price table) → settle.
 The exact cache and the budget ledger live in the store, so every run and worker on the
@@ -29,6 +30,7 @@ from baton.llm.providers.anthropic import AnthropicMessages
 from baton.llm.providers.base import Provider
 from baton.llm.providers.openai import OpenAIChat
 from baton.llm.providers.scripted import RecordingProvider, ScriptedProvider
+from baton.llm.rules import Rules
 from baton.llm.types import ChatRequest, ChatResponse, ProviderError, Usage
 from baton.plan.model import Budget
 from baton.store.base import BudgetClaim, BudgetSettle, Store
@@ -110,6 +112,7 @@ class Gateway:
         self._providers: dict[str, Provider] = {}
         self._cooling: dict[str, float] = {}  # model -> monotonic time it may be tried again
         self._semantic: SemanticIndex | None = None
+        self._rules = Rules(self.config.rules)
 
     def problems(self, model: str | None, tier: str | None = None) -> list[str]:
         return self.config.problems(model, tier)
@@ -153,12 +156,17 @@ class Gateway:
         tier: str | None = None,
         complexity: str | None = None,
     ) -> ChatResponse:
-        """Answer ``request``: from the cache, or from a model (named, or routed) within budget.
+        """Answer ``request``: by a rule, from the cache, or from a model (named, or routed)
+        within budget.
 
         Routing: a named ``model`` (then its fallbacks); else the models of ``tier``, or of
         the tier the config routes ``complexity`` to, one tier cheaper once the run has
         spent ``downgrade_at`` of a budget; else the default model.
         """
+        if self._rules and request.use_rules and request.attempt == 1:
+            answered = self._rules.answer(request)
+            if answered is not None:
+                return answered
         guard = budget if budget is not None and budget.scopes else None
         order = await self._route(model, tier, complexity, guard)
         first = order[0]

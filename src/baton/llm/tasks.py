@@ -44,6 +44,7 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         tier: str | None = None,
         context: bool = True,
         context_tokens: int = DEFAULT_TOKENS,
+        rules: bool = True,
     ) -> dict[str, Any]:
         """Ask a model; the answer, or the code or JSON extracted from it.
 
@@ -71,6 +72,7 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             step_id=ctx.step_id,
             attempt=ctx.attempt,
             use_cache=cache,
+            use_rules=rules,
         )
         ctx.details.update(prompt=content, temperature=temperature)
         budget = BudgetGuard(ctx.run_id, ctx.step_id, ctx.run_budget, ctx.step_budget)

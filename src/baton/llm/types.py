@@ -28,6 +28,8 @@ class ChatRequest:
     attempt: int = 1
     #: answer from the exact cache when the same question was asked before
     use_cache: bool = True
+    #: let a configured rule answer (on a first attempt) before the cache and the models
+    use_rules: bool = True
 
     @property
     def prompt(self) -> str:
@@ -54,7 +56,8 @@ class ChatResponse:
     raw: dict[str, Any] = field(default_factory=dict)
     #: what the call cost; None when the model's price is not known
     cost_usd: float | None = None
-    #: what produced it: "llm" (the model asked), "fallback" (a later model), "cached"
+    #: what produced it: "autonomous" (a rule), "cached", "llm" (the model asked) or
+    #: "fallback" (a later or cheaper model than the one asked)
     source: str = "llm"
 
 
