@@ -190,8 +190,8 @@ async def test_a_step_says_its_answer_came_from_the_semantic_cache(tmp_path: Pat
         {
             "id": "again",
             "task": "llm.generate",
-            "needs": ["ask"],
-            "with": {"prompt": "What's the capital city of France?"},
+            "needs": ["ask"],  # after it; without its output as context (that would change the question)
+            "with": {"prompt": "What's the capital city of France?", "context": False},
         },
     ]
     async with Engine(str(tmp_path / "run.db"), llm=config) as engine:
