@@ -18,7 +18,6 @@ cassette, so a run can be replayed later without the network.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import tempfile
@@ -29,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from baton.errors import UsageError
+from baton.llm import tokens
 from baton.llm.providers.base import Provider
 from baton.llm.types import (
     ChatRequest,
@@ -101,8 +101,8 @@ class Cassette(BaseModel):
 
 
 def estimate_tokens(text: str) -> int:
-    """A rough offline estimate (about four characters a token for English and code)."""
-    return max(1, math.ceil(len(text) / 4)) if text else 0
+    """What a response that declares no usage counts: the text's tokens (cl100k)."""
+    return tokens.count(text)
 
 
 class ScriptedProvider:
