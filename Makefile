@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/queue.py
 	$(BIN)/python bench/semantic.py
+	$(BIN)/python bench/llm.py --no-pairs
 
 clean:
 	rm -rf $(VENV) .baton .pytest_cache .mypy_cache .ruff_cache
