@@ -68,8 +68,18 @@ ORDER BY created_at DESC LIMIT %(limit)s;
 SELECT * FROM steps WHERE run_id = %(id)s ORDER BY idx;
 
 -- name: get_attempts
-SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
-WHERE s.run_id = %(id)s ORDER BY a.finished_at, s.idx, a.attempt;
+-- The recorded attempts, and each plain success that lives only in its step row.
+SELECT a.step, a.attempt, a.status, a.started_at, a.finished_at, a.error, a.owner, a.detail,
+       s.run_id, s.step_id, s.idx
+FROM attempts a JOIN steps s ON s.id = a.step
+WHERE s.run_id = %(id)s
+UNION ALL
+SELECT s.id, s.attempt, 'succeeded', s.started_at, s.finished_at, NULL, s.finished_by, NULL,
+       s.run_id, s.step_id, s.idx
+FROM steps s
+WHERE s.run_id = %(id)s AND s.status = 'succeeded'
+  AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.step = s.id AND a.attempt = s.attempt)
+ORDER BY finished_at, idx, attempt;
 
 -- name: outputs
 SELECT idx, output FROM steps
@@ -102,6 +112,7 @@ fin AS (
         error = %(done)s::jsonb -> s.id::text ->> 'e',
         finished_at = (%(done)s::jsonb -> s.id::text ->> 'fa')::float8,
         not_before = (%(done)s::jsonb -> s.id::text ->> 'nb')::float8,
+        finished_by = s.lease_owner,
         lease_owner = NULL
     WHERE s.id = ANY(%(done_ids)s::bigint[]) AND s.status = 'running'
       AND s.lease_owner = %(owner)s
@@ -113,6 +124,8 @@ fin AS (
     SELECT fin.id, fin.attempt, v.d ->> 'o', (v.d ->> 'sa')::float8, (v.d ->> 'fa')::float8,
            v.d ->> 'e', %(owner)s, v.d ->> 'dt'
     FROM fin, LATERAL (SELECT %(done)s::jsonb -> fin.id::text AS d) v
+    -- (a plain success is on record in its step row: see get_attempts)
+    WHERE fin.status <> 'succeeded' OR v.d ->> 'dt' IS NOT NULL
     ON CONFLICT (step, attempt) DO UPDATE
     SET status = excluded.status, started_at = excluded.started_at,
         finished_at = excluded.finished_at, error = excluded.error, owner = excluded.owner,
@@ -529,8 +542,17 @@ WHERE run_id IS NULL AND (%(queue)s::text IS NULL OR queue = %(queue)s)
 ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: job_attempts
-SELECT a.*, s.run_id, s.step_id FROM attempts a JOIN steps s ON s.id = a.step
-WHERE a.step = %(id)s ORDER BY a.attempt;
+SELECT a.step, a.attempt, a.status, a.started_at, a.finished_at, a.error, a.owner, a.detail,
+       s.run_id, s.step_id
+FROM attempts a JOIN steps s ON s.id = a.step
+WHERE a.step = %(id)s
+UNION ALL
+SELECT s.id, s.attempt, 'succeeded', s.started_at, s.finished_at, NULL, s.finished_by, NULL,
+       s.run_id, s.step_id
+FROM steps s
+WHERE s.id = %(id)s AND s.status = 'succeeded'
+  AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.step = s.id AND a.attempt = s.attempt)
+ORDER BY attempt;
 
 -- name: retry_job
 WITH retried AS (
