@@ -251,9 +251,8 @@ class Gateway:
 
     def _estimate_usd(self, name: str, usage: Usage) -> float | None:
         spec = self.config.models.get(name)
-        model = (spec.model if spec is not None else None) or name
         hint = spec.provider if spec is not None and spec.provider != "scripted" else None
-        return self.prices.cost_usd(model, usage, hint)
+        return self.prices.cost_usd(self._model_id(name), usage, hint)
 
     async def _reserve(
         self, guard: BudgetGuard, order: list[str], request: ChatRequest
