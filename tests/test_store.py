@@ -30,6 +30,7 @@ from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError, UsageEr
 from baton.plan.dag import Dag
 from baton.status import RunStatus, StepStatus
 from baton.store import (
+    ApiKey,
     Beat,
     BudgetClaim,
     BudgetSettle,
@@ -352,6 +353,52 @@ async def test_a_run_id_is_created_once(store: Store) -> None:
         await new_run(store, graph={"other": []})
     assert [r.id for r in await store.list_runs()] == ["run1"]
     assert [s.step_id for s in await store.get_steps("run1")] == ["a", "b", "c"]
+
+
+def run_and_steps(run_id: str, step_ids: list[str]) -> tuple[RunRecord, list[StepRecord]]:
+    run = RunRecord(
+        id=run_id,
+        name="r",
+        status=R.PENDING,
+        plan={"name": "r", "steps": []},
+        created_at=T0,
+        total_steps=len(step_ids),
+    )
+    return run, [StepRecord(run_id, i, s, "echo", 0, S.READY) for i, s in enumerate(step_ids)]
+
+
+async def test_an_idempotency_key_makes_one_run(store: Store, peer: Store) -> None:
+    made = await store.create_run(*run_and_steps("first", ["a"]), idempotency=("k1", "body-1"))
+    assert made == "first"
+    # The same request again (from anywhere): nothing written, the first run's id.
+    again = await peer.create_run(*run_and_steps("second", ["a"]), idempotency=("k1", "body-1"))
+    assert again == "first"
+    with pytest.raises(Conflict, match="idempotency key 'k1' was used for another request"):
+        await peer.create_run(*run_and_steps("third", ["a"]), idempotency=("k1", "body-2"))
+    assert [r.id for r in await store.list_runs()] == ["first"]
+    # Another key, or none, makes a run as usual.
+    assert await store.create_run(*run_and_steps("fourth", ["a"]), idempotency=("k2", "body-1")) == "fourth"
+    assert await store.create_run(*run_and_steps("fifth", ["a"])) == "fifth"
+    assert sorted(r.id for r in await store.list_runs()) == ["fifth", "first", "fourth"]
+
+
+async def test_api_keys_are_kept_by_hash_and_revoked(store: Store, peer: Store) -> None:
+    await store.put_api_key(ApiKey("key1", "admin", "ops", T0), "hash-1")
+    await store.put_api_key(ApiKey("key2", "viewer", "dashboard", T0 + 1), "hash-2")
+    with pytest.raises(Conflict):
+        await store.put_api_key(ApiKey("key1", "viewer", "again", T0 + 2), "hash-3")
+    found = await peer.api_key_by_hash("hash-2")
+    assert found is not None and (found.id, found.role, found.name) == ("key2", "viewer", "dashboard")
+    assert await peer.api_key_by_hash("hash-9") is None
+    assert await peer.revoke_api_key("key2", T0 + 5) is True
+    assert await peer.revoke_api_key("key2", T0 + 6) is False  # once
+    assert await peer.revoke_api_key("nope", T0 + 6) is False
+    assert await store.api_key_by_hash("hash-2") is None
+    listed = await store.list_api_keys()
+    assert [(k.id, k.role, k.revoked_at) for k in listed] == [
+        ("key1", "admin", None),
+        ("key2", "viewer", T0 + 5),
+    ]
 
 
 async def test_list_runs_newest_first_with_limit_and_status(store: Store) -> None:

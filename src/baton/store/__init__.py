@@ -7,6 +7,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from baton.errors import UsageError
 from baton.store.base import (
+    ApiKey,
     AttemptRecord,
     Beat,
     BudgetClaim,
@@ -73,6 +74,7 @@ def _postgres(url: str) -> Store:
 
 __all__ = [
     "DEFAULT_DB",
+    "ApiKey",
     "AttemptRecord",
     "Beat",
     "BudgetClaim",

@@ -295,6 +295,17 @@ class LedgerEntry:
         return None
 
 
+@dataclass(slots=True)
+class ApiKey:
+    """An API key as the store keeps it: never the secret, only its hash."""
+
+    id: str  # public: shown in lists and in the audit trail
+    role: str  # admin | operator | viewer
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+
+
 class Store(Protocol):
     """Persistence for runs, steps and attempts. Every method is one transaction."""
 
@@ -305,8 +316,15 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
-        """Insert a run and all its steps at once."""
+    async def create_run(
+        self, run: RunRecord, steps: list[StepRecord], *, idempotency: tuple[str, str] | None = None
+    ) -> str:
+        """Insert a run and all its steps at once; the run's id.
+
+        ``idempotency`` is (key, fingerprint of the request): a key seen before with the same
+        fingerprint writes nothing and returns the run it made then; with another
+        fingerprint it raises Conflict.
+        """
 
     async def get_run(self, run_id: str, *, with_plan: bool = True) -> RunRecord:
         """The run; NotFound if there is none (a unique id prefix is accepted).
@@ -426,3 +444,15 @@ class Store(Protocol):
 
     async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
         """Keep ``value`` under ``key`` (replacing what was there) until ``expires_at``."""
+
+    async def put_api_key(self, key: ApiKey, secret_hash: str) -> None:
+        """Keep a new key (its secret only as a hash); Conflict if the id is taken."""
+
+    async def api_key_by_hash(self, secret_hash: str) -> ApiKey | None:
+        """The key with this secret hash, unless it was revoked."""
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones included, oldest first."""
+
+    async def revoke_api_key(self, key_id: str, now: float) -> bool:
+        """Revoke a key; False when there is no such key or it was revoked already."""

@@ -8,7 +8,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from baton.status import RunStatus, StepStatus
-from baton.store.base import AttemptRecord, JobRecord, RunRecord, Schedule, StepRecord, WorkerRecord
+from baton.store.base import ApiKey, AttemptRecord, JobRecord, RunRecord, Schedule, StepRecord, WorkerRecord
 
 
 def load_queries(package: str) -> dict[str, str]:
@@ -224,4 +224,14 @@ def worker_from_row(row: Row) -> WorkerRecord:
         started_at=row["started_at"],
         expires_at=row["expires_at"],
         running=row["running"],
+    )
+
+
+def api_key_from_row(row: Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        role=row["role"],
+        name=row["name"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
     )

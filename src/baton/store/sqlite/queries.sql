@@ -319,3 +319,21 @@ WHERE run_id = ? AND scope = ?;
 
 -- name: ledger_of_run
 SELECT * FROM budget_ledger WHERE run_id = ? ORDER BY scope;
+
+-- name: run_request
+SELECT fingerprint, run_id FROM run_requests WHERE key = ?;
+
+-- name: put_run_request
+INSERT INTO run_requests (key, fingerprint, run_id, created_at) VALUES (?, ?, ?, ?);
+
+-- name: put_api_key
+INSERT INTO api_keys (id, secret_hash, role, name, created_at) VALUES (?, ?, ?, ?, ?);
+
+-- name: api_key_by_hash
+SELECT * FROM api_keys WHERE secret_hash = ? AND revoked_at IS NULL;
+
+-- name: list_api_keys
+SELECT * FROM api_keys ORDER BY created_at, id;
+
+-- name: revoke_api_key
+UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL;

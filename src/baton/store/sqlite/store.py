@@ -18,6 +18,7 @@ from typing import Any
 from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, RunStatus, StepStatus
 from baton.store.base import (
+    ApiKey,
     AttemptRecord,
     Beat,
     BudgetClaim,
@@ -35,6 +36,7 @@ from baton.store.base import (
 )
 from baton.store.sql import (
     STATE_STATUSES,
+    api_key_from_row,
     attempt_from_row,
     job_from_row,
     job_params,
@@ -163,14 +165,26 @@ class SQLiteStore:
 
     # -- runs ------------------------------------------------------------------------
 
-    async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
+    async def create_run(
+        self, run: RunRecord, steps: list[StepRecord], *, idempotency: tuple[str, str] | None = None
+    ) -> str:
         try:
-            self._insert_run(run, steps)
+            return self._insert_run(run, steps, idempotency)
         except sqlite3.IntegrityError:
             raise Conflict(f"run {run.id} exists") from None
 
-    def _insert_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
+    def _insert_run(
+        self, run: RunRecord, steps: list[StepRecord], idempotency: tuple[str, str] | None
+    ) -> str:
         with self._write() as db:
+            if idempotency is not None:
+                key, fingerprint = idempotency
+                seen = db.execute(Q["run_request"], (key,)).fetchone()
+                if seen is not None:
+                    if seen["fingerprint"] != fingerprint:
+                        raise Conflict(f"idempotency key {key!r} was used for another request")
+                    return str(seen["run_id"])
+                db.execute(Q["put_run_request"], (key, fingerprint, run.id, run.created_at))
             base = db.execute(Q["next_step_base"]).fetchone()[0]
             params = {**run_params(run), "step_base": base}
             db.execute(Q["insert_run"], params)
@@ -196,6 +210,7 @@ class SQLiteStore:
             )
             for s in steps:
                 s.id = base + s.idx
+        return run.id
 
     def _range(self, db: sqlite3.Connection, run_id: str) -> tuple[int, int]:
         """The first and last step id of a run."""
@@ -679,3 +694,23 @@ class SQLiteStore:
     async def cache_put(self, key: str, value: str, now: float, expires_at: float | None) -> None:
         with self._write() as db:
             db.execute(Q["cache_put"], (key, value, now, expires_at))
+
+    # -- API keys ----------------------------------------------------------------------
+
+    async def put_api_key(self, key: ApiKey, secret_hash: str) -> None:
+        try:
+            with self._write() as db:
+                db.execute(Q["put_api_key"], (key.id, secret_hash, key.role, key.name, key.created_at))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"API key {key.id} exists") from None
+
+    async def api_key_by_hash(self, secret_hash: str) -> ApiKey | None:
+        row = self.db.execute(Q["api_key_by_hash"], (secret_hash,)).fetchone()
+        return None if row is None else api_key_from_row(row)
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        return [api_key_from_row(r) for r in self.db.execute(Q["list_api_keys"])]
+
+    async def revoke_api_key(self, key_id: str, now: float) -> bool:
+        with self._write() as db:
+            return db.execute(Q["revoke_api_key"], (now, key_id)).rowcount == 1
