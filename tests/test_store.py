@@ -1882,3 +1882,46 @@ async def test_postgres_stores_starting_together_migrate_once(pg_schema: str) ->
         assert await statuses(again) == {"a": S.READY, "b": S.PENDING, "c": S.PENDING}
     finally:
         await again.close()
+
+
+async def test_concurrent_requests_with_one_idempotency_key_make_one_run(
+    backend: Backend, store: Store, open_store: OpenStore
+) -> None:
+    """Requests with one Idempotency-Key at once, each from a "process" of its own: exactly
+    one run is made; the same request gets its id, another request a Conflict."""
+    n = 10
+    # each with a connection of its own (memory: the one store)
+    stores = [await open_store(pool_size=1) for _ in range(n)]
+
+    async def create(s: Store, run_id: str, key: str, fingerprint: str) -> str:
+        made = run_and_steps(run_id, ["a"])
+        if backend.name == "sqlite":
+            # SQLite calls do not yield to the event loop: threads make them race.
+            return await asyncio.to_thread(
+                lambda: asyncio.run(s.create_run(*made, idempotency=(key, fingerprint)))
+            )
+        return await s.create_run(*made, idempotency=(key, fingerprint))
+
+    # the same request n times: one run, every caller gets its id
+    ids = await asyncio.gather(*(create(s, f"same{i}", "k-same", "body") for i, s in enumerate(stores)))
+    (run,) = await store.list_runs()
+    assert set(ids) == {run.id}
+    assert run.id.startswith("same")
+
+    # two different requests under one key: one run; the request that made it gets its id,
+    # the other a Conflict
+    bodies = ["body-A" if i % 2 else "body-B" for i in range(n)]
+    results = await asyncio.gather(
+        *(create(s, f"mixed{i}", "k-mixed", bodies[i]) for i, s in enumerate(stores)),
+        return_exceptions=True,
+    )
+    mixed = [r for r in await store.list_runs() if r.id.startswith("mixed")]
+    assert len(mixed) == 1
+    winner = bodies[int(mixed[0].id.removeprefix("mixed"))]
+    for body, result in zip(bodies, results, strict=True):
+        if body == winner:
+            assert result == mixed[0].id
+        else:
+            assert isinstance(result, Conflict), result
+            assert "idempotency key 'k-mixed' was used for another request" in str(result)
+    assert len(await store.list_runs()) == 2

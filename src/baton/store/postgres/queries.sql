@@ -42,6 +42,19 @@ FROM unnest(%(idx)s::int[], %(step_id)s::text[], %(task)s::text[], %(wave)s::int
 ORDER BY u.idx
 RETURNING id, idx;
 
+-- An idempotency key is claimed in the transaction that inserts the run. A concurrent claim
+-- of the same key waits for that transaction: when it commits, this inserts nothing (and
+-- run_request, a statement of its own with a newer snapshot, reads the committed row); when
+-- it rolls back, this inserts.
+-- name: put_run_request
+INSERT INTO run_requests (key, fingerprint, run_id, created_at)
+VALUES (%(key)s, %(fingerprint)s, %(run_id)s, %(now)s)
+ON CONFLICT (key) DO NOTHING
+RETURNING run_id;
+
+-- name: run_request
+SELECT fingerprint, run_id FROM run_requests WHERE key = %(key)s;
+
 -- name: run_exists
 SELECT 1 FROM runs WHERE id = %(id)s;
 
@@ -632,3 +645,19 @@ WHERE run_id = %(run_id)s AND scope = %(scope)s;
 
 -- name: ledger_of_run
 SELECT * FROM budget_ledger WHERE run_id = %(run_id)s ORDER BY scope;
+
+-- API keys ------------------------------------------------------------------------------------
+
+-- name: put_api_key
+INSERT INTO api_keys (id, secret_hash, role, name, created_at)
+VALUES (%(id)s, %(secret_hash)s, %(role)s, %(name)s, %(created_at)s);
+
+-- name: api_key_by_hash
+SELECT * FROM api_keys WHERE secret_hash = %(secret_hash)s AND revoked_at IS NULL;
+
+-- name: list_api_keys
+SELECT * FROM api_keys ORDER BY created_at, id;
+
+-- name: revoke_api_key
+UPDATE api_keys SET revoked_at = %(now)s WHERE id = %(id)s AND revoked_at IS NULL
+RETURNING id;

@@ -32,6 +32,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, RunStatus, StepStatus
 from baton.store.base import (
+    ApiKey,
     AttemptRecord,
     Beat,
     BudgetClaim,
@@ -50,6 +51,7 @@ from baton.store.base import (
 )
 from baton.store.sql import (
     STATE_STATUSES,
+    api_key_from_row,
     attempt_from_row,
     job_from_row,
     job_params,
@@ -268,7 +270,9 @@ class PostgresStore:
     # -- runs ------------------------------------------------------------------------
 
     @_retried
-    async def create_run(self, run: RunRecord, steps: list[StepRecord]) -> None:
+    async def create_run(
+        self, run: RunRecord, steps: list[StepRecord], *, idempotency: tuple[str, str] | None = None
+    ) -> str:
         step_params = {
             "run_id": run.id,
             "queue": run.queue,
@@ -284,17 +288,54 @@ class PostgresStore:
         ready = any(s.status in (StepStatus.READY, StepStatus.RETRYING) for s in steps)
         try:
             async with self._connection() as conn:
-                async with conn.pipeline():  # one implicit transaction, one round trip
-                    await conn.execute(Q["insert_run"], run_params(run))
-                    cur = conn.cursor()
-                    await cur.execute(Q["insert_steps"], step_params)
-                    if ready:
-                        await conn.execute(Q["notify"], {"channel": self.channel})
-                ids = {r["idx"]: r["id"] for r in await cur.fetchall()}
+                if idempotency is None:
+                    # one implicit transaction, one round trip
+                    ids = await self._insert_run(conn, run, step_params, ready)
+                else:
+                    # The key first, then the run, in one transaction: a request with the
+                    # same key meanwhile waits for this one's outcome.
+                    async with conn.transaction():
+                        earlier = await self._claim_request(conn, run, *idempotency)
+                        if earlier is not None:
+                            return earlier
+                        ids = await self._insert_run(conn, run, step_params, ready)
         except psycopg.errors.UniqueViolation:
             raise Conflict(f"run {run.id} exists") from None
         for s in steps:
             s.id = ids.get(s.idx, s.id)
+        return run.id
+
+    async def _insert_run(
+        self, conn: Connection, run: RunRecord, step_params: dict[str, Any], ready: bool
+    ) -> dict[int, int]:
+        """Insert the run and its steps, pipelined; the steps' ids by index."""
+        async with conn.pipeline():
+            await conn.execute(Q["insert_run"], run_params(run))
+            cur = conn.cursor()
+            await cur.execute(Q["insert_steps"], step_params)
+            if ready:
+                await conn.execute(Q["notify"], {"channel": self.channel})
+        return {r["idx"]: r["id"] for r in await cur.fetchall()}
+
+    @staticmethod
+    async def _claim_request(conn: Connection, run: RunRecord, key: str, fingerprint: str) -> str | None:
+        """Claim an idempotency key for ``run`` (inside the run's transaction): None when it
+        is this run's now, the run it was claimed for when the same request came before;
+        Conflict when another request took it."""
+        params = {"key": key, "fingerprint": fingerprint, "run_id": run.id, "now": run.created_at}
+        async with conn.cursor() as cur:
+            await cur.execute(Q["put_run_request"], params)
+            if await cur.fetchone() is not None:
+                return None
+            # Taken: the insert waited until the transaction holding the key committed; this
+            # statement's snapshot (read committed) sees that row.
+            await cur.execute(Q["run_request"], {"key": key})
+            seen = await cur.fetchone()
+        if seen is None:  # never deleted: a rollback would have let the insert through
+            raise StoreError(f"idempotency key {key!r} vanished while it was being read")
+        if seen["fingerprint"] != fingerprint:
+            raise Conflict(f"idempotency key {key!r} was used for another request")
+        return str(seen["run_id"])
 
     async def _resolve(self, cur: Cursor, run_id: str) -> str:
         await cur.execute(Q["run_exists"], {"id": run_id})
@@ -774,6 +815,35 @@ class PostgresStore:
         await self._execute(
             Q["cache_put"], {"key": key, "value": value, "now": now, "expires_at": expires_at}
         )
+
+    # -- API keys ----------------------------------------------------------------------
+
+    @_retried
+    async def put_api_key(self, key: ApiKey, secret_hash: str) -> None:
+        params = {
+            "id": key.id,
+            "secret_hash": secret_hash,
+            "role": key.role,
+            "name": key.name,
+            "created_at": key.created_at,
+        }
+        try:
+            await self._execute(Q["put_api_key"], params)
+        except psycopg.errors.UniqueViolation:
+            raise Conflict(f"API key {key.id} exists") from None
+
+    @_retried
+    async def api_key_by_hash(self, secret_hash: str) -> ApiKey | None:
+        row = await self._row(Q["api_key_by_hash"], {"secret_hash": secret_hash})
+        return None if row is None else api_key_from_row(row)
+
+    @_retried
+    async def list_api_keys(self) -> list[ApiKey]:
+        return [api_key_from_row(r) for r in await self._rows(Q["list_api_keys"])]
+
+    @_retried
+    async def revoke_api_key(self, key_id: str, now: float) -> bool:
+        return await self._row(Q["revoke_api_key"], {"id": key_id, "now": now}) is not None
 
 
 def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
