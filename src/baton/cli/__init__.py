@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -36,6 +36,8 @@ from baton.plan import Policy, analyze
 from baton.runtime import tune_gc
 from baton.status import RunStatus, StepStatus
 from baton.store import DEFAULT_DB, AttemptRecord, LedgerEntry, RunRecord, SQLiteStore, StepRecord
+from baton.views import AttemptView, RunView, StepView
+from baton.views import seconds as _seconds
 
 EXIT_OK, EXIT_FAILED, EXIT_PAUSED = 0, 1, 3  # bad input is 2: BatonError.exit_code
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -191,16 +193,8 @@ def _resume_hint(run_id: str, db: str) -> str:
     return hint if db == DEFAULT_DB else f"{hint} --db {shlex.quote(db)}"
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
-
-
 def _local(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
-
-
-def _seconds(start: float | None, end: float | None) -> float | None:
-    return None if start is None or end is None else max(0.0, end - start)
 
 
 def _preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
@@ -222,44 +216,15 @@ def _exit_code(status: RunStatus) -> int:
 
 
 def _run_json(run: RunRecord) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "name": run.name,
-        "status": str(run.status),
-        "error": run.error,
-        "total_steps": run.total_steps,
-        "created_at": _iso(run.created_at),
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
-        "duration_s": _seconds(run.started_at, run.finished_at),
-        "running": run.running,
-    }
+    return RunView.of(run).model_dump()
 
 
 def _step_json(step: StepRecord) -> dict[str, Any]:
-    return {
-        "id": step.step_id,
-        "task": step.task,
-        "wave": step.wave,
-        "status": str(step.status),
-        "attempts": step.attempt,
-        "started_at": _iso(step.started_at),
-        "finished_at": _iso(step.finished_at),
-        "duration_s": _seconds(step.started_at, step.finished_at),
-        "error": step.error,
-        "output": step.output,
-    }
+    return StepView.of(step).model_dump()
 
 
 def _attempt_json(attempt: AttemptRecord) -> dict[str, Any]:
-    return {
-        "step": attempt.step_id,
-        "attempt": attempt.attempt,
-        "status": attempt.status,
-        "duration_s": _seconds(attempt.started_at, attempt.finished_at),
-        "error": attempt.error,
-        "detail": attempt.detail,
-    }
+    return AttemptView.of(attempt).model_dump()
 
 
 @dataclass(slots=True)

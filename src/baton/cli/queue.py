@@ -29,7 +29,6 @@ from baton.cli import (
     _err,
     _execute,
     _import_modules,
-    _iso,
     _local,
     _out,
     _preview,
@@ -41,6 +40,7 @@ from baton.engine import DEFAULT_LEASE_S, Engine
 from baton.errors import UsageError
 from baton.queue.cron import describe
 from baton.store import DEFAULT_DB, AttemptRecord, JobRecord, Schedule
+from baton.views import AttemptView, JobView, iso
 
 jobs_app = typer.Typer(help="Standalone jobs: enqueue task calls, list, inspect, retry, cancel.")
 schedules_app = typer.Typer(help="Cron schedules: one job per tick, however many workers run.")
@@ -86,36 +86,11 @@ def _emit_line(doc: dict[str, Any]) -> None:
 
 
 def _job_json(job: JobRecord) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "task": job.task,
-        "queue": job.queue,
-        "state": job.state,
-        "args": job.args,
-        "priority": job.priority,
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "run_at": _iso(job.run_at),
-        "unique_key": job.unique_key,
-        "duplicate": job.duplicate,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "output": job.output,
-        "error": job.error,
-        "worker": job.lease_owner,
-    }
+    return JobView.of(job).model_dump()
 
 
 def _attempt_json(a: AttemptRecord) -> dict[str, Any]:
-    return {
-        "attempt": a.attempt,
-        "status": a.status,
-        "started_at": _iso(a.started_at),
-        "finished_at": _iso(a.finished_at),
-        "error": a.error,
-        "worker": a.owner,
-    }
+    return AttemptView.of(a).model_dump()
 
 
 def _print_job(job: JobRecord) -> None:
@@ -343,7 +318,7 @@ def schedules_remove(
 
 def _print_schedules(found: list[Schedule], json_out: bool) -> None:
     if json_out:
-        docs = [{**describe(s), "next_at": _iso(s.next_at)} for s in found]
+        docs = [{**describe(s), "next_at": iso(s.next_at)} for s in found]
         _emit_json({"schedules": docs})
         return
     if not found:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -90,6 +91,8 @@ class RunHandle:
 
     run_id: str
     engine: Engine
+    #: False when an idempotency key named a run submitted before (nothing was written)
+    created: bool = True
 
     @property
     def worker(self) -> Worker | None:
@@ -225,11 +228,15 @@ class Engine:
             return parse_plan(read_plan_text(source), self.registry)
         return parse_plan(source, self.registry)
 
-    async def submit(self, source: PlanSource, *, start: bool = True) -> RunHandle:
+    async def submit(
+        self, source: PlanSource, *, start: bool = True, idempotency_key: str | None = None
+    ) -> RunHandle:
         """Validate the plan and put its run in the queue; by default, this process's
         worker starts on it (and any other worker on the database may help).
 
-        A bad plan raises PlanError before anything is written.
+        A bad plan raises PlanError before anything is written. With ``idempotency_key``,
+        submitting the same plan again under the same key gives the run made the first
+        time (``created`` False); another plan under that key raises Conflict.
         """
         plan = self.load(source)
         await self.open()
@@ -262,7 +269,13 @@ class Engine:
             )
             for i, s in enumerate(plan.steps)
         ]
-        await self.store.create_run(run, steps)
+        idempotency = None
+        if idempotency_key is not None:
+            fingerprint = hashlib.sha256(json.dumps(run.plan, sort_keys=True).encode()).hexdigest()
+            idempotency = (idempotency_key, fingerprint)
+        made = await self.store.create_run(run, steps, idempotency=idempotency)
+        if made != run_id:
+            return RunHandle(made, self, created=False)
         self.emit(Event("run.pending", run_id, data={"name": plan.name, "steps": len(steps)}))
         if start:
             worker = await self.start_worker()
