@@ -720,10 +720,12 @@ def cancel(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = Fal
     _control(run_id, db, json_out, RunStatus.CANCELLED)
 
 
-# The queue's commands (worker, jobs, schedules) live in their own module.
+# The queue's commands (worker, jobs, schedules) and the API's (serve, keys) live in their
+# own modules.
 from baton.cli import queue as _queue  # noqa: E402
+from baton.cli import serve as _serve  # noqa: E402
 
-__all__ = ["_queue", "app", "main"]
+__all__ = ["_queue", "_serve", "app", "main"]
 
 
 def main() -> None:

@@ -1,0 +1,438 @@
+"""The REST API: a thin layer on the Engine (``baton serve``).
+
+Everything under ``/api/v1``; every endpoint but ``/health`` takes a bearer API key
+(see :mod:`baton.api.auth`) unless auth was turned off for local use. Errors are JSON:
+``{"code", "message"}`` (and ``problems`` for an invalid plan), with 400 for a body that
+cannot be read, 401/403 for keys, 404, 409 for a state that does not allow the action,
+422 for an invalid plan or parameters, 503 when the store cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import structlog
+import yaml
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from baton.api.auth import ROLES, Role, authenticate, create_key
+from baton.engine import Engine
+from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem, StoreError
+from baton.status import RunStatus
+from baton.store import ApiKey
+from baton.views import AttemptView, JobView, ProgressView, RunView, StepView, iso, run_cost
+
+log = structlog.get_logger("baton.api")
+
+PREFIX = "/api/v1"
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+MAX_BODY = 10 * 1024 * 1024
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    problems: list[dict[str, str]] | None = None
+
+
+class Links(BaseModel):
+    self: str
+    progress: str
+    steps: str
+
+
+class Submitted(BaseModel):
+    id: str
+    status: str
+    #: False when the Idempotency-Key named a run submitted before
+    created: bool
+    links: Links
+
+
+class RunDetail(RunView):
+    steps: list[StepView]
+
+
+class StepDetail(StepView):
+    attempt_history: list[AttemptView]
+
+
+class WaveView(BaseModel):
+    run: str
+    wave: int
+    steps: list[StepView]
+
+
+class RunList(BaseModel):
+    runs: list[RunView]
+    limit: int
+    offset: int
+
+
+class JobRequest(BaseModel):
+    task: str = Field(min_length=1, max_length=200)
+    input: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    run_at: float | None = Field(default=None, ge=0, description="Unix time to start at")
+    delay_s: float | None = Field(default=None, ge=0, le=366 * 86400)
+    unique_key: str | None = Field(default=None, min_length=1, max_length=200)
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    queue: str = Field(default="default", min_length=1, max_length=100)
+    timeout_s: float | None = Field(default=None, gt=0, le=7 * 86400)
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    store: str
+    workers: int
+    checked_at: str | None
+
+
+class KeyRequest(BaseModel):
+    role: Literal["viewer", "operator", "admin"]
+    name: str = Field(default="", max_length=200)
+
+
+class KeyView(BaseModel):
+    id: str
+    role: str
+    name: str
+    created_at: str | None
+    revoked_at: str | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyView:
+        return cls(
+            id=key.id,
+            role=key.role,
+            name=key.name,
+            created_at=iso(key.created_at),
+            revoked_at=iso(key.revoked_at),
+        )
+
+
+class NewKey(KeyView):
+    #: the bearer token: shown this once, never stored
+    token: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+}
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, **extra}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _status_of(exc: BatonError) -> int:
+    if isinstance(exc, PlanError):
+        return 422
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, StoreError):
+        return 503
+    return 400
+
+
+def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
+    """The API on ``engine`` (opened and closed with the app)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.open()
+        await engine.start_worker()
+        try:
+            yield
+        finally:
+            await engine.close()
+
+    app = FastAPI(
+        title="baton",
+        version="1",
+        summary="Durable orchestration for AI-agent and LLM workloads",
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+
+    @app.exception_handler(BatonError)
+    async def baton_error(_: Request, exc: BatonError) -> JSONResponse:
+        if isinstance(exc, PlanError):
+            return _error(422, exc.code, exc.message, problems=exc.to_dict()["problems"])
+        return _error(_status_of(exc), exc.code, exc.message)
+
+    def require(role: Role) -> Callable[..., Awaitable[ApiKey | None]]:
+        async def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey | None:
+            if not auth:
+                return None
+            scheme, _, token = (authorization or "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise _Refused(401, "unauthenticated", "an API key is needed: Authorization: Bearer <key>")
+            key = await authenticate(engine.store, token.strip())
+            if key is None:
+                raise _Refused(401, "unauthenticated", "the API key is unknown or revoked")
+            if Role[key.role] < role:
+                raise _Refused(403, "forbidden", f"a {key.role} key cannot do this: it needs {role.name}")
+            return key
+
+        return check
+
+    @app.exception_handler(_Refused)
+    async def refused(_: Request, exc: _Refused) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    viewer = [Depends(require(Role.viewer))]
+    operator = [Depends(require(Role.operator))]
+    admin = [Depends(require(Role.admin))]
+
+    # -- health ------------------------------------------------------------------------
+
+    @app.get(f"{PREFIX}/health", response_model=Health, tags=["health"])
+    async def health(response: Response) -> Health:
+        """Whether the store answers and how many workers are alive (no key needed)."""
+        try:
+            workers = await engine.store.list_workers()
+        except BatonError as exc:
+            response.status_code = 503
+            return Health(status="unavailable", store=exc.message, workers=0, checked_at=iso(time.time()))
+        now = time.time()
+        alive = [w for w in workers if w.expires_at >= now]
+        return Health(status="ok", store="ok", workers=len(alive), checked_at=iso(now))
+
+    # -- runs --------------------------------------------------------------------------
+
+    @app.post(
+        f"{PREFIX}/runs",
+        status_code=202,
+        response_model=Submitted,
+        dependencies=operator,
+        tags=["runs"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "application/yaml": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
+    async def submit_run(
+        request: Request,
+        response: Response,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> Submitted:
+        """Start a run of the plan in the body (JSON, or YAML with a YAML content type).
+
+        The same ``Idempotency-Key`` with the same plan gives the run made the first time;
+        with another plan, 409.
+        """
+        plan = await _read_plan(request)
+        handle = await engine.submit(plan, idempotency_key=idempotency_key)
+        run = await engine.store.get_run(handle.run_id, with_plan=False)
+        url = f"{PREFIX}/runs/{run.id}"
+        response.headers["Location"] = url
+        return Submitted(
+            id=run.id,
+            status=str(run.status),
+            created=handle.created,
+            links=Links(self=url, progress=f"{url}/progress", steps=f"{url}/steps"),
+        )
+
+    @app.get(f"{PREFIX}/runs", response_model=RunList, dependencies=viewer, tags=["runs"])
+    async def list_runs(
+        status: RunStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=10_000)] = 0,
+    ) -> RunList:
+        """Runs, newest first; filter by status; page with limit and offset."""
+        runs = await engine.store.list_runs(limit + offset, status)
+        return RunList(runs=[RunView.of(r) for r in runs[offset:]], limit=limit, offset=offset)
+
+    @app.get(f"{PREFIX}/runs/{{run_id}}", response_model=RunDetail, dependencies=viewer, tags=["runs"])
+    async def get_run(run_id: Annotated[str, _RunId]) -> RunDetail:
+        """A run with its steps (a unique prefix of its id will do)."""
+        run = await engine.store.get_run(run_id, with_plan=False)
+        steps = await engine.store.get_steps(run.id)
+        return RunDetail(**RunView.of(run).model_dump(), steps=[StepView.of(s) for s in steps])
+
+    @app.get(
+        f"{PREFIX}/runs/{{run_id}}/progress", response_model=ProgressView, dependencies=viewer, tags=["runs"]
+    )
+    async def progress(run_id: Annotated[str, _RunId]) -> ProgressView:
+        """Completion, counts by status, the waves under way, cost so far, ETA."""
+        run = await engine.store.get_run(run_id, with_plan=False)
+        steps = await engine.store.get_steps(run.id)
+        cost = run_cost(await engine.store.get_attempts(run.id))
+        return ProgressView.of(run, steps, cost, time.time())
+
+    @app.get(
+        f"{PREFIX}/runs/{{run_id}}/waves/{{wave}}",
+        response_model=WaveView,
+        dependencies=viewer,
+        tags=["runs"],
+    )
+    async def wave(run_id: Annotated[str, _RunId], wave: Annotated[int, _Wave]) -> WaveView:
+        """The steps of one wave (0: those that need nothing)."""
+        run = await engine.store.get_run(run_id, with_plan=False)
+        steps = [s for s in await engine.store.get_steps(run.id) if s.wave == wave]
+        if not steps:
+            raise NotFound(f"run {run.id} has no wave {wave}")
+        return WaveView(run=run.id, wave=wave, steps=[StepView.of(s) for s in steps])
+
+    @app.get(
+        f"{PREFIX}/runs/{{run_id}}/steps/{{step_id}}",
+        response_model=StepDetail,
+        dependencies=viewer,
+        tags=["runs"],
+    )
+    async def get_step(run_id: Annotated[str, _RunId], step_id: Annotated[str, _StepId]) -> StepDetail:
+        """One step: its output or error, and every attempt."""
+        run = await engine.store.get_run(run_id, with_plan=False)
+        step = next((s for s in await engine.store.get_steps(run.id) if s.step_id == step_id), None)
+        if step is None:
+            raise NotFound(f"run {run.id} has no step {step_id!r}")
+        attempts = [a for a in await engine.store.get_attempts(run.id) if a.step_id == step_id]
+        return StepDetail(
+            **StepView.of(step).model_dump(), attempt_history=[AttemptView.of(a) for a in attempts]
+        )
+
+    @app.post(
+        f"{PREFIX}/runs/{{run_id}}/pause",
+        response_model=RunView,
+        dependencies=operator,
+        tags=["runs"],
+    )
+    async def pause(run_id: Annotated[str, _RunId]) -> RunView:
+        """No new step starts; running ones finish (409 when the run is not running)."""
+        return RunView.of(await engine.pause(run_id))
+
+    @app.post(
+        f"{PREFIX}/runs/{{run_id}}/resume", response_model=RunView, dependencies=operator, tags=["runs"]
+    )
+    async def resume(run_id: Annotated[str, _RunId]) -> RunView:
+        """Continue a paused run (409 when it ended, or live workers are running it)."""
+        handle = await engine.resume(run_id)
+        return RunView.of(await engine.store.get_run(handle.run_id, with_plan=False))
+
+    @app.post(
+        f"{PREFIX}/runs/{{run_id}}/cancel", response_model=RunView, dependencies=operator, tags=["runs"]
+    )
+    async def cancel(run_id: Annotated[str, _RunId]) -> RunView:
+        """Stop a run: nothing new starts, running steps are cancelled (409 when it ended)."""
+        return RunView.of(await engine.cancel(run_id))
+
+    # -- jobs --------------------------------------------------------------------------
+
+    @app.post(f"{PREFIX}/jobs", status_code=202, response_model=JobView, dependencies=operator, tags=["jobs"])
+    async def enqueue(body: JobRequest) -> JobView:
+        """Put a task call in the queue (a unique key taken returns the job there)."""
+        job = await engine.enqueue(
+            body.task,
+            body.input,
+            priority=body.priority,
+            run_at=body.run_at,
+            delay_s=body.delay_s,
+            unique_key=body.unique_key,
+            max_attempts=body.max_attempts,
+            queue=body.queue,
+            timeout_s=body.timeout_s,
+        )
+        return JobView.of(job)
+
+    @app.get(f"{PREFIX}/jobs", response_model=JobList, dependencies=viewer, tags=["jobs"])
+    async def list_jobs(
+        state: Literal[
+            "available", "scheduled", "running", "retryable", "completed", "discarded", "cancelled"
+        ]
+        | None = None,
+        queue: Annotated[str | None, Query(max_length=100)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> JobList:
+        """Jobs, newest first."""
+        jobs = await engine.store.list_jobs(state=state, queue=queue, limit=limit)
+        return JobList(jobs=[JobView.of(j) for j in jobs])
+
+    @app.get(f"{PREFIX}/jobs/{{job_id}}", response_model=JobView, dependencies=viewer, tags=["jobs"])
+    async def get_job(job_id: Annotated[int, _JobId]) -> JobView:
+        return JobView.of(await engine.store.get_job(job_id))
+
+    @app.post(
+        f"{PREFIX}/jobs/{{job_id}}/cancel", response_model=JobView, dependencies=operator, tags=["jobs"]
+    )
+    async def cancel_job(job_id: Annotated[int, _JobId]) -> JobView:
+        """Cancel a job that has not finished (409 otherwise)."""
+        return JobView.of(await engine.cancel_job(job_id))
+
+    # -- keys --------------------------------------------------------------------------
+
+    @app.get(f"{PREFIX}/keys", response_model=list[KeyView], dependencies=admin, tags=["keys"])
+    async def list_keys() -> list[KeyView]:
+        return [KeyView.of(k) for k in await engine.store.list_api_keys()]
+
+    @app.post(f"{PREFIX}/keys", status_code=201, response_model=NewKey, dependencies=admin, tags=["keys"])
+    async def new_key(body: KeyRequest) -> NewKey:
+        """Make a key; its token is in this answer and nowhere else."""
+        record, token = await create_key(engine.store, body.role, body.name)
+        return NewKey(**KeyView.of(record).model_dump(), token=token)
+
+    @app.post(f"{PREFIX}/keys/{{key_id}}/revoke", response_model=KeyView, dependencies=admin, tags=["keys"])
+    async def revoke_key(key_id: Annotated[str, _KeyId]) -> KeyView:
+        if not await engine.store.revoke_api_key(key_id, time.time()):
+            keys = {k.id: k for k in await engine.store.list_api_keys()}
+            if key_id not in keys:
+                raise NotFound(f"no API key {key_id!r}")
+            raise Conflict(f"API key {key_id} was revoked already")
+        keys = {k.id: k for k in await engine.store.list_api_keys()}
+        return KeyView.of(keys[key_id])
+
+    return app
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+_RunId = Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")
+_StepId = Path(min_length=1, max_length=200)
+_Wave = Path(ge=0, le=100_000)
+_JobId = Path(ge=1, le=2**62)
+_KeyId = Path(min_length=1, max_length=40)
+
+
+async def _read_plan(request: Request) -> Any:
+    """The plan in a request body: JSON, or YAML when the content type says so."""
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise _Refused(413, "too_large", f"a plan may have at most {MAX_BODY} bytes")
+    if not body.strip():
+        raise _Refused(400, "empty_body", "the body must be a plan (JSON or YAML)")
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    try:
+        text = body.decode("utf-8")
+        plan = yaml.safe_load(text) if kind in YAML_TYPES else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        what = "YAML" if kind in YAML_TYPES else "JSON"
+        raise _Refused(400, "unreadable_body", f"the body is not {what}: {exc}") from None
+    if not isinstance(plan, dict):
+        raise PlanError([Problem("", "a plan must be a mapping with 'name' and 'steps'")])
+    return plan
+
+
+__all__ = ["ROLES", "create_app"]
