@@ -18,8 +18,11 @@ from typing import Annotated, Any, Literal
 import structlog
 import yaml
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.engine import Engine
@@ -169,6 +172,21 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         responses=ERRORS,
     )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = _error(exc.status_code, "http_error", str(exc.detail))
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"where": ".".join(str(part) for part in e["loc"]), "message": str(e["msg"])}
+            for e in exc.errors()
+        ]
+        return _error(422, "invalid_request", "the request is invalid", problems=problems)
+
     @app.exception_handler(BatonError)
     async def baton_error(_: Request, exc: BatonError) -> JSONResponse:
         if isinstance(exc, PlanError):
@@ -176,13 +194,14 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         return _error(_status_of(exc), exc.code, exc.message)
 
     def require(role: Role) -> Callable[..., Awaitable[ApiKey | None]]:
-        async def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey | None:
+        async def check(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+        ) -> ApiKey | None:
             if not auth:
                 return None
-            scheme, _, token = (authorization or "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+            if credentials is None or not credentials.credentials.strip():
                 raise _Refused(401, "unauthenticated", "an API key is needed: Authorization: Bearer <key>")
-            key = await authenticate(engine.store, token.strip())
+            key = await authenticate(engine.store, credentials.credentials.strip())
             if key is None:
                 raise _Refused(401, "unauthenticated", "the API key is unknown or revoked")
             if Role[key.role] < role:
@@ -401,6 +420,9 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         return KeyView.of(keys[key_id])
 
     return app
+
+
+_BEARER = HTTPBearer(auto_error=False, description="An API key (`baton keys create --role ...`).")
 
 
 class _Refused(Exception):
