@@ -224,6 +224,66 @@ def test_pause_resume_cancel(server: Server) -> None:
     assert client.post(f"/runs/{other}/resume").status_code == 409
 
 
+def read_events(server: Server, run_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
+    """The SSE stream of a run, to its end: each event's id, kind and data."""
+    headers = {"Authorization": f"Bearer {server.keys['viewer']}"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    events: list[dict[str, Any]] = []
+    url = f"{server.url}/api/v1/runs/{run_id}/events"
+    with httpx.stream("GET", url, headers=headers, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, Any] = {}
+        for line in response.iter_lines():
+            if line.startswith("id: "):
+                current["id"] = line[4:]
+            elif line.startswith("event: "):
+                current["kind"] = line[7:]
+            elif line.startswith("data: "):
+                current["data"] = json.loads(line[6:])
+            elif not line and current:
+                events.append(current)
+                current = {}
+    return events
+
+
+def test_live_events_over_sse_and_resuming_from_the_last_id(server: Server) -> None:
+    plan = {
+        "name": "events",
+        "steps": [
+            {
+                "id": "flaky",
+                "task": "fail",
+                "with": {"times": 1},
+                "retry": {"attempts": 2, "backoff_s": 0.05},
+            },
+            {"id": "slow", "task": "sleep", "with": {"seconds": 0.3}, "needs": ["flaky"]},
+            {"id": "broken", "task": "fail", "needs": ["flaky"]},
+            {"id": "after", "task": "echo", "needs": ["broken"]},
+        ],
+    }
+    run_id = server.client().post("/runs", json=plan).json()["id"]
+    events = read_events(server, run_id)  # follows the run live, to its end
+    seen = [(e["kind"], e["data"].get("step_id")) for e in events]
+    assert seen[:2] == [("run.pending", None), ("run.running", None)]
+    assert seen[-1] == ("run.failed", None)
+    flaky = [k for k, step in seen if step == "flaky"]
+    assert flaky == ["step.running", "step.retrying", "step.running", "step.succeeded"]
+    assert [k for k, step in seen if step == "slow"] == ["step.running", "step.succeeded"]
+    assert [k for k, step in seen if step == "broken"] == ["step.running", "step.failed"]
+    assert [k for k, step in seen if step == "after"] == ["step.skipped"]
+    ids = [e["id"] for e in events]
+    assert len(set(ids)) == len(ids)
+    # Reconnecting with the last id seen gives what came after it, and nothing twice.
+    rest = read_events(server, run_id, last_event_id=ids[3])
+    assert [e["id"] for e in rest] == ids[4:]
+    assert read_events(server, run_id, last_event_id=ids[-1]) == []
+    bad = server.client("viewer").get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "yesterday"})
+    assert bad.status_code == 400 and bad.json()["code"] == "bad_event_id"
+    assert server.client("viewer").get("/runs/nosuchrun/events").status_code == 404
+
+
 def test_jobs(server: Server) -> None:
     client = server.client()
     job = client.post("/jobs", json={"task": "echo", "input": {"n": 5}, "unique_key": f"j-{time.time_ns()}"})

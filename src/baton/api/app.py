@@ -9,6 +9,8 @@ cannot be read, 401/403 for keys, 404, 409 for a state that does not allow the a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,13 +21,14 @@ import structlog
 import yaml
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton.api.auth import ROLES, Role, authenticate, create_key
-from baton.engine import Engine
+from baton.api.events import Key, history, parse_id
+from baton.engine import Engine, Event
 from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem, StoreError
 from baton.status import RunStatus
 from baton.store import ApiKey
@@ -355,6 +358,31 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         """Stop a run: nothing new starts, running steps are cancelled (409 when it ended)."""
         return RunView.of(await engine.cancel(run_id))
 
+    @app.get(
+        f"{PREFIX}/runs/{{run_id}}/events",
+        dependencies=viewer,
+        tags=["runs"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}},
+    )
+    async def events(
+        run_id: Annotated[str, _RunId],
+        last_event_id: Annotated[str | None, Header(max_length=100)] = None,
+    ) -> StreamingResponse:
+        """The run's events as Server-Sent Events: all of them, or those after
+        ``Last-Event-ID``, then live ones as they happen; the stream ends with the run."""
+        after: Key | None = None
+        if last_event_id is not None and last_event_id.strip():
+            after = parse_id(last_event_id)
+            if after is None:
+                raise _Refused(400, "bad_event_id", f"Last-Event-ID {last_event_id!r} is not an event id")
+        run = await engine.store.get_run(run_id, with_plan=False)
+        return StreamingResponse(
+            _stream(engine, run.id, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     # -- jobs --------------------------------------------------------------------------
 
     @app.post(f"{PREFIX}/jobs", status_code=202, response_model=JobView, dependencies=operator, tags=["jobs"])
@@ -436,6 +464,59 @@ _StepId = Path(min_length=1, max_length=200)
 _Wave = Path(ge=0, le=100_000)
 _JobId = Path(ge=1, le=2**62)
 _KeyId = Path(min_length=1, max_length=40)
+
+
+SSE_POLL_S = 0.5
+#: one event of the stream: ``id`` orders it (send it back as Last-Event-ID), ``event`` is
+#: its kind, ``data`` its JSON (kind, run_id, step_id, ts and the kind's own fields).
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "event", "data"],
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+SSE_KEEPALIVE_S = 15.0
+
+
+async def _stream(engine: Engine, run_id: str, after: Key | None) -> AsyncIterator[bytes]:
+    """What a run's event stream sends: the recorded events after ``after``, then each new
+    one (woken by this process's events, else every SSE_POLL_S), until the run ended."""
+    wake = asyncio.Event()
+
+    def on_event(event: Event) -> None:
+        if event.run_id == run_id:
+            wake.set()
+
+    unsubscribe = engine.subscribe(on_event)
+    quiet_since = time.monotonic()
+    try:
+        while True:
+            wake.clear()
+            store = engine.store
+            run = await store.get_run(run_id, with_plan=False)
+            steps = await store.get_steps(run_id)
+            attempts = await store.get_attempts(run_id)
+            for stamped in history(run, steps, attempts):
+                if after is not None and stamped.key <= after:
+                    continue
+                event = stamped.event
+                data = {"kind": event.kind, "run_id": event.run_id, "step_id": event.step_id, **event.data}
+                data["ts"] = iso(event.ts)
+                yield f"id: {stamped.id}\nevent: {event.kind}\ndata: {json.dumps(data)}\n\n".encode()
+                after = stamped.key
+                quiet_since = time.monotonic()
+            if run.status.terminal and run.running == 0:
+                return
+            if time.monotonic() - quiet_since >= SSE_KEEPALIVE_S:
+                yield b": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), SSE_POLL_S)
+    finally:
+        unsubscribe()
 
 
 async def _read_plan(request: Request) -> Any:
