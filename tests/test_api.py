@@ -327,6 +327,24 @@ def test_the_openapi_document_lists_every_endpoint(server: Server) -> None:
     } <= paths
 
 
+def test_prometheus_metrics_count_what_ran(server: Server) -> None:
+    client = server.client()
+    run_id = client.post("/runs", json=PLAN).json()["id"]
+    wait_run(client, run_id)
+    assert server.client(None).get("/metrics").status_code == 401
+    scraped = server.client("viewer").get("/metrics")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in scraped.text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values['baton_step_attempts_total{outcome="succeeded",task="echo"}'] >= 2
+    assert values['baton_runs_total{status="completed"}'] >= 1
+    assert values['baton_step_duration_seconds_count{task="echo"}'] >= 2
+    assert values["baton_steps_running"] >= 0
+
+
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
 

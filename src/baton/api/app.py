@@ -30,6 +30,8 @@ from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
 from baton.engine import Engine, Event
 from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem, StoreError
+from baton.metrics import CONTENT_TYPE as METRICS_TYPE
+from baton.metrics import Metrics
 from baton.status import RunStatus
 from baton.store import ApiKey
 from baton.views import AttemptView, JobView, ProgressView, RunView, StepView, iso, run_cost
@@ -382,6 +384,19 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    metrics = Metrics(engine)
+
+    @app.get(
+        f"{PREFIX}/metrics",
+        dependencies=viewer,
+        tags=["health"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def prometheus() -> Response:
+        """Prometheus metrics of this process: steps, attempts, runs, model calls."""
+        return Response(metrics.render(), media_type=METRICS_TYPE)
 
     # -- jobs --------------------------------------------------------------------------
 

@@ -306,6 +306,7 @@ class Worker:
             r.output_json,
             r.error,
             detail=r.details_json,
+            task=claim.task,
         )
         if r.outcome == "succeeded":
             done.status = S.SUCCEEDED
@@ -344,9 +345,17 @@ class Worker:
             for d in done:
                 if d.id in rejected:
                     continue
-                data: dict[str, Any] = {"attempt": d.attempt, "duration_s": d.finished_at - d.started_at}
+                data: dict[str, Any] = {
+                    "task": d.task,
+                    "attempt": d.attempt,
+                    "duration_s": d.finished_at - d.started_at,
+                }
                 if d.error:
                     data["error"] = d.error
+                if d.detail is not None:
+                    model_call = _model_call(d.detail)
+                    if model_call:
+                        data["llm"] = model_call
                 self._emit(f"step.{d.status}", d.run_id, d.idx, data, d.id)
             taken = {(c.run_id, c.idx) for c in outcome.claimed}
             for run_id, idx, status in outcome.marked:
@@ -395,7 +404,8 @@ class Worker:
             attempt = _Attempt(claim, plan, JOB_RETRY if plan is None else plan.retries[claim.idx])
             self.running[claim.id] = attempt
             if self.engine.events.active:
-                self._emit("step.running", claim.run_id, claim.idx, {"attempt": claim.attempt}, claim.id)
+                data = {"task": claim.task, "attempt": claim.attempt}
+                self._emit("step.running", claim.run_id, claim.idx, data, claim.id)
             attempt.task = asyncio.create_task(self._attempt(attempt))
         if give_back:
             await self.engine.store.release(self.id, give_back, time.time())
@@ -676,6 +686,17 @@ class Worker:
             return  # the next heartbeat finds the lease gone and tries again
         self.lost = False
         self.poke()
+
+
+#: what an attempt's details say of a model call, as events carry it (not prompt or answer)
+_MODEL_CALL = ("model", "usage", "cost_usd", "source", "cache")
+
+
+def _model_call(detail_json: str) -> dict[str, Any]:
+    detail = json.loads(detail_json)
+    if not isinstance(detail, dict):
+        return {}
+    return {k: detail[k] for k in _MODEL_CALL if k in detail}
 
 
 #: one encoder for every output (json.dumps with options builds a new one per call).

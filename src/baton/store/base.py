@@ -168,6 +168,8 @@ class Done:
     unblocks: list[int] = field(default_factory=list)
     skips: list[int] = field(default_factory=list)
     skip_reason: str | None = None
+    #: the task it ran (for events; the store does not need it)
+    task: str = ""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,132 @@
+"""Prometheus metrics, kept current from the engine's event stream.
+
+``Metrics(engine)`` subscribes to the engine's events (the one stream every interface
+reads) and counts what this process's workers did; ``render()`` is what ``GET /metrics``
+serves. Each Metrics has a registry of its own, so two engines in one process do not mix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from baton.engine import Engine, Event
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: attempt outcomes, as the step events name them
+OUTCOMES = ("succeeded", "failed", "retrying", "cancelled", "lost")
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
+RUN_BUCKETS = (0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0)
+
+
+class Metrics:
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.attempts = Counter(
+            "baton_step_attempts",
+            "Finished step attempts by task and outcome.",
+            ["task", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "baton_step_retries", "Attempts that failed and will be retried.", ["task"], registry=r
+        )
+        self.started = Counter("baton_step_starts", "Attempts started, by task.", ["task"], registry=r)
+        self.step_seconds = Histogram(
+            "baton_step_duration_seconds",
+            "Duration of finished attempts.",
+            ["task"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.runs = Counter("baton_runs", "Runs that ended, by status.", ["status"], registry=r)
+        self.run_seconds = Histogram(
+            "baton_run_duration_seconds",
+            "From a run's start to its end (runs started in this process).",
+            buckets=RUN_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge("baton_steps_running", "Attempts running in this process.", registry=r)
+        self.llm_calls = Counter(
+            "baton_llm_calls",
+            "Model steps by model and what answered (llm, cached...).",
+            ["model", "source"],
+            registry=r,
+        )
+        self.llm_tokens = Counter(
+            "baton_llm_tokens",
+            "Tokens of model calls by model and direction.",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.llm_cost = Counter("baton_llm_cost_usd", "Spend on model calls, USD.", ["model"], registry=r)
+        self.cache_hits = Counter(
+            "baton_llm_cache_hits", "Answers from the cache by kind.", ["kind"], registry=r
+        )
+        self.budget_refusals = Counter(
+            "baton_budget_exceeded", "Attempts refused or stopped by a budget.", ["task"], registry=r
+        )
+        self._run_started: dict[str, float] = {}
+        self.unsubscribe = engine.subscribe(self.on_event)
+
+    def on_event(self, event: Event) -> None:
+        kind, data = event.kind, event.data
+        if kind.startswith("step."):
+            self._step(kind.removeprefix("step."), data)
+        elif kind == "run.running":
+            self._run_started.setdefault(event.run_id, event.ts)
+        elif kind in ("run.completed", "run.failed", "run.cancelled"):
+            self.runs.labels(kind.removeprefix("run.")).inc()
+            started = self._run_started.pop(event.run_id, None)
+            if started is not None:
+                self.run_seconds.observe(max(0.0, event.ts - started))
+
+    def _step(self, outcome: str, data: dict[str, Any]) -> None:
+        task = str(data.get("task") or "unknown")
+        if outcome == "running":
+            self.started.labels(task).inc()
+            self.running.inc()
+            return
+        if outcome not in OUTCOMES:
+            return  # ready, skipped: no attempt
+        self.running.dec()
+        self.attempts.labels(task, outcome).inc()
+        if outcome == "retrying":
+            self.retries.labels(task).inc()
+        duration = data.get("duration_s")
+        if isinstance(duration, int | float):
+            self.step_seconds.labels(task).observe(duration)
+        error = data.get("error")
+        if isinstance(error, str) and "budget" in error.lower():
+            self.budget_refusals.labels(task).inc()
+        call = data.get("llm")
+        if isinstance(call, dict) and call.get("model"):
+            self._model_call(call)
+
+    def _model_call(self, call: dict[str, Any]) -> None:
+        model = str(call["model"])
+        source = str(call.get("source") or "llm")
+        self.llm_calls.labels(model, source).inc()
+        if source == "cached":
+            self.cache_hits.labels(str(call.get("cache") or "exact")).inc()
+        usage = call.get("usage")
+        if isinstance(usage, dict) and source != "cached":
+            for direction, key in (("input", "input_tokens"), ("output", "output_tokens")):
+                value = usage.get(key)
+                if isinstance(value, int) and value > 0:
+                    self.llm_tokens.labels(model, direction).inc(value)
+        cost = call.get("cost_usd")
+        if isinstance(cost, int | float) and cost > 0:
+            self.llm_cost.labels(model).inc(cost)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        self.unsubscribe()
+
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
