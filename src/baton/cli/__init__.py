@@ -21,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import structlog
 import typer
 from rich import box
 from rich.console import Console
@@ -29,6 +28,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from baton import logs
 from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
 from baton.engine import DEFAULT_LEASE_S, Engine, RunHandle
 from baton.errors import BatonError, NotFound, UsageError
@@ -722,6 +722,7 @@ def cancel(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = Fal
 
 # The queue's commands (worker, jobs, schedules) and the API's (serve, keys) live in their
 # own modules.
+from baton.cli import nats as _nats  # noqa: E402, F401
 from baton.cli import queue as _queue  # noqa: E402
 from baton.cli import serve as _serve  # noqa: E402
 
@@ -731,7 +732,7 @@ __all__ = ["_queue", "_serve", "app", "main"]
 def main() -> None:
     """Entry point of the ``baton`` command."""
     # structlog prints to stdout by default; stdout belongs to results (and --json documents).
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    logs.configure()
     tune_gc()
     try:
         app(prog_name="baton")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from structlog.contextvars import bind_contextvars
 
 from baton.engine.events import Event
 from baton.errors import BatonError, StepTimeout
@@ -541,6 +542,12 @@ class Worker:
             self.start_latencies.append(time.perf_counter() - self._committed_at)
         result = _Result(claim.id, claim.attempt, started, started, "failed")
         ctx: TaskContext | None = None
+        # This attempt's task has a context of its own: what it logs says which attempt.
+        bind_contextvars(
+            run_id=claim.run_id or f"job-{claim.id}",
+            step_id=plan.dag.ids[claim.idx] if plan is not None else claim.task,
+            attempt=claim.attempt,
+        )
         try:
             # A task not registered here raises UnknownTask, which fails the attempt.
             task = (plan.tasks[claim.idx] if plan is not None else None) or self.engine.registry.get(
