@@ -49,6 +49,7 @@ from baton.store import (
     WorkerRecord,
     store_for,
 )
+from baton.store.base import GENESIS, AuditEntry, audit_hash
 from baton.store.sql import load_migrations
 from tests.conftest import PG_URL
 
@@ -1925,3 +1926,80 @@ async def test_concurrent_requests_with_one_idempotency_key_make_one_run(
             assert isinstance(result, Conflict), result
             assert "idempotency key 'k-mixed' was used for another request" in str(result)
     assert len(await store.list_runs()) == 2
+
+
+# -- the audit trail ------------------------------------------------------------------------
+
+
+def assert_chain(entries: list[AuditEntry]) -> None:
+    """One unbroken chain from GENESIS: each entry's prev_hash is the hash of the entry before
+    it in seq order, and each hash is the one its content gives."""
+    assert [e.seq for e in entries] == sorted({e.seq for e in entries})
+    prev = GENESIS
+    for e in entries:
+        assert e.prev_hash == prev, e
+        assert e.hash == audit_hash(e.prev_hash, e.ts, e.actor, e.action, e.subject, e.detail)
+        prev = e.hash
+
+
+async def test_audit_entries_chain_by_hash_and_read_back_by_subject_and_seq(
+    store: Store, peer: Store
+) -> None:
+    assert await store.audit_entries() == []
+    e1 = await store.audit_append(T0 + 0.1234567, "key:k1", "run.pause", "r1", {"b": 1, "a": [1, "x"]})
+    e2 = await peer.audit_append(T0 + 1, "system", "run.completed", "r2", {})
+    e3 = await store.audit_append(T0 + 2, "cli:me@host", "run.resume", "r1", {"why": "ünïcode"})
+    assert e1.ts == round(T0 + 0.1234567, 6)
+    assert e1.prev_hash == GENESIS
+    assert (e2.prev_hash, e3.prev_hash) == (e1.hash, e2.hash)
+    assert e1.seq < e2.seq < e3.seq
+
+    # read back as appended, from either store object
+    entries = await peer.audit_entries()
+    assert entries == [e1, e2, e3]
+    assert entries[0].detail == {"b": 1, "a": [1, "x"]}
+    assert_chain(entries)
+    assert await store.audit_entries() == entries
+
+    # one subject's entries; after a seq; at most so many
+    assert await store.audit_entries(subject="r1") == [e1, e3]
+    assert await store.audit_entries(subject="r2") == [e2]
+    assert await store.audit_entries(subject="nothing") == []
+    assert await store.audit_entries(after=e1.seq) == [e2, e3]
+    assert await store.audit_entries(after=e3.seq) == []
+    assert await store.audit_entries(limit=1) == [e1]
+    assert await store.audit_entries(after=e1.seq, limit=1) == [e2]
+    assert await store.audit_entries(subject="r1", after=e1.seq) == [e3]
+    assert await store.audit_entries(subject="r1", limit=1) == [e1]
+
+
+async def test_concurrent_audit_appends_make_one_chain(
+    backend: Backend, store: Store, open_store: OpenStore
+) -> None:
+    """Appends at once from many "processes": one unbroken chain, no fork."""
+    n, each = 10, 5
+    # each with a connection of its own (memory: the one store)
+    stores = [await open_store(pool_size=1) for _ in range(n)]
+
+    async def append_all(s: Store, who: int) -> list[AuditEntry]:
+        return [
+            await s.audit_append(T0 + i, f"key:k{who}", "run.pause", f"r{i}", {"who": who, "i": i})
+            for i in range(each)
+        ]
+
+    async def appender(s: Store, who: int) -> list[AuditEntry]:
+        if backend.name == "sqlite":
+            # SQLite calls do not yield to the event loop: threads make them race.
+            return await asyncio.to_thread(lambda: asyncio.run(append_all(s, who)))
+        return await append_all(s, who)
+
+    appended = await asyncio.gather(*(appender(s, who) for who, s in enumerate(stores)))
+    entries = await store.audit_entries()
+    assert len(entries) == n * each
+    assert_chain(entries)
+    assert len({e.prev_hash for e in entries}) == n * each  # no two entries after one
+    # what each append returned is what was stored, and each appender's entries are in its order
+    assert sorted((e for batch in appended for e in batch), key=lambda e: e.seq) == entries
+    for who in range(n):
+        mine = [e.detail["i"] for e in entries if e.actor == f"key:k{who}"]
+        assert mine == list(range(each))

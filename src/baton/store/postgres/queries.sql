@@ -661,3 +661,28 @@ SELECT * FROM api_keys ORDER BY created_at, id;
 -- name: revoke_api_key
 UPDATE api_keys SET revoked_at = %(now)s WHERE id = %(id)s AND revoked_at IS NULL
 RETURNING id;
+
+-- the audit trail ------------------------------------------------------------------------
+
+-- Appends take this lock first (held to the end of their transaction): one at a time per
+-- schema, so each reads the hash the one before it committed (read committed: a statement
+-- after the lock sees it) and the chain never forks. Keyed by the schema, as migration_lock:
+-- stores in different schemas keep chains of their own and do not wait for each other.
+-- name: audit_lock
+SELECT pg_advisory_xact_lock(hashtext('baton:audit:' || current_schema()));
+
+-- name: audit_last_hash
+SELECT hash FROM audit ORDER BY seq DESC LIMIT 1;
+
+-- name: audit_insert
+INSERT INTO audit (ts, actor, action, subject, detail, prev_hash, hash)
+VALUES (%(ts)s, %(actor)s, %(action)s, %(subject)s, %(detail)s, %(prev_hash)s, %(hash)s)
+RETURNING seq;
+
+-- Two statements rather than one with "subject IS NULL OR": each keeps a plan that uses its
+-- index (the primary key, audit_by_subject) when psycopg prepares it.
+-- name: audit_entries
+SELECT * FROM audit WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
+
+-- name: audit_entries_of_subject
+SELECT * FROM audit WHERE subject = %(subject)s AND seq > %(after)s ORDER BY seq LIMIT %(limit)s;

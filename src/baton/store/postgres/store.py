@@ -32,8 +32,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, RunStatus, StepStatus
 from baton.store.base import (
+    GENESIS,
     ApiKey,
     AttemptRecord,
+    AuditEntry,
     Beat,
     BudgetClaim,
     BudgetSettle,
@@ -48,11 +50,13 @@ from baton.store.base import (
     Turn,
     TurnResult,
     WorkerRecord,
+    audit_hash,
 )
 from baton.store.sql import (
     STATE_STATUSES,
     api_key_from_row,
     attempt_from_row,
+    audit_from_row,
     job_from_row,
     job_params,
     load_migrations,
@@ -844,6 +848,49 @@ class PostgresStore:
     @_retried
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         return await self._row(Q["revoke_api_key"], {"id": key_id, "now": now}) is not None
+
+    # -- the audit trail ---------------------------------------------------------------
+
+    @_retried
+    async def audit_append(
+        self, ts: float, actor: str, action: str, subject: str, detail: dict[str, Any]
+    ) -> AuditEntry:
+        ts = round(ts, 6)
+        text = json.dumps(detail)
+        async with self._tx() as cur:
+            # One appender at a time (per schema) until this commits: the last hash read
+            # next is the one the previous append committed, and the seq drawn by the insert
+            # is above every seq before it, so seq order is chain order.
+            await cur.execute(Q["audit_lock"])
+            await cur.execute(Q["audit_last_hash"])
+            row = await cur.fetchone()
+            prev = str(row["hash"]) if row is not None else GENESIS
+            digest = audit_hash(prev, ts, actor, action, subject, detail)
+            params = {
+                "ts": ts,
+                "actor": actor,
+                "action": action,
+                "subject": subject,
+                "detail": text,
+                "prev_hash": prev,
+                "hash": digest,
+            }
+            await cur.execute(Q["audit_insert"], params)
+            inserted = await cur.fetchone()
+            if inserted is None:  # (RETURNING always returns the row) roll back
+                raise StoreError("the audit entry was inserted without a seq")
+        return AuditEntry(int(inserted["seq"]), ts, actor, action, subject, detail, prev, digest)
+
+    @_retried
+    async def audit_entries(
+        self, *, subject: str | None = None, after: int = 0, limit: int = 1000
+    ) -> list[AuditEntry]:
+        if subject is None:
+            rows = await self._rows(Q["audit_entries"], {"after": after, "limit": limit})
+        else:
+            params = {"subject": subject, "after": after, "limit": limit}
+            rows = await self._rows(Q["audit_entries_of_subject"], params)
+        return [audit_from_row(r) for r in rows]
 
 
 def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
