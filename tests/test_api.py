@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -343,6 +344,61 @@ def test_prometheus_metrics_count_what_ran(server: Server) -> None:
     assert values['baton_runs_total{status="completed"}'] >= 1
     assert values['baton_step_duration_seconds_count{task="echo"}'] >= 2
     assert values["baton_steps_running"] >= 0
+
+
+def test_the_audit_trail_says_who_did_what_and_verifies(server: Server, tmp_path: Path) -> None:
+    operator, viewer = server.client("operator"), server.client("viewer")
+    ids = {role: token.split("_")[1] for role, token in server.keys.items()}
+    run_id = operator.post("/runs", json=SLOW).json()["id"]
+    operator.post(f"/runs/{run_id}/pause")
+    assert viewer.post(f"/runs/{run_id}/resume").status_code == 403  # denied, and on record
+    operator.post(f"/runs/{run_id}/cancel")
+    paused = baton("pause", run_id, "--db", str(server.db))  # from the command line: ended already
+    assert paused.returncode == 2
+    # What the run went through, and who did it
+    deadline = time.monotonic() + 10
+    while True:
+        listed = baton("audit", "list", "--run", run_id, "--db", str(server.db), "--json")
+        entries = json.loads(listed.stdout)
+        if any(e["action"] == "run.cancelled" for e in entries) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    actions = [(e["actor"], e["action"]) for e in entries]
+    operator_actor = f"key:{ids['operator']}"
+    assert actions == [
+        (operator_actor, "run.start"),
+        (operator_actor, "run.pause"),
+        (operator_actor, "run.cancel"),
+        ("system", "run.cancelled"),
+    ]
+    denied = [
+        e
+        for e in server.client("admin").get("/audit", params={"limit": 1000}).json()
+        if e["action"] == "denied"
+    ]
+    assert any(
+        e["actor"] == f"key:{ids['viewer']}" and e["subject"] == f"/api/v1/runs/{run_id}/resume"
+        for e in denied
+    )
+    assert server.client("operator").get("/audit").status_code == 403
+    verified = baton("audit", "verify", "--db", str(server.db), "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"] is True
+    # A copy of the database with one entry changed: the chain breaks there.
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(server.db) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    with sqlite3.connect(copy) as db:
+        seq = db.execute(
+            "SELECT seq FROM audit WHERE action = 'run.pause' AND subject = ?", (run_id,)
+        ).fetchone()[0]
+        db.execute("UPDATE audit SET actor = 'somebody else' WHERE seq = ?", (seq,))
+    broken = baton("audit", "verify", "--db", str(copy))
+    assert broken.returncode == 1 and f"broken at entry {seq}" in broken.stdout
+    with sqlite3.connect(copy) as db:
+        db.execute("UPDATE audit SET actor = ? WHERE seq = ?", (operator_actor, seq))  # put back
+        db.execute("DELETE FROM audit WHERE seq = ?", (seq,))  # and remove it instead
+    removed = baton("audit", "verify", "--db", str(copy), "--json")
+    assert removed.returncode == 1 and json.loads(removed.stdout)["broken_at"] > seq
 
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"

@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from baton import audit
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
 from baton.engine import Engine, Event
@@ -33,12 +34,14 @@ from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem, Sto
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
 from baton.metrics import Metrics
 from baton.status import RunStatus
-from baton.store import ApiKey
+from baton.store import ApiKey, AuditEntry
 from baton.views import AttemptView, JobView, ProgressView, RunView, StepView, iso, run_cost
 
 log = structlog.get_logger("baton.api")
 
 PREFIX = "/api/v1"
+#: who acts when auth is off (local use)
+LOCAL = "local"
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 MAX_BODY = 10 * 1024 * 1024
 
@@ -129,6 +132,28 @@ class KeyView(BaseModel):
         )
 
 
+class AuditView(BaseModel):
+    seq: int
+    at: str | None
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+    hash: str
+
+    @classmethod
+    def of(cls, e: AuditEntry) -> AuditView:
+        return cls(
+            seq=e.seq,
+            at=iso(e.ts),
+            actor=e.actor,
+            action=e.action,
+            subject=e.subject,
+            detail=e.detail,
+            hash=e.hash,
+        )
+
+
 class NewKey(KeyView):
     #: the bearer token: shown this once, never stored
     token: str
@@ -137,6 +162,11 @@ class NewKey(KeyView):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)
 }
+
+
+def _json(model: BaseModel) -> Response:
+    """A model as the JSON body of a 200, serialized by pydantic-core in one pass."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -163,10 +193,12 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.open()
+        endings = audit.RunEndings(engine)
         await engine.start_worker()
         try:
             yield
         finally:
+            await endings.close()
             await engine.close()
 
     app = FastAPI(
@@ -200,17 +232,35 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
 
     def require(role: Role) -> Callable[..., Awaitable[ApiKey | None]]:
         async def check(
+            request: Request,
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
         ) -> ApiKey | None:
+            request.state.actor = LOCAL
             if not auth:
                 return None
+            refusal = None
+            key = None
             if credentials is None or not credentials.credentials.strip():
-                raise _Refused(401, "unauthenticated", "an API key is needed: Authorization: Bearer <key>")
-            key = await authenticate(engine.store, credentials.credentials.strip())
-            if key is None:
-                raise _Refused(401, "unauthenticated", "the API key is unknown or revoked")
-            if Role[key.role] < role:
-                raise _Refused(403, "forbidden", f"a {key.role} key cannot do this: it needs {role.name}")
+                refusal = _Refused(
+                    401, "unauthenticated", "an API key is needed: Authorization: Bearer <key>"
+                )
+            else:
+                key = await authenticate(engine.store, credentials.credentials.strip())
+                if key is None:
+                    refusal = _Refused(401, "unauthenticated", "the API key is unknown or revoked")
+                elif Role[key.role] < role:
+                    refusal = _Refused(
+                        403, "forbidden", f"a {key.role} key cannot do this: it needs {role.name}"
+                    )
+            if refusal is not None:
+                actor = f"key:{key.id}" if key is not None else "unauthenticated"
+                path = request.url.path
+                await audit.record(
+                    engine.store, actor, "denied", path, method=request.method, reason=refusal.message
+                )
+                raise refusal
+            assert key is not None
+            request.state.actor = f"key:{key.id}"
             return key
 
         return check
@@ -268,6 +318,8 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         plan = await _read_plan(request)
         handle = await engine.submit(plan, idempotency_key=idempotency_key)
         run = await engine.store.get_run(handle.run_id, with_plan=False)
+        if handle.created:
+            await audit.record(engine.store, request.state.actor, "run.start", run.id, name=run.name)
         url = f"{PREFIX}/runs/{run.id}"
         response.headers["Location"] = url
         return Submitted(
@@ -288,11 +340,12 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         return RunList(runs=[RunView.of(r) for r in runs[offset:]], limit=limit, offset=offset)
 
     @app.get(f"{PREFIX}/runs/{{run_id}}", response_model=RunDetail, dependencies=viewer, tags=["runs"])
-    async def get_run(run_id: Annotated[str, _RunId]) -> RunDetail:
+    async def get_run(run_id: Annotated[str, _RunId]) -> Response:
         """A run with its steps (a unique prefix of its id will do)."""
         run = await engine.store.get_run(run_id, with_plan=False)
         steps = await engine.store.get_steps(run.id)
-        return RunDetail(**RunView.of(run).model_dump(), steps=[StepView.of(s) for s in steps])
+        detail = RunDetail(**RunView.of(run).model_dump(), steps=[StepView.of(s) for s in steps])
+        return _json(detail)  # the model as it is, serialized once (no second validation)
 
     @app.get(
         f"{PREFIX}/runs/{{run_id}}/progress", response_model=ProgressView, dependencies=viewer, tags=["runs"]
@@ -341,24 +394,29 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         dependencies=operator,
         tags=["runs"],
     )
-    async def pause(run_id: Annotated[str, _RunId]) -> RunView:
+    async def pause(request: Request, run_id: Annotated[str, _RunId]) -> RunView:
         """No new step starts; running ones finish (409 when the run is not running)."""
-        return RunView.of(await engine.pause(run_id))
+        run = await engine.pause(run_id)
+        await audit.record(engine.store, request.state.actor, "run.pause", run.id)
+        return RunView.of(run)
 
     @app.post(
         f"{PREFIX}/runs/{{run_id}}/resume", response_model=RunView, dependencies=operator, tags=["runs"]
     )
-    async def resume(run_id: Annotated[str, _RunId]) -> RunView:
+    async def resume(request: Request, run_id: Annotated[str, _RunId]) -> RunView:
         """Continue a paused run (409 when it ended, or live workers are running it)."""
         handle = await engine.resume(run_id)
+        await audit.record(engine.store, request.state.actor, "run.resume", handle.run_id)
         return RunView.of(await engine.store.get_run(handle.run_id, with_plan=False))
 
     @app.post(
         f"{PREFIX}/runs/{{run_id}}/cancel", response_model=RunView, dependencies=operator, tags=["runs"]
     )
-    async def cancel(run_id: Annotated[str, _RunId]) -> RunView:
+    async def cancel(request: Request, run_id: Annotated[str, _RunId]) -> RunView:
         """Stop a run: nothing new starts, running steps are cancelled (409 when it ended)."""
-        return RunView.of(await engine.cancel(run_id))
+        run = await engine.cancel(run_id)
+        await audit.record(engine.store, request.state.actor, "run.cancel", run.id)
+        return RunView.of(run)
 
     @app.get(
         f"{PREFIX}/runs/{{run_id}}/events",
@@ -401,7 +459,7 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
     # -- jobs --------------------------------------------------------------------------
 
     @app.post(f"{PREFIX}/jobs", status_code=202, response_model=JobView, dependencies=operator, tags=["jobs"])
-    async def enqueue(body: JobRequest) -> JobView:
+    async def enqueue(request: Request, body: JobRequest) -> JobView:
         """Put a task call in the queue (a unique key taken returns the job there)."""
         job = await engine.enqueue(
             body.task,
@@ -414,6 +472,8 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
             queue=body.queue,
             timeout_s=body.timeout_s,
         )
+        if not job.duplicate:
+            await audit.record(engine.store, request.state.actor, "job.enqueue", str(job.id), task=job.task)
         return JobView.of(job)
 
     @app.get(f"{PREFIX}/jobs", response_model=JobList, dependencies=viewer, tags=["jobs"])
@@ -436,9 +496,11 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
     @app.post(
         f"{PREFIX}/jobs/{{job_id}}/cancel", response_model=JobView, dependencies=operator, tags=["jobs"]
     )
-    async def cancel_job(job_id: Annotated[int, _JobId]) -> JobView:
+    async def cancel_job(request: Request, job_id: Annotated[int, _JobId]) -> JobView:
         """Cancel a job that has not finished (409 otherwise)."""
-        return JobView.of(await engine.cancel_job(job_id))
+        job = await engine.cancel_job(job_id)
+        await audit.record(engine.store, request.state.actor, "job.cancel", str(job.id))
+        return JobView.of(job)
 
     # -- keys --------------------------------------------------------------------------
 
@@ -447,20 +509,32 @@ def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
         return [KeyView.of(k) for k in await engine.store.list_api_keys()]
 
     @app.post(f"{PREFIX}/keys", status_code=201, response_model=NewKey, dependencies=admin, tags=["keys"])
-    async def new_key(body: KeyRequest) -> NewKey:
+    async def new_key(request: Request, body: KeyRequest) -> NewKey:
         """Make a key; its token is in this answer and nowhere else."""
         record, token = await create_key(engine.store, body.role, body.name)
+        await audit.record(engine.store, request.state.actor, "key.create", record.id, role=record.role)
         return NewKey(**KeyView.of(record).model_dump(), token=token)
 
     @app.post(f"{PREFIX}/keys/{{key_id}}/revoke", response_model=KeyView, dependencies=admin, tags=["keys"])
-    async def revoke_key(key_id: Annotated[str, _KeyId]) -> KeyView:
+    async def revoke_key(request: Request, key_id: Annotated[str, _KeyId]) -> KeyView:
         if not await engine.store.revoke_api_key(key_id, time.time()):
             keys = {k.id: k for k in await engine.store.list_api_keys()}
             if key_id not in keys:
                 raise NotFound(f"no API key {key_id!r}")
             raise Conflict(f"API key {key_id} was revoked already")
+        await audit.record(engine.store, request.state.actor, "key.revoke", key_id)
         keys = {k.id: k for k in await engine.store.list_api_keys()}
         return KeyView.of(keys[key_id])
+
+    @app.get(f"{PREFIX}/audit", response_model=list[AuditView], dependencies=admin, tags=["audit"])
+    async def audit_trail(
+        run: Annotated[str | None, Query(max_length=200, description="Only entries about this run")] = None,
+        after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[AuditView]:
+        """The audit trail, oldest first (page with ``after``: the last ``seq`` seen)."""
+        entries = await engine.store.audit_entries(subject=run, after=after, limit=limit)
+        return [AuditView.of(e) for e in entries]
 
     return app
 

@@ -29,6 +29,8 @@ from rich.table import Table
 from rich.text import Text
 
 from baton import logs
+from baton.audit import cli_actor
+from baton.audit import record as record_audit
 from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
 from baton.engine import DEFAULT_LEASE_S, Engine, RunHandle
 from baton.errors import BatonError, NotFound, UsageError
@@ -508,6 +510,7 @@ def resume(
         _import_modules(imports)
         async with _engine(db, must_exist=True, lease_s=lease_s, llm=llm) as engine:
             handle = await engine.resume(run_id)
+            await record_audit(engine.store, cli_actor(), "run.resume", handle.run_id)
             return await _follow(engine, handle, session, quiet, [], "resumed")
 
     _execute(session, body)
@@ -694,6 +697,8 @@ def _control(run_id: str, db: str, json_out: bool, status: RunStatus) -> None:
     async def body() -> int:
         async with _engine(db, must_exist=True) as engine:
             record = await (engine.pause(run_id) if status is RunStatus.PAUSED else engine.cancel(run_id))
+            action = "run.pause" if status is RunStatus.PAUSED else "run.cancel"
+            await record_audit(engine.store, cli_actor(), action, record.id)
         if json_out:
             _emit_json(_run_json(record))
             return EXIT_OK
@@ -722,11 +727,12 @@ def cancel(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = Fal
 
 # The queue's commands (worker, jobs, schedules) and the API's (serve, keys) live in their
 # own modules.
+from baton.cli import audit as _audit  # noqa: E402
 from baton.cli import nats as _nats  # noqa: E402, F401
 from baton.cli import queue as _queue  # noqa: E402
 from baton.cli import serve as _serve  # noqa: E402
 
-__all__ = ["_queue", "_serve", "app", "main"]
+__all__ = ["_audit", "_queue", "_serve", "app", "main"]
 
 
 def main() -> None:

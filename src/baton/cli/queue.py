@@ -16,6 +16,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from baton import audit
 from baton.cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -411,6 +412,7 @@ def worker(
         try:
             async with engine:
                 declared = await load_schedules(engine, schedules) if schedules is not None else []
+                endings = audit.RunEndings(engine)  # the trail says how the runs it ends end
                 running = await engine.start_worker(name=name, concurrency=concurrency, queues=wanted)
                 started = {"worker": running.id, "name": running.name, "db": engine.store.url}
                 if json_out:
@@ -423,6 +425,7 @@ def worker(
                 await stop.wait()
                 if not json_out:
                     _err.print(Text(f"stopping: running attempts get {grace_s:g}s to finish"))
+                await endings.close()  # before the store closes (runs ending in the drain: not on record)
                 await engine.close(grace_s)
                 done = running.completed
         finally:

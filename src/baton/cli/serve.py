@@ -12,6 +12,7 @@ import uvicorn
 from rich.table import Table
 from rich.text import Text
 
+from baton import audit
 from baton.api import ROLES, create_app, create_key
 from baton.cli import (
     EXIT_OK,
@@ -102,6 +103,7 @@ def keys_create(
     async def body() -> int:
         async with _engine(db) as engine:
             record, token = await create_key(engine.store, role, name)
+            await audit.record(engine.store, audit.cli_actor(), "key.create", record.id, role=record.role)
         if json_out:
             _emit_json({"id": record.id, "role": record.role, "name": record.name, "token": token})
         else:
@@ -154,6 +156,7 @@ def keys_revoke(
         async with _engine(db, must_exist=True) as engine:
             if not await engine.store.revoke_api_key(key_id, time.time()):
                 raise UsageError(f"no live API key {key_id!r}")
+            await audit.record(engine.store, audit.cli_actor(), "key.revoke", key_id)
         _out.print(Text(f"key {key_id} revoked"))
         return EXIT_OK
 

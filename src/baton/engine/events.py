@@ -32,22 +32,38 @@ Subscriber = Callable[[Event], None]
 
 
 class EventBus:
-    """Synchronous fan-out to subscribers; a failing subscriber is logged, never fatal."""
+    """Synchronous fan-out to subscribers; a failing subscriber is logged, never fatal.
+
+    A subscriber may take only the events whose kind starts with a prefix (``"run."``):
+    step events are built only while a subscriber wants them (``active``), so one that
+    follows runs only costs the executor nothing per step.
+    """
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, str]] = []
+        self.active = False
 
-    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
-        """Add a subscriber; returns a function that removes it."""
-        self._subscribers.append(fn)
-        return lambda: self._subscribers.remove(fn) if fn in self._subscribers else None
+    def subscribe(self, fn: Subscriber, prefix: str = "") -> Callable[[], None]:
+        """Add a subscriber (of the kinds starting with ``prefix``); returns a function
+        that removes it."""
+        entry = (fn, prefix)
+        self._subscribers.append(entry)
+        self._refresh()
 
-    @property
-    def active(self) -> bool:
-        return bool(self._subscribers)
+        def unsubscribe() -> None:
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
+                self._refresh()
+
+        return unsubscribe
+
+    def _refresh(self) -> None:
+        self.active = any("step.".startswith(prefix) for _, prefix in self._subscribers)
 
     def emit(self, event: Event) -> None:
-        for fn in list(self._subscribers):
+        for fn, prefix in list(self._subscribers):
+            if prefix and not event.kind.startswith(prefix):
+                continue
             try:
                 fn(event)
             except Exception:

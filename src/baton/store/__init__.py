@@ -9,6 +9,7 @@ from baton.errors import UsageError
 from baton.store.base import (
     ApiKey,
     AttemptRecord,
+    AuditEntry,
     Beat,
     BudgetClaim,
     BudgetSettle,
@@ -76,6 +77,7 @@ __all__ = [
     "DEFAULT_DB",
     "ApiKey",
     "AttemptRecord",
+    "AuditEntry",
     "Beat",
     "BudgetClaim",
     "BudgetSettle",

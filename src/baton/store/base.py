@@ -14,6 +14,8 @@ number) are rejected, never silently applied.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -308,6 +310,36 @@ class ApiKey:
     revoked_at: float | None = None
 
 
+@dataclass(slots=True)
+class AuditEntry:
+    """One entry of the audit trail, chained to the one before by hash."""
+
+    seq: int
+    ts: float
+    actor: str  # key:<id>, cli:<user>@<host>, system, unauthenticated
+    action: str  # run.pause, key.create, denied, run.completed...
+    subject: str  # what it is about: a run id, a key id, a path
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+GENESIS = "0" * 64
+
+
+def audit_hash(
+    prev_hash: str, ts: float, actor: str, action: str, subject: str, detail: dict[str, Any]
+) -> str:
+    """The hash that chains an entry to the one before it (``GENESIS`` for the first)."""
+    canonical = json.dumps(
+        [prev_hash, f"{ts:.6f}", actor, action, subject, detail],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 class Store(Protocol):
     """Persistence for runs, steps and attempts. Every method is one transaction."""
 
@@ -458,3 +490,14 @@ class Store(Protocol):
 
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         """Revoke a key; False when there is no such key or it was revoked already."""
+
+    async def audit_append(
+        self, ts: float, actor: str, action: str, subject: str, detail: dict[str, Any]
+    ) -> AuditEntry:
+        """Append an entry to the audit trail, chained to the last one; appends are serialized,
+        so the chain has no forks however many processes write."""
+
+    async def audit_entries(
+        self, *, subject: str | None = None, after: int = 0, limit: int = 1000
+    ) -> list[AuditEntry]:
+        """Entries with ``seq`` above ``after``, oldest first (only ``subject``'s, if given)."""

@@ -8,7 +8,16 @@ from importlib import resources
 from typing import Any, Protocol
 
 from baton.status import RunStatus, StepStatus
-from baton.store.base import ApiKey, AttemptRecord, JobRecord, RunRecord, Schedule, StepRecord, WorkerRecord
+from baton.store.base import (
+    ApiKey,
+    AttemptRecord,
+    AuditEntry,
+    JobRecord,
+    RunRecord,
+    Schedule,
+    StepRecord,
+    WorkerRecord,
+)
 
 
 def load_queries(package: str) -> dict[str, str]:
@@ -234,4 +243,17 @@ def api_key_from_row(row: Row) -> ApiKey:
         name=row["name"],
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+    )
+
+
+def audit_from_row(row: Row) -> AuditEntry:
+    return AuditEntry(
+        seq=row["seq"],
+        ts=row["ts"],
+        actor=row["actor"],
+        action=row["action"],
+        subject=row["subject"],
+        detail=json.loads(row["detail"]),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
     )

