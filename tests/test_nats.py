@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -532,3 +533,51 @@ async def test_baton_nats_command(
     _, stderr = await asyncio.to_thread(nats_process.communicate, timeout=30)
     assert nats_process.returncode == 0, stderr
     assert "baton nats stopped" in stderr
+
+
+async def test_baton_serve_answers_on_nats_beside_http(
+    tmp_path: Path, nats_url: str, client: NatsClient
+) -> None:
+    """`baton serve --nats`: one engine behind both interfaces (default subjects)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(  # noqa: ASYNC220 (a server process for the test's whole length)
+        [
+            *BATON,
+            "serve",
+            "--db",
+            str(tmp_path / "s.db"),
+            "--port",
+            str(port),
+            "--no-auth",
+            "--nats",
+            nats_url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                reply, _ = await ask(
+                    client, "baton.execute", {"task": "echo", "input": {"via": "nats"}}, wait_s=0.5
+                )
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                assert time.monotonic() < deadline, "baton serve --nats did not answer on NATS"
+                await asyncio.sleep(0.2)
+        assert reply["result"] == {"via": "nats"}
+        started, _ = await ask(client, "baton.runs.start", {"plan": PLAN})
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v1") as http:
+            deadline = time.monotonic() + 20
+            while (run := (await http.get(f"/runs/{started['id']}")).json())["status"] != "completed":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert [s["status"] for s in run["steps"]] == ["succeeded"] * len(run["steps"])
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -187,17 +187,26 @@ def _status_of(exc: BatonError) -> int:
     return 400
 
 
-def create_app(engine: Engine, *, auth: bool = True) -> FastAPI:
-    """The API on ``engine`` (opened and closed with the app)."""
+def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None) -> FastAPI:
+    """The API on ``engine`` (opened and closed with the app); with ``nats_url``, the same
+    engine answers on NATS too (see :mod:`baton.api.nats`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.open()
         endings = audit.RunEndings(engine)
         await engine.start_worker()
+        nats = None
+        if nats_url is not None:
+            from baton.api.nats import NatsInterface  # nats-py only when asked for
+
+            nats = NatsInterface(engine, nats_url)
+            await nats.start()
         try:
             yield
         finally:
+            if nats is not None:
+                await nats.stop()
             await endings.close()
             await engine.close()
 

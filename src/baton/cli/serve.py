@@ -62,6 +62,9 @@ def serve(
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="No API keys (local use only: refused off loopback).")
     ] = False,
+    nats: Annotated[
+        str | None, typer.Option("--nats", metavar="URL", help="Also answer on NATS (nats://host:4222).")
+    ] = None,
     modules: ImportOption = None,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
@@ -77,7 +80,7 @@ def serve(
         _import_modules(modules)
         engine = _engine(db, lease_s=lease_s, llm=llm)
         config = uvicorn.Config(
-            create_app(engine, auth=not no_auth),
+            create_app(engine, auth=not no_auth, nats_url=nats),
             host=host,
             port=port,
             log_level="warning",
