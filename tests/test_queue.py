@@ -243,7 +243,15 @@ def test_sigterm_lets_running_jobs_finish_then_the_worker_exits_0(
     cwd, env = workdir
     for n in range(3):
         made = _cli(
-            "jobs", "enqueue", "w.slow", "-i", json.dumps({"n": n}), "--import", "wtasks", cwd=cwd, env=env
+            "jobs",
+            "enqueue",
+            "w.slow",
+            "-i",
+            json.dumps({"n": n, "seconds": 3}),  # long enough to see two of them running
+            "--import",
+            "wtasks",
+            cwd=cwd,
+            env=env,
         )
         assert made.returncode == 0, made.stderr
     proc = subprocess.Popen(

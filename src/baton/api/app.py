@@ -207,6 +207,8 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         finally:
             if nats is not None:
                 await nats.stop()
+            if engine.worker is not None:
+                await engine.worker.stop()
             await endings.close()
             await engine.close()
 

@@ -425,8 +425,9 @@ def worker(
                 await stop.wait()
                 if not json_out:
                     _err.print(Text(f"stopping: running attempts get {grace_s:g}s to finish"))
-                await endings.close()  # before the store closes (runs ending in the drain: not on record)
-                await engine.close(grace_s)
+                await running.stop(grace_s)  # stop claiming, drain what runs
+                await endings.close()  # how the runs it ended ended, before the store closes
+                await engine.close()
                 done = running.completed
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

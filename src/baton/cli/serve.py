@@ -8,12 +8,11 @@ import time
 from typing import Annotated
 
 import typer
-import uvicorn
 from rich.table import Table
 from rich.text import Text
 
 from baton import audit
-from baton.api import ROLES, create_app, create_key
+from baton.api.auth import ROLES, create_key
 from baton.cli import (
     EXIT_OK,
     DbOption,
@@ -78,6 +77,10 @@ def serve(
                 f"--no-auth would open {host} to anyone: serve on a loopback address, or use keys"
             )
         _import_modules(modules)
+        import uvicorn  # the server and the web framework load for `serve` only
+
+        from baton.api.app import create_app
+
         engine = _engine(db, lease_s=lease_s, llm=llm)
         config = uvicorn.Config(
             create_app(engine, auth=not no_auth, nats_url=nats),
