@@ -54,6 +54,7 @@ class PlanError(UsageError):
     """The plan is invalid."""
 
     code = "invalid_plan"
+    http_status = 422
 
     def __init__(self, problems: Sequence[Problem], source: str | None = None) -> None:
         self.problems = list(problems)

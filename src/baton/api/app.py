@@ -30,7 +30,7 @@ from baton import audit
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
 from baton.engine import Engine, Event
-from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem, StoreError
+from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
 from baton.metrics import Metrics
 from baton.status import RunStatus
@@ -176,15 +176,8 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
 
 
 def _status_of(exc: BatonError) -> int:
-    if isinstance(exc, PlanError):
-        return 422
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, Conflict):
-        return 409
-    if isinstance(exc, StoreError):
-        return 503
-    return 400
+    """The error's own HTTP status; one an API client cannot cause is a bad request."""
+    return 400 if exc.http_status == 500 else exc.http_status
 
 
 def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None) -> FastAPI:
