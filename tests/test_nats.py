@@ -299,6 +299,15 @@ async def test_pause_resume_cancel_and_state_conflicts(interface: NatsInterface,
         assert reply["correlation_id"] == action
     run = await until_stopped(client, p, run_id)
     assert run["status"] == "cancelled"
+    # The trail says what came over NATS (the refused ones changed nothing: not on it).
+    trail = await interface.engine.store.audit_entries(subject=run_id)
+    assert [(e.actor, e.action) for e in trail] == [
+        ("nats", "run.start"),
+        ("nats", "run.pause"),
+        ("nats", "run.resume"),
+        ("nats", "run.cancel"),
+        ("nats", "run.cancel"),
+    ]
 
     done, _ = await ask(client, f"{p}.runs.start", {"plan": PLAN})
     assert (await until_stopped(client, p, done["id"]))["status"] == "completed"
