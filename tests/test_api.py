@@ -206,6 +206,7 @@ def test_bad_input_is_refused_with_the_problem_named(server: Server) -> None:
     assert client.get("/runs", params={"limit": 0}).status_code == 422
     assert client.post("/jobs", json={"task": "echo", "max_attempts": 0}).status_code == 422
     assert client.post("/jobs", json={"task": "nope"}).status_code == 400
+    assert client.post("/jobs", json={"task": "echo", "run_at": 1e300}).status_code == 422  # no date
 
 
 def test_pause_resume_cancel(server: Server) -> None:
@@ -344,6 +345,11 @@ def test_prometheus_metrics_count_what_ran(server: Server) -> None:
     assert values['baton_runs_total{status="completed"}'] >= 1
     assert values['baton_step_duration_seconds_count{task="echo"}'] >= 2
     assert values["baton_steps_running"] >= 0
+    assert values["baton_workers_alive"] >= 1
+    # A job due in an hour waits as scheduled in its queue.
+    client.post("/jobs", json={"task": "echo", "delay_s": 3600, "queue": "later"})
+    scraped = server.client("viewer").get("/metrics").text
+    assert 'baton_queue_depth{queue="later",state="scheduled"} 1.0' in scraped
 
 
 def test_the_audit_trail_says_who_did_what_and_verifies(server: Server, tmp_path: Path) -> None:

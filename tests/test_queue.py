@@ -329,3 +329,10 @@ async def test_schedules_declared_in_a_file_are_checked_and_put(engine: Engine, 
         bad.write_text(text)
         with pytest.raises(UsageError, match=re.escape(problem)):
             await load_schedules(engine, bad)
+
+
+async def test_a_run_at_past_any_date_is_refused(tmp_path: Path) -> None:
+    async with Engine(str(tmp_path / "q.db")) as engine:
+        with pytest.raises(UsageError, match="run_at must be a Unix time"):
+            await engine.enqueue("echo", {}, run_at=1e300)
+        assert await engine.store.list_jobs() == []

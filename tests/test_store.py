@@ -2003,3 +2003,20 @@ async def test_concurrent_audit_appends_make_one_chain(
     for who in range(n):
         mine = [e.detail["i"] for e in entries if e.actor == f"key:k{who}"]
         assert mine == list(range(each))
+
+
+async def test_queue_depth_counts_what_waits_and_runs_by_queue(store: Store) -> None:
+    await new_run(store, "run1", {"a": [], "b": [], "c": ["a"]}, queue="plans")
+    jobs = [NewJob("echo", {"i": i}, "mail") for i in range(3)]
+    jobs.append(NewJob("echo", {}, "mail", run_at=T0 + 3600))
+    await store.enqueue(jobs, T0)
+    w = await worker(store)
+    assert len(await w.claim(T0, n=1, queues=["mail"], jobs=True)) == 1
+    depth = sorted(await store.queue_depth())
+    # run1: a and b ready (c waits for a need: not queued yet); mail: 2 available, 1 running, 1 due later
+    assert depth == [
+        ("mail", "available", 2),
+        ("mail", "running", 1),
+        ("mail", "scheduled", 1),
+        ("plans", "available", 2),
+    ]

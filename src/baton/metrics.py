@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from baton.engine import Engine, Event
+from baton.store import Store
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: attempt outcomes, as the step events name them
@@ -69,6 +70,15 @@ class Metrics:
         self.budget_refusals = Counter(
             "baton_budget_exceeded", "Attempts refused or stopped by a budget.", ["task"], registry=r
         )
+        self.queue_depth = Gauge(
+            "baton_queue_depth",
+            "Jobs and steps waiting or running, by queue and state.",
+            ["queue", "state"],
+            registry=r,
+        )
+        self.workers = Gauge(
+            "baton_workers_alive", "Workers whose lease holds, on this database.", registry=r
+        )
         self._run_started: dict[str, float] = {}
         self.unsubscribe = engine.subscribe(self.on_event)
 
@@ -121,6 +131,13 @@ class Metrics:
         cost = call.get("cost_usd")
         if isinstance(cost, int | float) and cost > 0:
             self.llm_cost.labels(model).inc(cost)
+
+    async def refresh(self, store: Store, now: float) -> None:
+        """What the store says now: the queue's depth and the live workers (at each scrape)."""
+        self.queue_depth.clear()
+        for queue, state, count in await store.queue_depth():
+            self.queue_depth.labels(queue, state).set(count)
+        self.workers.set(sum(1 for w in await store.list_workers() if w.expires_at >= now))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

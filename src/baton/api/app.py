@@ -40,6 +40,8 @@ from baton.views import AttemptView, JobView, ProgressView, RunView, StepView, i
 log = structlog.get_logger("baton.api")
 
 PREFIX = "/api/v1"
+#: the last second of the year 9999: later times cannot be written as dates
+LAST_TIME = 253402300799.0
 #: who acts when auth is off (local use)
 LOCAL = "local"
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -90,7 +92,7 @@ class JobRequest(BaseModel):
     task: str = Field(min_length=1, max_length=200)
     input: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=0, ge=-1000, le=1000)
-    run_at: float | None = Field(default=None, ge=0, description="Unix time to start at")
+    run_at: float | None = Field(default=None, ge=0, le=LAST_TIME, description="Unix time to start at")
     delay_s: float | None = Field(default=None, ge=0, le=366 * 86400)
     unique_key: str | None = Field(default=None, min_length=1, max_length=200)
     max_attempts: int = Field(default=3, ge=1, le=1000)
@@ -457,7 +459,9 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
     async def prometheus() -> Response:
-        """Prometheus metrics of this process: steps, attempts, runs, model calls."""
+        """Prometheus metrics: this process's steps, attempts, runs and model calls; the
+        database's queue depth and live workers."""
+        await metrics.refresh(engine.store, time.time())
         return Response(metrics.render(), media_type=METRICS_TYPE)
 
     # -- jobs --------------------------------------------------------------------------

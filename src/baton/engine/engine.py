@@ -388,6 +388,8 @@ class Engine:
         self._check_call(task, args)
         if max_attempts < 1:
             raise UsageError("max_attempts must be at least 1")
+        if run_at is not None and not 0 <= run_at <= 253402300799.0:
+            raise UsageError("run_at must be a Unix time between 1970 and the end of the year 9999")
         if not queue or len(queue) > 100:
             raise UsageError("queue must be a name of 1 to 100 characters")
         try:

@@ -491,6 +491,10 @@ class Store(Protocol):
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         """Revoke a key; False when there is no such key or it was revoked already."""
 
+    async def queue_depth(self) -> list[tuple[str, str, int]]:
+        """(queue, state, count) of what waits or runs: ``available`` and ``retryable`` (ready
+        to be claimed), ``scheduled`` (standalone jobs not due yet), ``running``."""
+
     async def audit_append(
         self, ts: float, actor: str, action: str, subject: str, detail: dict[str, Any]
     ) -> AuditEntry:

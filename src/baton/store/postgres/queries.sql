@@ -686,3 +686,8 @@ SELECT * FROM audit WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: audit_entries_of_subject
 SELECT * FROM audit WHERE subject = %(subject)s AND seq > %(after)s ORDER BY seq LIMIT %(limit)s;
+
+-- name: queue_depth
+SELECT queue, status, COUNT(*) AS n FROM steps
+WHERE status IN ('ready', 'retrying', 'running') OR (status = 'pending' AND run_id IS NULL)
+GROUP BY queue, status;

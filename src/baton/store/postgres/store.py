@@ -59,6 +59,7 @@ from baton.store.sql import (
     audit_from_row,
     job_from_row,
     job_params,
+    job_state,
     load_migrations,
     load_queries,
     run_from_row,
@@ -720,6 +721,12 @@ class PostgresStore:
         statuses = [STATE_STATUSES[state]] if state is not None else None
         rows = await self._rows(Q["list_jobs"], {"queue": queue, "statuses": statuses, "limit": limit})
         return [job_from_row(r) for r in rows]
+
+    @_retried
+    async def queue_depth(self) -> list[tuple[str, str, int]]:
+        return [
+            (r["queue"], job_state(r["status"]), int(r["n"])) for r in await self._rows(Q["queue_depth"], {})
+        ]
 
     @_retried
     async def get_job_attempts(self, job_id: int) -> list[AttemptRecord]:

@@ -347,3 +347,8 @@ INSERT INTO audit (ts, actor, action, subject, detail, prev_hash, hash) VALUES (
 -- name: audit_entries
 SELECT * FROM audit WHERE seq > :after AND (:subject IS NULL OR subject = :subject)
 ORDER BY seq LIMIT :limit;
+
+-- name: queue_depth
+SELECT queue, status, COUNT(*) AS n FROM steps
+WHERE status IN ('ready', 'retrying', 'running') OR (status = 'pending' AND run_id IS NULL)
+GROUP BY queue, status;

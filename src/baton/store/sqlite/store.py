@@ -44,6 +44,7 @@ from baton.store.sql import (
     audit_from_row,
     job_from_row,
     job_params,
+    job_state,
     load_migrations,
     load_queries,
     run_from_row,
@@ -718,6 +719,9 @@ class SQLiteStore:
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         with self._write() as db:
             return db.execute(Q["revoke_api_key"], (now, key_id)).rowcount == 1
+
+    async def queue_depth(self) -> list[tuple[str, str, int]]:
+        return [(r["queue"], job_state(r["status"]), r["n"]) for r in self.db.execute(Q["queue_depth"])]
 
     # -- the audit trail ---------------------------------------------------------------
 
