@@ -34,6 +34,7 @@ log = structlog.get_logger("baton.audit")
 
 SYSTEM = "system"
 ENDINGS = ("run.completed", "run.failed", "run.cancelled")
+DRAIN_DELAY_S = 0.01
 
 
 def cli_actor() -> str:
@@ -71,6 +72,9 @@ class RunEndings:
                 self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        # Off the path of whatever ended the run (a reply waiting on it goes out first),
+        # and the endings of a burst written in one go.
+        await asyncio.sleep(DRAIN_DELAY_S)
         while not self._queue.empty():
             event = self._queue.get_nowait()
             detail = {k: v for k, v in event.data.items() if k == "error"}
