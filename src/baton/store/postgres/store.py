@@ -78,7 +78,7 @@ _RUN_SOURCES = {target: sorted(str(s) for s in src) for target, src in RUN_SOURC
 class _Native:
     """A statement in PostgreSQL's own ``$n`` form, converted once from ``%(name)s``.
 
-    psycopg converts a query's placeholders on every call and caches the result only for
+    psycopg converts a query's %(name)s parameters on every call and caches the result only for
     queries under 4 KiB; a turn's statements are longer, and converting them cost more
     than a job. A raw cursor takes this form as it is (each parameter sent once).
     """
