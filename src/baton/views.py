@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from baton.status import StepStatus
-from baton.store import AttemptRecord, JobRecord, RunRecord, StepRecord
+from baton.store import ApiKey, AttemptRecord, AuditEntry, JobRecord, RunRecord, StepRecord
 
 
 def iso(ts: float | None) -> str | None:
@@ -188,6 +188,50 @@ class ProgressView(BaseModel):
         )
 
 
+class KeyView(BaseModel):
+    """An API key as lists show it (never its secret)."""
+
+    id: str
+    role: str
+    name: str
+    created_at: str | None
+    revoked_at: str | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyView:
+        return cls(
+            id=key.id,
+            role=key.role,
+            name=key.name,
+            created_at=iso(key.created_at),
+            revoked_at=iso(key.revoked_at),
+        )
+
+
+class AuditView(BaseModel):
+    """One entry of the audit trail."""
+
+    seq: int
+    at: str | None
+    actor: str
+    action: str
+    subject: str
+    detail: dict[str, Any]
+    hash: str
+
+    @classmethod
+    def of(cls, e: AuditEntry) -> AuditView:
+        return cls(
+            seq=e.seq,
+            at=iso(e.ts),
+            actor=e.actor,
+            action=e.action,
+            subject=e.subject,
+            detail=e.detail,
+            hash=e.hash,
+        )
+
+
 def run_cost(attempts: list[AttemptRecord]) -> float:
     """What a run's model calls cost so far (the attempts' recorded cost)."""
     total = 0.0
@@ -198,4 +242,15 @@ def run_cost(attempts: list[AttemptRecord]) -> float:
     return total
 
 
-__all__ = ["AttemptView", "JobView", "ProgressView", "RunView", "StepView", "iso", "run_cost", "seconds"]
+__all__ = [
+    "AttemptView",
+    "AuditView",
+    "JobView",
+    "KeyView",
+    "ProgressView",
+    "RunView",
+    "StepView",
+    "iso",
+    "run_cost",
+    "seconds",
+]

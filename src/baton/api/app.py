@@ -34,8 +34,18 @@ from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
 from baton.metrics import Metrics
 from baton.status import RunStatus
-from baton.store import ApiKey, AuditEntry
-from baton.views import AttemptView, JobView, ProgressView, RunView, StepView, iso, run_cost
+from baton.store import ApiKey
+from baton.views import (
+    AttemptView,
+    AuditView,
+    JobView,
+    KeyView,
+    ProgressView,
+    RunView,
+    StepView,
+    iso,
+    run_cost,
+)
 
 log = structlog.get_logger("baton.api")
 
@@ -114,46 +124,6 @@ class Health(BaseModel):
 class KeyRequest(BaseModel):
     role: Literal["viewer", "operator", "admin"]
     name: str = Field(default="", max_length=200)
-
-
-class KeyView(BaseModel):
-    id: str
-    role: str
-    name: str
-    created_at: str | None
-    revoked_at: str | None
-
-    @classmethod
-    def of(cls, key: ApiKey) -> KeyView:
-        return cls(
-            id=key.id,
-            role=key.role,
-            name=key.name,
-            created_at=iso(key.created_at),
-            revoked_at=iso(key.revoked_at),
-        )
-
-
-class AuditView(BaseModel):
-    seq: int
-    at: str | None
-    actor: str
-    action: str
-    subject: str
-    detail: dict[str, Any]
-    hash: str
-
-    @classmethod
-    def of(cls, e: AuditEntry) -> AuditView:
-        return cls(
-            seq=e.seq,
-            at=iso(e.ts),
-            actor=e.actor,
-            action=e.action,
-            subject=e.subject,
-            detail=e.detail,
-            hash=e.hash,
-        )
 
 
 class NewKey(KeyView):
@@ -525,14 +495,14 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
 
     @app.post(f"{PREFIX}/keys/{{key_id}}/revoke", response_model=KeyView, dependencies=admin, tags=["keys"])
     async def revoke_key(request: Request, key_id: Annotated[str, _KeyId]) -> KeyView:
-        if not await engine.store.revoke_api_key(key_id, time.time()):
-            keys = {k.id: k for k in await engine.store.list_api_keys()}
-            if key_id not in keys:
-                raise NotFound(f"no API key {key_id!r}")
+        revoked = await engine.store.revoke_api_key(key_id, time.time())
+        key = next((k for k in await engine.store.list_api_keys() if k.id == key_id), None)
+        if key is None:
+            raise NotFound(f"no API key {key_id!r}")
+        if not revoked:
             raise Conflict(f"API key {key_id} was revoked already")
         await audit.record(engine.store, request.state.actor, "key.revoke", key_id)
-        keys = {k.id: k for k in await engine.store.list_api_keys()}
-        return KeyView.of(keys[key_id])
+        return KeyView.of(key)
 
     @app.get(f"{PREFIX}/audit", response_model=list[AuditView], dependencies=admin, tags=["audit"])
     async def audit_trail(

@@ -23,6 +23,7 @@ from baton.cli import (
     app,
 )
 from baton.store import DEFAULT_DB
+from baton.views import AuditView
 
 audit_app = typer.Typer(
     help="The audit trail: who did what, how runs ended; verify its chain.", no_args_is_help=True
@@ -44,20 +45,7 @@ def audit_list(
         async with _engine(db, must_exist=True) as engine:
             entries = await engine.store.audit_entries(subject=run, limit=limit)
         if json_out:
-            _emit_json(
-                [
-                    {
-                        "seq": e.seq,
-                        "ts": e.ts,
-                        "actor": e.actor,
-                        "action": e.action,
-                        "subject": e.subject,
-                        "detail": e.detail,
-                        "hash": e.hash,
-                    }
-                    for e in entries
-                ]
-            )
+            _emit_json([AuditView.of(e).model_dump() for e in entries])
             return EXIT_OK
         table = Table("seq", "when", "actor", "action", "subject", "detail")
         for e in entries:

@@ -32,7 +32,7 @@ from baton.cli import (
 from baton.engine import DEFAULT_LEASE_S
 from baton.errors import UsageError
 from baton.store import DEFAULT_DB
-from baton.views import iso
+from baton.views import KeyView
 
 keys_app = typer.Typer(help="API keys of `baton serve`: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -129,18 +129,7 @@ def keys_list(db: DbOption = DEFAULT_DB, json_out: JsonOption = False) -> None:
         async with _engine(db, must_exist=True) as engine:
             keys = await engine.store.list_api_keys()
         if json_out:
-            _emit_json(
-                [
-                    {
-                        "id": k.id,
-                        "role": k.role,
-                        "name": k.name,
-                        "created_at": iso(k.created_at),
-                        "revoked_at": iso(k.revoked_at),
-                    }
-                    for k in keys
-                ]
-            )
+            _emit_json([KeyView.of(k).model_dump() for k in keys])
             return EXIT_OK
         table = Table("id", "role", "name", "created", "revoked")
         for k in keys:
