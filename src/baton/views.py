@@ -3,8 +3,10 @@ REST API give the same shapes (pydantic models, so the API's OpenAPI document ha
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
-from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -14,7 +16,23 @@ from baton.store import ApiKey, AttemptRecord, AuditEntry, JobRecord, RunRecord,
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    """A Unix time as ISO 8601 in UTC, to the microsecond: ``2026-11-21T08:02:14.110950+00:00``.
+
+    Views of a run format many times from the same few seconds, so the date and time of day
+    are kept per second; the fraction is added each time.
+    """
+    if ts is None:
+        return None
+    whole = math.floor(ts)
+    micro = round((ts - whole) * 1_000_000)
+    if micro == 1_000_000:
+        whole, micro = whole + 1, 0
+    return f"{_second(whole)}.{micro:06d}+00:00"
+
+
+@lru_cache(maxsize=4096)
+def _second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def seconds(start: float | None, end: float | None) -> float | None:
@@ -35,18 +53,23 @@ class RunView(BaseModel):
 
     @classmethod
     def of(cls, run: RunRecord) -> RunView:
-        return cls(
-            id=run.id,
-            name=run.name,
-            status=str(run.status),
-            error=run.error,
-            total_steps=run.total_steps,
-            created_at=iso(run.created_at),
-            started_at=iso(run.started_at),
-            finished_at=iso(run.finished_at),
-            duration_s=seconds(run.started_at, run.finished_at),
-            running=run.running,
-        )
+        return cls(**cls.fields(run))
+
+    @staticmethod
+    def fields(run: RunRecord) -> dict[str, Any]:
+        """The view's fields, for models that extend it (a run with its steps)."""
+        return {
+            "id": run.id,
+            "name": run.name,
+            "status": str(run.status),
+            "error": run.error,
+            "total_steps": run.total_steps,
+            "created_at": iso(run.created_at),
+            "started_at": iso(run.started_at),
+            "finished_at": iso(run.finished_at),
+            "duration_s": seconds(run.started_at, run.finished_at),
+            "running": run.running,
+        }
 
 
 class StepView(BaseModel):
@@ -63,18 +86,23 @@ class StepView(BaseModel):
 
     @classmethod
     def of(cls, step: StepRecord) -> StepView:
-        return cls(
-            id=step.step_id,
-            task=step.task,
-            wave=step.wave,
-            status=str(step.status),
-            attempts=step.attempt,
-            started_at=iso(step.started_at),
-            finished_at=iso(step.finished_at),
-            duration_s=seconds(step.started_at, step.finished_at),
-            error=step.error,
-            output=step.output,
-        )
+        return cls(**cls.fields(step))
+
+    @staticmethod
+    def fields(step: StepRecord) -> dict[str, Any]:
+        """The view's fields, for models that extend it (a step with its attempts)."""
+        return {
+            "id": step.step_id,
+            "task": step.task,
+            "wave": step.wave,
+            "status": str(step.status),
+            "attempts": step.attempt,
+            "started_at": iso(step.started_at),
+            "finished_at": iso(step.finished_at),
+            "duration_s": seconds(step.started_at, step.finished_at),
+            "error": step.error,
+            "output": step.output,
+        }
 
 
 class AttemptView(BaseModel):

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton import audit
@@ -320,8 +321,10 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         """A run with its steps (a unique prefix of its id will do)."""
         run = await engine.store.get_run(run_id, with_plan=False)
         steps = await engine.store.get_steps(run.id)
-        detail = RunDetail(**RunView.of(run).model_dump(), steps=[StepView.of(s) for s in steps])
-        return _json(detail)  # the model as it is, serialized once (no second validation)
+        # The model's fields as they are, serialized in one pass: this is what pages and
+        # services poll, so no model is built only to be taken apart again.
+        detail = {**RunView.fields(run), "steps": [StepView.fields(s) for s in steps]}
+        return Response(to_json(detail), media_type="application/json")
 
     @app.get(
         f"{PREFIX}/runs/{{run_id}}/progress", response_model=ProgressView, dependencies=viewer, tags=["runs"]
@@ -360,9 +363,7 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         if step is None:
             raise NotFound(f"run {run.id} has no step {step_id!r}")
         attempts = [a for a in await engine.store.get_attempts(run.id) if a.step_id == step_id]
-        return StepDetail(
-            **StepView.of(step).model_dump(), attempt_history=[AttemptView.of(a) for a in attempts]
-        )
+        return StepDetail(**StepView.fields(step), attempt_history=[AttemptView.of(a) for a in attempts])
 
     @app.post(
         f"{PREFIX}/runs/{{run_id}}/pause",

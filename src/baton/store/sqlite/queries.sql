@@ -38,7 +38,10 @@ SELECT 1 FROM runs WHERE id = ?;
 SELECT step_base, step_base + total_steps - 1 AS step_last FROM runs WHERE id = ?;
 
 -- name: get_steps
-SELECT * FROM steps WHERE id BETWEEN ? AND ? ORDER BY id;
+-- What a StepRecord holds, and no more: a view of a run reads this often.
+SELECT id, run_id, idx, step_id, task, wave, status, attempt, lease_owner, not_before, output, error,
+       started_at, finished_at, waiting, rank
+FROM steps WHERE id BETWEEN ? AND ? ORDER BY id;
 
 -- name: get_attempts
 -- The recorded attempts, and each plain success that lives only in its step row.
