@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -221,6 +222,12 @@ def test_pause_resume_cancel(server: Server) -> None:
     assert client.post(f"/runs/{run_id}/resume").json()["status"] == "running"
     assert wait_run(client, run_id)["status"] == "completed"
     assert client.post(f"/runs/{run_id}/pause").status_code == 409  # it ended
+    # The run's event stream, read afterwards, has the pause and the resume, by whom, in place.
+    kinds = [e["kind"] for e in read_events(server, run_id) if e["kind"].startswith("run.")]
+    assert kinds == ["run.pending", "run.running", "run.paused", "run.resumed", "run.completed"]
+    control = [e["data"] for e in read_events(server, run_id) if e["kind"] in ("run.paused", "run.resumed")]
+    operator_key = server.keys["operator"].split("_")[1]
+    assert [c["by"] for c in control] == [f"key:{operator_key}"] * 2
     other = client.post("/runs", json=SLOW).json()["id"]
     assert client.post(f"/runs/{other}/cancel").json()["status"] == "cancelled"
     assert client.post(f"/runs/{other}/resume").status_code == 409
@@ -284,6 +291,25 @@ def test_live_events_over_sse_and_resuming_from_the_last_id(server: Server) -> N
     bad = server.client("viewer").get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "yesterday"})
     assert bad.status_code == 400 and bad.json()["code"] == "bad_event_id"
     assert server.client("viewer").get("/runs/nosuchrun/events").status_code == 404
+
+
+def test_a_pause_from_the_command_line_reaches_a_live_stream(server: Server) -> None:
+    client = server.client()
+    run_id = client.post("/runs", json=SLOW).json()["id"]
+    followed: list[dict[str, Any]] = []
+    reader = threading.Thread(target=lambda: followed.extend(read_events(server, run_id)))
+    reader.start()
+    time.sleep(0.3)
+    paused = baton("pause", run_id, "--db", str(server.db))  # another process, same database
+    assert paused.returncode == 0, paused.stderr
+    time.sleep(1.0)
+    assert client.post(f"/runs/{run_id}/resume").status_code == 200
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    # One stream, open since before the pause: it saw the other process's pause in the store.
+    control = [(e["kind"], e["data"]["by"].split(":")[0]) for e in followed if "by" in e["data"]]
+    assert control == [("run.paused", "cli"), ("run.resumed", "key")]
+    assert followed[-1]["kind"] == "run.completed"
 
 
 def test_jobs(server: Server) -> None:

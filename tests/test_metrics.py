@@ -1,7 +1,10 @@
-"""Metrics from the event stream: model calls by model and source, tokens, spend, cache."""
+"""Metrics from the event stream (model calls by model and source, tokens, spend, cache,
+queue waits) and from the store at a scrape (queue depth, waves of the runs under way)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import yaml
@@ -54,3 +57,32 @@ async def test_model_calls_tokens_spend_and_cache_hits(tmp_path: Path) -> None:
     assert sample(metrics, "baton_runs_total", status="failed") == 1
     assert sample(metrics, "baton_run_duration_seconds_count") == 2
     assert sample(metrics, "baton_steps_running") == 0
+
+
+async def test_queue_waits_and_the_waves_of_a_run_under_way(tmp_path: Path) -> None:
+    plan = {
+        "name": "waves",
+        "policy": {"max_parallel": 1},
+        "steps": [
+            {"id": "a", "task": "sleep", "with": {"seconds": 0.3}},
+            {"id": "b", "task": "sleep", "with": {"seconds": 0.3}},
+            {"id": "c", "task": "echo", "needs": ["a", "b"]},
+        ],
+    }
+    async with Engine(str(tmp_path / "w.db"), poll_s=0.05) as engine:
+        metrics = Metrics(engine)
+        handle = await engine.submit(plan)
+        await asyncio.sleep(0.45)  # a has finished, b runs: wave 0 is half done
+        await metrics.refresh(engine.store, time.time())
+        run = handle.run_id
+        assert sample(metrics, "baton_run_waves", run=run) == 2
+        assert sample(metrics, "baton_run_waves_completed", run=run) == 0
+        assert sample(metrics, "baton_run_current_wave_completion", run=run) == 0.5
+        assert (await handle.wait()).status is RunStatus.COMPLETED
+        await metrics.refresh(engine.store, time.time())
+        metrics.close()
+    assert sample(metrics, "baton_run_waves", run=run) == 0.0  # it ended: no longer listed
+    # One slot: b waited for a (0.3 s) before it started; every start was observed.
+    assert sample(metrics, "baton_queue_wait_seconds_count", task="sleep") == 2
+    assert sample(metrics, "baton_queue_wait_seconds_count", task="echo") == 1
+    assert 0.25 <= sample(metrics, "baton_queue_wait_seconds_sum", task="sleep") < 1.0

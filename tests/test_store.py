@@ -709,6 +709,43 @@ async def test_a_retry_is_not_claimable_before_its_time(store: Store) -> None:
     assert run.names(result.claimed) == ["b"]
 
 
+async def test_a_claim_says_since_when_the_step_could_have_started(store: Store, peer: Store) -> None:
+    """What the enqueue -> start latency is measured from: a step's creation, its last need's
+    success, its retry's backoff, a lost worker's requeue, a scheduled job's time."""
+    run = await new_run(store, graph={"a": [], "b": ["a"], "c": ["b"]})
+    w = await worker(store)
+    (a,) = await w.claim(T0 + 2)
+    assert a.ready_at == T0  # ready since the run was made
+    result = await w.finish(ok(a, T0 + 3, run), claim=10)
+    (b,) = result.claimed
+    assert b.ready_at == T0 + 3  # its need succeeded in this turn
+    await w.finish(retrying(b, T0 + 4, not_before=T0 + 6))
+    (b2,) = await w.claim(T0 + 7)
+    assert b2.ready_at == T0 + 6  # its backoff ended
+    await w.finish(ok(b2, T0 + 8, run))
+    (c,) = await w.claim(T0 + 9)
+    assert c.ready_at == T0 + 8
+    # Its worker lost, the step is back in the queue from when that was noticed.
+    other = await worker(peer, "w2", now=T0 + 9)
+    await peer.sweep(T0 + 20, ["w1"])
+    (c2,) = await other.claim(T0 + 21)
+    assert (c2.id, c2.ready_at) == (c.id, T0 + 20)
+    (job,) = await store.enqueue([NewJob("echo", {}, run_at=T0 + 30)], T0 + 10)
+    (claim,) = await other.claim(T0 + 31)
+    assert (claim.id, claim.ready_at) == (job.id, T0 + 30)
+
+
+async def test_wave_progress_of_the_runs_under_way(store: Store) -> None:
+    run = await new_run(store, graph={"a": [], "b": [], "c": ["a", "b"], "d": ["c"]})
+    w = await worker(store)
+    (first,) = await w.claim(T0 + 1, n=1)  # a or b
+    await w.finish(ok(first, T0 + 2, run))
+    await new_run(store, "idle")  # pending, not under way: not listed
+    assert await store.wave_progress() == [("run1", 0, 2, 1), ("run1", 1, 1, 0), ("run1", 2, 1, 0)]
+    await store.set_run_status("run1", R.CANCELLED, T0 + 3)
+    assert await store.wave_progress() == []
+
+
 async def test_attempts_come_back_oldest_first(store: Store) -> None:
     run = await new_run(store, graph={"a": [], "b": [], "c": []})
     w = await worker(store)

@@ -21,14 +21,16 @@ import getpass
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from baton.engine import Engine, Event
 from baton.errors import BatonError
 from baton.store import AuditEntry, Store
 from baton.store.base import GENESIS, audit_hash
+
+if TYPE_CHECKING:
+    from baton.engine import Engine, Event
 
 log = structlog.get_logger("baton.audit")
 
@@ -39,11 +41,20 @@ DRAIN_DELAY_S = 0.01
 
 def cli_actor() -> str:
     """Who runs this command, as the trail names them."""
+    return f"cli:{_user_at_host()}"
+
+
+def python_actor() -> str:
+    """Who calls the Python API, when the caller does not say."""
+    return f"python:{_user_at_host()}"
+
+
+def _user_at_host() -> str:
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
-    return f"cli:{user}@{socket.gethostname()}"
+    return f"{user}@{socket.gethostname()}"
 
 
 async def record(store: Store, actor: str, action: str, subject: str, **detail: Any) -> AuditEntry | None:
@@ -111,4 +122,4 @@ async def verify(store: Store, page: int = 1000) -> Verification:
             return Verification(True, count)
 
 
-__all__ = ["SYSTEM", "RunEndings", "Verification", "cli_actor", "record", "verify"]
+__all__ = ["SYSTEM", "RunEndings", "Verification", "cli_actor", "python_actor", "record", "verify"]

@@ -36,6 +36,13 @@ class Metrics:
             "baton_step_retries", "Attempts that failed and will be retried.", ["task"], registry=r
         )
         self.started = Counter("baton_step_starts", "Attempts started, by task.", ["task"], registry=r)
+        self.waited = Histogram(
+            "baton_queue_wait_seconds",
+            "From a step or job being ready (made, due, unblocked, its backoff over) to its start.",
+            ["task"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.step_seconds = Histogram(
             "baton_step_duration_seconds",
             "Duration of finished attempts.",
@@ -76,6 +83,21 @@ class Metrics:
             ["queue", "state"],
             registry=r,
         )
+        self.waves = Gauge(
+            "baton_run_waves", "Waves of each run under way (running or paused).", ["run"], registry=r
+        )
+        self.waves_done = Gauge(
+            "baton_run_waves_completed",
+            "Waves of each run under way whose steps have all finished.",
+            ["run"],
+            registry=r,
+        )
+        self.wave_done_ratio = Gauge(
+            "baton_run_current_wave_completion",
+            "Share of the steps of each run's lowest unfinished wave that have finished.",
+            ["run"],
+            registry=r,
+        )
         self.workers = Gauge(
             "baton_workers_alive", "Workers whose lease holds, on this database.", registry=r
         )
@@ -99,6 +121,9 @@ class Metrics:
         if outcome == "running":
             self.started.labels(task).inc()
             self.running.inc()
+            waited = data.get("waited_s")
+            if isinstance(waited, int | float):
+                self.waited.labels(task).observe(waited)
             return
         if outcome not in OUTCOMES:
             return  # ready, skipped: no attempt
@@ -133,10 +158,21 @@ class Metrics:
             self.llm_cost.labels(model).inc(cost)
 
     async def refresh(self, store: Store, now: float) -> None:
-        """What the store says now: the queue's depth and the live workers (at each scrape)."""
+        """What the store says now (at each scrape): the queue's depth, how far the runs
+        under way are through their waves, the live workers."""
         self.queue_depth.clear()
         for queue, state, count in await store.queue_depth():
             self.queue_depth.labels(queue, state).set(count)
+        for gauge in (self.waves, self.waves_done, self.wave_done_ratio):
+            gauge.clear()  # runs that ended since the last scrape drop out
+        runs: dict[str, list[tuple[int, int]]] = {}
+        for run_id, _wave, steps, finished in await store.wave_progress():
+            runs.setdefault(run_id, []).append((steps, finished))
+        for run_id, waves in runs.items():
+            self.waves.labels(run_id).set(len(waves))
+            self.waves_done.labels(run_id).set(sum(1 for steps, finished in waves if finished == steps))
+            current = next(((s, f) for s, f in waves if f < s), None)
+            self.wave_done_ratio.labels(run_id).set(1.0 if current is None else current[1] / current[0])
         self.workers.set(sum(1 for w in await store.list_workers() if w.expires_at >= now))
 
     def render(self) -> bytes:

@@ -373,8 +373,7 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
     )
     async def pause(request: Request, run_id: Annotated[str, _RunId]) -> RunView:
         """No new step starts; running ones finish (409 when the run is not running)."""
-        run = await engine.pause(run_id)
-        await audit.record(engine.store, request.state.actor, "run.pause", run.id)
+        run = await engine.pause(run_id, actor=request.state.actor)
         return RunView.of(run)
 
     @app.post(
@@ -382,8 +381,7 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
     )
     async def resume(request: Request, run_id: Annotated[str, _RunId]) -> RunView:
         """Continue a paused run (409 when it ended, or live workers are running it)."""
-        handle = await engine.resume(run_id)
-        await audit.record(engine.store, request.state.actor, "run.resume", handle.run_id)
+        handle = await engine.resume(run_id, actor=request.state.actor)
         return RunView.of(await engine.store.get_run(handle.run_id, with_plan=False))
 
     @app.post(
@@ -391,8 +389,7 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
     )
     async def cancel(request: Request, run_id: Annotated[str, _RunId]) -> RunView:
         """Stop a run: nothing new starts, running steps are cancelled (409 when it ended)."""
-        run = await engine.cancel(run_id)
-        await audit.record(engine.store, request.state.actor, "run.cancel", run.id)
+        run = await engine.cancel(run_id, actor=request.state.actor)
         return RunView.of(run)
 
     @app.get(
@@ -567,7 +564,8 @@ async def _stream(engine: Engine, run_id: str, after: Key | None) -> AsyncIterat
             run = await store.get_run(run_id, with_plan=False)
             steps = await store.get_steps(run_id)
             attempts = await store.get_attempts(run_id)
-            for stamped in history(run, steps, attempts):
+            audit_entries = await store.audit_entries(subject=run.id)
+            for stamped in history(run, steps, attempts, audit_entries):
                 if after is not None and stamped.key <= after:
                     continue
                 event = stamped.event

@@ -1,8 +1,9 @@
 """A run's events as the store records them, for streams that resume (SSE ``Last-Event-ID``).
 
 The store is the truth about a run, whichever worker on whichever machine executed it: its
-row and its steps' rows and attempts carry the time of every transition. This reads them
-back as the engine's events (same kinds, same data), each with an id that orders them:
+row and its steps' rows and attempts carry the time of every transition, and the audit
+trail when the run was paused and resumed, by whom. This reads them back as the engine's
+events (same kinds, same data), each with an id that orders them:
 ``<microseconds>-<phase>-<step index>-<attempt>``. A client that reconnects with the last
 id it saw gets what came after it, then the live ones, with nothing written on the
 executor's path to make that possible.
@@ -16,12 +17,15 @@ from dataclasses import dataclass
 
 from baton.engine import Event
 from baton.status import StepStatus
-from baton.store import AttemptRecord, RunRecord, StepRecord
+from baton.store import AttemptRecord, AuditEntry, RunRecord, StepRecord
 
-_ID = re.compile(r"^(\d{1,20})-(\d)-(\d{1,9})-(\d{1,9})$")
+_ID = re.compile(r"^(\d{1,20})-(\d)-(\d{1,15})-(\d{1,9})$")
 # Phases order what happens at the same instant: a run starts before its steps, a step
-# starts before it finishes, the run ends last.
-_RUN_PENDING, _RUN_RUNNING, _STEP_START, _STEP_END, _RUN_END = range(5)
+# starts before it finishes, the run ends last. A pause or a resume (phase 5, numbered by
+# its audit entry) is alone at its instant.
+_RUN_PENDING, _RUN_RUNNING, _STEP_START, _STEP_END, _RUN_END, _CONTROL = range(6)
+#: audit actions that are run transitions, and the events they were
+CONTROL_EVENTS = {"run.pause": "run.paused", "run.resume": "run.resumed"}
 Key = tuple[int, int, int, int]
 
 
@@ -48,8 +52,14 @@ def _us(ts: float) -> int:
     return round(ts * 1_000_000)
 
 
-def history(run: RunRecord, steps: list[StepRecord], attempts: list[AttemptRecord]) -> list[Stamped]:
-    """Every event of the run the store can tell, in order."""
+def history(
+    run: RunRecord,
+    steps: list[StepRecord],
+    attempts: list[AttemptRecord],
+    audit: list[AuditEntry],
+) -> list[Stamped]:
+    """Every event of the run the store can tell, in order (``audit``: the run's entries
+    on the audit trail, for its pauses and resumes)."""
     out: list[Stamped] = []
 
     def add(ts: float | None, phase: int, idx: int, attempt: int, event: Event) -> None:
@@ -117,6 +127,11 @@ def history(run: RunRecord, steps: list[StepRecord], attempts: list[AttemptRecor
                 step.attempt + 1,
                 Event(f"step.{step.status.value}", run.id, step.step_id, data, step.finished_at or 0.0),
             )
+    for entry in audit:
+        control = CONTROL_EVENTS.get(entry.action)
+        if control is not None:
+            event = Event(control, run.id, None, {"by": entry.actor}, entry.ts)
+            add(entry.ts, _CONTROL, entry.seq, 0, event)
     if run.status.terminal:
         data = {"error": run.error} if run.error else {}
         add(

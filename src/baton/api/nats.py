@@ -515,18 +515,15 @@ class NatsInterface:
         return {**RunView.of(run).model_dump(), "steps": [StepView.of(s).model_dump() for s in steps]}
 
     async def _pause(self, body: dict[str, Any]) -> dict[str, Any]:
-        run = await self.engine.pause(RunRequest.model_validate(body).id)
-        await audit.record(self.engine.store, ACTOR, "run.pause", run.id)
+        run = await self.engine.pause(RunRequest.model_validate(body).id, actor=ACTOR)
         return RunView.of(run).model_dump()
 
     async def _resume(self, body: dict[str, Any]) -> dict[str, Any]:
-        handle = await self.engine.resume(RunRequest.model_validate(body).id)
-        await audit.record(self.engine.store, ACTOR, "run.resume", handle.run_id)
+        handle = await self.engine.resume(RunRequest.model_validate(body).id, actor=ACTOR)
         return RunView.of(await self.engine.store.get_run(handle.run_id, with_plan=False)).model_dump()
 
     async def _cancel(self, body: dict[str, Any]) -> dict[str, Any]:
-        run = await self.engine.cancel(RunRequest.model_validate(body).id)
-        await audit.record(self.engine.store, ACTOR, "run.cancel", run.id)
+        run = await self.engine.cancel(RunRequest.model_validate(body).id, actor=ACTOR)
         return RunView.of(run).model_dump()
 
     async def _execute(self, body: dict[str, Any]) -> dict[str, Any]:

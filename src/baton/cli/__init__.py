@@ -30,7 +30,6 @@ from rich.text import Text
 
 from baton import logs
 from baton.audit import cli_actor
-from baton.audit import record as record_audit
 from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
 from baton.engine import DEFAULT_LEASE_S, Engine, RunHandle
 from baton.errors import BatonError, NotFound, UsageError
@@ -509,8 +508,7 @@ def resume(
     async def body() -> int:
         _import_modules(imports)
         async with _engine(db, must_exist=True, lease_s=lease_s, llm=llm) as engine:
-            handle = await engine.resume(run_id)
-            await record_audit(engine.store, cli_actor(), "run.resume", handle.run_id)
+            handle = await engine.resume(run_id, actor=cli_actor())
             return await _follow(engine, handle, session, quiet, [], "resumed")
 
     _execute(session, body)
@@ -696,9 +694,8 @@ def _control(run_id: str, db: str, json_out: bool, status: RunStatus) -> None:
 
     async def body() -> int:
         async with _engine(db, must_exist=True) as engine:
-            record = await (engine.pause(run_id) if status is RunStatus.PAUSED else engine.cancel(run_id))
-            action = "run.pause" if status is RunStatus.PAUSED else "run.cancel"
-            await record_audit(engine.store, cli_actor(), action, record.id)
+            control = engine.pause if status is RunStatus.PAUSED else engine.cancel
+            record = await control(run_id, actor=cli_actor())
         if json_out:
             _emit_json(_run_json(record))
             return EXIT_OK

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from baton import audit
 from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import Worker
 from baton.errors import Conflict, UsageError
@@ -301,25 +302,29 @@ class Engine:
 
     # -- control ----------------------------------------------------------------------------
 
-    async def pause(self, run_id: str) -> RunRecord:
-        """No new step starts; running ones finish and are recorded."""
-        return await self._set_status(run_id, RunStatus.PAUSED)
+    # Each control action goes on the audit trail with who did it (``actor``: an API key,
+    # a command-line user...; the Python API's caller when not given) before its event.
 
-    async def cancel(self, run_id: str) -> RunRecord:
+    async def pause(self, run_id: str, *, actor: str | None = None) -> RunRecord:
+        """No new step starts; running ones finish and are recorded."""
+        return await self._set_status(run_id, RunStatus.PAUSED, "run.pause", actor)
+
+    async def cancel(self, run_id: str, *, actor: str | None = None) -> RunRecord:
         """No new step starts; running ones are cancelled within the grace period."""
-        record = await self._set_status(run_id, RunStatus.CANCELLED)
+        record = await self._set_status(run_id, RunStatus.CANCELLED, "run.cancel", actor)
         if self.worker is not None:
             self.worker.stop_run(record.id)
         return record
 
-    async def _set_status(self, run_id: str, status: RunStatus) -> RunRecord:
+    async def _set_status(self, run_id: str, status: RunStatus, action: str, actor: str | None) -> RunRecord:
         await self.open()
         record = await self.store.set_run_status(run_id, status, time.time())
+        await audit.record(self.store, actor or audit.python_actor(), action, record.id)
         self.emit(Event(f"run.{status}", record.id))
         self.runs_changed({record.id})
         return record
 
-    async def resume(self, run_id: str) -> RunHandle:
+    async def resume(self, run_id: str, *, actor: str | None = None) -> RunHandle:
         """Continue a paused run, or one whose workers died, with this process's worker.
 
         Conflict when the run ended, or when live workers are executing it (it needs no
@@ -340,6 +345,8 @@ class Engine:
                 raise Conflict(
                     f"run {run.id} is being executed by {', '.join(held)}; there is nothing to resume"
                 )
+        await audit.record(self.store, actor or audit.python_actor(), "run.resume", run.id)
+        self.emit(Event("run.resumed", run.id))
         worker = await self.start_worker()
         worker.poke()
         return RunHandle(run.id, self)

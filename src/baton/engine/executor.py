@@ -405,7 +405,9 @@ class Worker:
             attempt = _Attempt(claim, plan, JOB_RETRY if plan is None else plan.retries[claim.idx])
             self.running[claim.id] = attempt
             if self.engine.events.active:
-                data = {"task": claim.task, "attempt": claim.attempt}
+                data: dict[str, Any] = {"task": claim.task, "attempt": claim.attempt}
+                if claim.ready_at is not None:  # how long it waited in the queue
+                    data["waited_s"] = max(0.0, claim.started_at - claim.ready_at)
                 self._emit("step.running", claim.run_id, claim.idx, data, claim.id)
             attempt.task = asyncio.create_task(self._attempt(attempt))
         if give_back:

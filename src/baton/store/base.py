@@ -141,6 +141,8 @@ class Claimed:
     timeout_s: float | None = None
     #: why the previous attempt failed (fed back to the next one).
     previous_error: str | None = None
+    #: since when it could have started: made, due, unblocked, requeued or its backoff over
+    ready_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -494,6 +496,10 @@ class Store(Protocol):
     async def queue_depth(self) -> list[tuple[str, str, int]]:
         """(queue, state, count) of what waits or runs: ``available`` and ``retryable`` (ready
         to be claimed), ``scheduled`` (standalone jobs not due yet), ``running``."""
+
+    async def wave_progress(self) -> list[tuple[str, int, int, int]]:
+        """(run id, wave, steps, steps finished) of every wave of the runs under way
+        (running or paused), by run and wave."""
 
     async def audit_append(
         self, ts: float, actor: str, action: str, subject: str, detail: dict[str, Any]

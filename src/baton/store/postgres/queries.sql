@@ -149,7 +149,7 @@ fin AS (
 SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
        NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
        NULL::text AS status, NULL::float8 AS k1, NULL::float8 AS k2, NULL::int AS k3,
-       NULL::text AS queue
+       NULL::text AS queue, NULL::float8 AS ready_at
 FROM fin
 
 -- name: finish_steps_ctes
@@ -178,7 +178,10 @@ deps AS (
                       ELSE s.status END,
         error = CASE WHEN s.status = 'pending' AND deps.skip THEN deps.reason ELSE s.error END,
         finished_at = CASE WHEN s.status = 'pending' AND deps.skip THEN %(now)s
-                           ELSE s.finished_at END
+                           ELSE s.finished_at END,
+        ready_at = CASE WHEN s.status = 'pending' AND NOT deps.skip
+                             AND s.waiting <= deps.unblocked THEN %(now)s
+                        ELSE s.ready_at END
     FROM deps JOIN steps was ON was.run_id = deps.run_id AND was.idx = deps.idx
     WHERE s.id = was.id AND (deps.unblocked > 0 OR (deps.skip AND s.status = 'pending'))
     RETURNING s.run_id, s.idx, s.status, was.status AS was
@@ -235,7 +238,8 @@ ended AS (
 -- name: end_runs_rows
 SELECT 'e' AS kind, 0::bigint AS id, id AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
        NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
-       status, NULL::float8 AS k1, NULL::float8 AS k2, NULL::int AS k3, NULL::text AS queue
+       status, NULL::float8 AS k1, NULL::float8 AS k2, NULL::int AS k3, NULL::text AS queue,
+       NULL::float8 AS ready_at
 FROM ended
 
 -- name: claim_ctes
@@ -291,12 +295,15 @@ live AS (
 ), picked AS (
     SELECT id FROM candidates ORDER BY created_at, run_id, rn LIMIT %(n)s
 ), claimed_steps AS (
+    -- (SET reads the row as it was: ready_at becomes since when the step could have started)
     UPDATE steps s
     SET status = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
-        started_at = %(now)s, finished_at = NULL, not_before = NULL
+        started_at = %(now)s, finished_at = NULL, not_before = NULL,
+        ready_at = CASE WHEN s.status = 'retrying' THEN COALESCE(s.not_before, s.finished_at)
+                        ELSE COALESCE(s.ready_at, s.not_before, s.created_at) END
     WHERE s.id = ANY(ARRAY(SELECT id FROM picked)) AND s.status IN ('ready', 'retrying')
     RETURNING s.id, s.run_id, s.idx, s.task, s.attempt, s.error, s.created_at, s.priority,
-              s.rank
+              s.rank, s.ready_at
 ), slots AS (
     UPDATE runs r
     SET running = r.running + c.n, status = 'running',
@@ -342,11 +349,13 @@ live AS (
 ), claimed_jobs AS (
     UPDATE steps s
     SET status = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
-        started_at = %(now)s, finished_at = NULL, not_before = NULL
+        started_at = %(now)s, finished_at = NULL, not_before = NULL,
+        ready_at = CASE WHEN s.status = 'retrying' THEN COALESCE(s.not_before, s.finished_at)
+                        ELSE COALESCE(s.ready_at, s.not_before, s.created_at) END
     WHERE s.id = ANY(ARRAY(SELECT id FROM picked_jobs))
       AND s.status IN ('ready', 'retrying', 'pending')
     RETURNING s.id, s.task, s.attempt, s.args, s.max_attempts + s.attempt_base AS max_attempts,
-              s.timeout_s, s.error, s.queue, s.priority
+              s.timeout_s, s.error, s.queue, s.priority, s.ready_at
 ), promoted AS (
     -- due jobs this turn does not claim become available to others
     UPDATE steps s SET status = 'ready'
@@ -372,17 +381,17 @@ live AS (
 -- priority; k1/k2 carry what it needs.)
 SELECT 'c' AS kind, id, run_id, idx, task, attempt, NULL::text AS args, 1 AS max_attempts,
        NULL::float8 AS timeout_s, error, NULL::text AS status, created_at AS k1,
-       rank AS k2, priority AS k3, NULL::text AS queue
+       rank AS k2, priority AS k3, NULL::text AS queue, ready_at
 FROM claimed_steps
 UNION ALL
 SELECT 'c', id, NULL, 0, task, attempt, args, max_attempts, timeout_s, error, NULL, NULL, NULL,
-       priority, queue
+       priority, queue, ready_at
 FROM claimed_jobs
 UNION ALL
-SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM claim_notified
 UNION ALL
-SELECT 'l', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT 'l', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM live WHERE NOT ok
 
 -- workers ---------------------------------------------------------------------------------
@@ -472,7 +481,8 @@ WITH held AS (
                               WHEN h.stop THEN 'cancelled'
                               WHEN %(lost)s THEN 'lost: its worker stopped or its lease expired'
                          END, s.error),
-        finished_at = CASE WHEN h.stop THEN %(now)s END
+        finished_at = CASE WHEN h.stop THEN %(now)s END,
+        ready_at = %(now)s
     FROM held h
     WHERE s.id = h.id
     RETURNING s.id, s.run_id, s.status
@@ -570,7 +580,7 @@ ORDER BY attempt;
 -- name: retry_job
 WITH retried AS (
     UPDATE steps SET status = 'ready', not_before = NULL, finished_at = NULL,
-           cancel_requested = FALSE, attempt_base = attempt
+           cancel_requested = FALSE, attempt_base = attempt, ready_at = %(now)s
     WHERE id = %(id)s AND run_id IS NULL AND status IN ('failed', 'cancelled')
     RETURNING *
 ), notified AS (
@@ -686,6 +696,14 @@ SELECT * FROM audit WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 
 -- name: audit_entries_of_subject
 SELECT * FROM audit WHERE subject = %(subject)s AND seq > %(after)s ORDER BY seq LIMIT %(limit)s;
+
+-- name: wave_progress
+SELECT s.run_id, s.wave, COUNT(*) AS steps,
+       COUNT(*) FILTER (WHERE s.status IN ('succeeded', 'failed', 'skipped', 'cancelled')) AS finished
+FROM runs r JOIN steps s ON s.run_id = r.id
+WHERE r.status IN ('running', 'paused')
+GROUP BY s.run_id, s.wave
+ORDER BY s.run_id, s.wave;
 
 -- name: queue_depth
 SELECT queue, status, COUNT(*) AS n FROM steps

@@ -729,13 +729,18 @@ class PostgresStore:
         ]
 
     @_retried
+    async def wave_progress(self) -> list[tuple[str, int, int, int]]:
+        rows = await self._rows(Q["wave_progress"], {})
+        return [(r["run_id"], r["wave"], int(r["steps"]), int(r["finished"])) for r in rows]
+
+    @_retried
     async def get_job_attempts(self, job_id: int) -> list[AttemptRecord]:
         await self._job(job_id)
         return [attempt_from_row(r) for r in await self._rows(Q["job_attempts"], {"id": job_id})]
 
     @_retried
     async def retry_job(self, job_id: int, now: float) -> JobRecord:
-        row = await self._row(Q["retry_job"], {"id": job_id, "channel": self.channel})
+        row = await self._row(Q["retry_job"], {"id": job_id, "now": now, "channel": self.channel})
         if row is None:
             job = await self._job(job_id)
             raise Conflict(f"job {job_id} is {job.state}; only discarded or cancelled jobs can be retried")
@@ -948,7 +953,14 @@ def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
 def _claimed(r: Row, now: float) -> Claimed:
     if r["run_id"] is not None:
         return Claimed(
-            r["id"], r["run_id"], r["idx"], r["task"], r["attempt"], now, previous_error=r["error"]
+            r["id"],
+            r["run_id"],
+            r["idx"],
+            r["task"],
+            r["attempt"],
+            now,
+            previous_error=r["error"],
+            ready_at=r["ready_at"],
         )
     return Claimed(
         r["id"],
@@ -961,6 +973,7 @@ def _claimed(r: Row, now: float) -> Claimed:
         max_attempts=r["max_attempts"],
         timeout_s=r["timeout_s"],
         previous_error=r["error"],
+        ready_at=r["ready_at"],
     )
 
 

@@ -65,10 +65,11 @@ UPDATE steps SET status = ?, output = ?, error = ?, finished_at = ?, not_before 
 WHERE id = ? AND status = 'running' AND attempt = ? AND lease_owner = ?;
 
 -- name: unblock_step
--- One need of the step succeeded; at 0 left, a pending step is ready.
-UPDATE steps SET waiting = waiting - ?,
-       status = CASE WHEN status = 'pending' AND waiting <= ? THEN 'ready' ELSE status END
-WHERE id = ?;
+-- One need of the step succeeded; at 0 left, a pending step is ready (from now).
+UPDATE steps SET waiting = waiting - :n,
+       status = CASE WHEN status = 'pending' AND waiting <= :n THEN 'ready' ELSE status END,
+       ready_at = CASE WHEN status = 'pending' AND waiting <= :n THEN :now ELSE ready_at END
+WHERE id = :id;
 
 -- name: now_ready
 SELECT run_id, idx FROM steps WHERE id IN (SELECT value FROM json_each(?)) AND status = 'ready';
@@ -120,14 +121,22 @@ WHERE status IN ('pending', 'running') AND unfinished > 0
 ORDER BY created_at LIMIT 64;
 
 -- name: ready_steps_of_run
-SELECT id, idx, task, attempt, error FROM steps
+-- (ready_at: since when the step could have started; ready_steps_of_barrier_run and
+-- ready_jobs say the same.)
+SELECT id, idx, task, attempt, error,
+       CASE WHEN status = 'retrying' THEN COALESCE(not_before, finished_at)
+            ELSE COALESCE(ready_at, not_before, created_at) END AS ready_at
+FROM steps
 WHERE run_id = :run AND status IN ('ready', 'retrying')
   AND (not_before IS NULL OR not_before <= :now)
   AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
 ORDER BY priority DESC, rank DESC, id LIMIT :n;
 
 -- name: ready_steps_of_barrier_run
-SELECT id, idx, task, attempt, error FROM steps
+SELECT id, idx, task, attempt, error,
+       CASE WHEN status = 'retrying' THEN COALESCE(not_before, finished_at)
+            ELSE COALESCE(ready_at, not_before, created_at) END AS ready_at
+FROM steps
 WHERE run_id = :run AND status IN ('ready', 'retrying')
   AND (not_before IS NULL OR not_before <= :now)
   AND (:tasks IS NULL OR task IN (SELECT value FROM json_each(:tasks)))
@@ -141,7 +150,9 @@ UPDATE steps SET status = 'running', attempt = attempt + 1, lease_owner = ?, sta
 WHERE id = ? AND status IN ('ready', 'retrying');
 
 -- name: ready_jobs_of_queue
-SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error
+SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error,
+       CASE WHEN status = 'retrying' THEN COALESCE(not_before, finished_at)
+            ELSE COALESCE(ready_at, not_before, created_at) END AS ready_at
 FROM steps
 WHERE run_id IS NULL AND queue = :queue AND status IN ('ready', 'retrying')
   AND (not_before IS NULL OR not_before <= :now)
@@ -149,7 +160,9 @@ WHERE run_id IS NULL AND queue = :queue AND status IN ('ready', 'retrying')
 ORDER BY priority DESC, id LIMIT :n;
 
 -- name: ready_jobs
-SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error
+SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error,
+       CASE WHEN status = 'retrying' THEN COALESCE(not_before, finished_at)
+            ELSE COALESCE(ready_at, not_before, created_at) END AS ready_at
 FROM steps
 WHERE run_id IS NULL AND status IN ('ready', 'retrying')
   AND (not_before IS NULL OR not_before <= :now)
@@ -224,9 +237,10 @@ WHERE s.status = 'running' AND s.lease_owner = ?;
 
 -- name: requeue_step
 -- Back to the queue: lost (counted, the attempt is recorded) or released (not counted).
-UPDATE steps SET status = ?, lease_owner = NULL, attempt = attempt - ?, started_at = NULL,
-       error = COALESCE(?, error), finished_at = CASE WHEN ? = 'cancelled' THEN ? END
-WHERE id = ? AND status = 'running';
+UPDATE steps SET status = :status, lease_owner = NULL, attempt = attempt - :released,
+       started_at = NULL, error = COALESCE(:error, error),
+       finished_at = CASE WHEN :status = 'cancelled' THEN :now END, ready_at = :now
+WHERE id = :id AND status = 'running';
 
 -- name: outputs
 SELECT idx, output FROM steps WHERE id IN (SELECT value FROM json_each(?)) AND status = 'succeeded';
@@ -266,7 +280,7 @@ ORDER BY 2;
 
 -- name: retry_job
 UPDATE steps SET status = 'ready', not_before = NULL, finished_at = NULL, cancel_requested = 0,
-       attempt_base = attempt
+       attempt_base = attempt, ready_at = ?
 WHERE id = ? AND run_id IS NULL AND status IN ('failed', 'cancelled');
 
 -- name: cancel_idle_job
@@ -350,6 +364,14 @@ INSERT INTO audit (ts, actor, action, subject, detail, prev_hash, hash) VALUES (
 -- name: audit_entries
 SELECT * FROM audit WHERE seq > :after AND (:subject IS NULL OR subject = :subject)
 ORDER BY seq LIMIT :limit;
+
+-- name: wave_progress
+SELECT s.run_id, s.wave, COUNT(*) AS steps,
+       SUM(s.status IN ('succeeded', 'failed', 'skipped', 'cancelled')) AS finished
+FROM runs r JOIN steps s ON s.id BETWEEN r.step_base AND r.step_base + r.total_steps - 1
+WHERE r.status IN ('running', 'paused')
+GROUP BY s.run_id, s.wave
+ORDER BY s.run_id, s.wave;
 
 -- name: queue_depth
 SELECT queue, status, COUNT(*) AS n FROM steps

@@ -329,7 +329,7 @@ class SQLiteStore:
         elif attempts:
             db.executemany(Q["insert_attempt"], attempts)
         if tally:
-            db.executemany(Q["unblock_step"], [(n, n, dep) for dep, n in tally.items()])
+            db.executemany(Q["unblock_step"], [{"n": n, "now": now, "id": dep} for dep, n in tally.items()])
         if tally and turn.report:
             for row in db.execute(Q["now_ready"], (json.dumps(list(tally)),)):
                 result.marked.append((row["run_id"], row["idx"], StepStatus.READY))
@@ -418,7 +418,14 @@ class SQLiteStore:
             counts.setdefault(run_id, [0, 0, 0, 0])[3] += len(rows)
             result.claimed.extend(
                 Claimed(
-                    r["id"], run_id, r["idx"], r["task"], r["attempt"] + 1, now, previous_error=r["error"]
+                    r["id"],
+                    run_id,
+                    r["idx"],
+                    r["task"],
+                    r["attempt"] + 1,
+                    now,
+                    previous_error=r["error"],
+                    ready_at=r["ready_at"],
                 )
                 for r in rows
             )
@@ -448,6 +455,7 @@ class SQLiteStore:
                     max_attempts=r["max_attempts"],
                     timeout_s=r["timeout_s"],
                     previous_error=r["error"],
+                    ready_at=r["ready_at"],
                 )
                 for r in rows
             )
@@ -533,7 +541,9 @@ class SQLiteStore:
                 )
             if stop:
                 error = "run cancelled" if run_status == "cancelled" else "cancelled"
-            db.execute(Q["requeue_step"], (status, 0 if lost else 1, error, status, now, r["id"]))
+            released = 0 if lost else 1
+            params = {"status": status, "released": released, "error": error, "now": now, "id": r["id"]}
+            db.execute(Q["requeue_step"], params)
             if r["run_id"] is not None:
                 c = counts.setdefault(r["run_id"], [0, 0])
                 c[0] += 1
@@ -631,7 +641,7 @@ class SQLiteStore:
 
     async def retry_job(self, job_id: int, now: float) -> JobRecord:
         with self._write() as db:
-            if not db.execute(Q["retry_job"], (job_id,)).rowcount:
+            if not db.execute(Q["retry_job"], (now, job_id)).rowcount:
                 job = self._job(job_id)
                 raise Conflict(
                     f"job {job_id} is {job.state}; only discarded or cancelled jobs can be retried"
@@ -722,6 +732,10 @@ class SQLiteStore:
 
     async def queue_depth(self) -> list[tuple[str, str, int]]:
         return [(r["queue"], job_state(r["status"]), r["n"]) for r in self.db.execute(Q["queue_depth"])]
+
+    async def wave_progress(self) -> list[tuple[str, int, int, int]]:
+        rows = self.db.execute(Q["wave_progress"])
+        return [(r["run_id"], r["wave"], r["steps"], r["finished"]) for r in rows]
 
     # -- the audit trail ---------------------------------------------------------------
 
