@@ -74,6 +74,12 @@ class Metrics:
         self.cache_hits = Counter(
             "baton_llm_cache_hits", "Answers from the cache by kind.", ["kind"], registry=r
         )
+        self.budget_decisions = Counter(
+            "baton_budget_decisions",
+            "Model calls under a budget by what it decided: within, downgraded (a cheaper model).",
+            ["decision"],
+            registry=r,
+        )
         self.budget_refusals = Counter(
             "baton_budget_exceeded", "Attempts refused or stopped by a budget.", ["task"], registry=r
         )
@@ -156,6 +162,9 @@ class Metrics:
         cost = call.get("cost_usd")
         if isinstance(cost, int | float) and cost > 0:
             self.llm_cost.labels(model).inc(cost)
+        decision = call.get("budget")
+        if decision in ("within", "downgraded"):
+            self.budget_decisions.labels(decision).inc()
 
     async def refresh(self, store: Store, now: float) -> None:
         """What the store says now (at each scrape): the queue's depth, how far the runs

@@ -9,6 +9,7 @@ import pytest
 
 from baton import Engine, RunStatus
 from baton.llm import LLMConfig
+from baton.metrics import Metrics
 from tests.llm.conftest import FakeServer
 
 
@@ -89,11 +90,17 @@ async def test_a_step_budget_sends_the_call_to_a_cheaper_model_when_it_says_so(
         ],
     }
     async with Engine(str(tmp_path / "b.db"), llm=engine_config(fake)) as engine:
+        metrics = Metrics(engine)
         record = await engine.run(plan)
         (step,) = await engine.store.get_steps(record.id)
+        (attempt,) = await engine.store.get_attempts(record.id)
+        metrics.close()
     assert record.status is RunStatus.COMPLETED
     # gpt-4o's worst case (~$0.01) does not fit $0.005; gpt-4o-mini's (~$0.0006) does.
     assert (step.output["model"], step.output["source"]) == ("gpt-4o-mini", "fallback")
+    # The decision is on the attempt's record and in the metrics, from the step's event.
+    assert attempt.detail is not None and attempt.detail["budget"] == "downgraded"
+    assert metrics.registry.get_sample_value("baton_budget_decisions_total", {"decision": "downgraded"}) == 1
     assert [r["body"]["model"] for r in fake.received()] == ["gpt-4o-mini"]
 
 

@@ -56,12 +56,13 @@ async def test_a_run_that_spent_most_of_its_budget_moves_a_tier_down(fake: FakeS
     guard = BudgetGuard("r1", "s", run=Budget(usd=1.0))
     try:
         fake.program({"text": "a"}, {"text": "b"})
-        await gateway.complete(ask(), budget=guard, tier="premium")
+        first = await gateway.complete(ask(), budget=guard, tier="premium")
         await store.budget_settle("r1", [BudgetSettle("run", 0, 0.0, 1000, 0.85)])  # 85% spent
-        await gateway.complete(ask(), budget=guard, tier="premium")
+        second = await gateway.complete(ask(), budget=guard, tier="premium")
     finally:
         await gateway.aclose()
     assert [r["body"]["model"] for r in fake.received()] == ["gpt-4o", "gpt-4o-mini"]
+    assert (first.raw["budget"], second.raw["budget"]) == ("within", "downgraded")
 
 
 async def test_a_failing_model_cools_down_and_is_skipped(fake: FakeServer) -> None:

@@ -698,7 +698,7 @@ class Worker:
 
 
 #: what an attempt's details say of a model call, as events carry it (not prompt or answer)
-_MODEL_CALL = ("model", "usage", "cost_usd", "source", "cache")
+_MODEL_CALL = ("model", "usage", "cost_usd", "source", "cache", "budget")
 
 
 def _model_call(detail_json: str) -> dict[str, Any]:

@@ -168,7 +168,7 @@ class Gateway:
             if answered is not None:
                 return answered
         guard = budget if budget is not None and budget.scopes else None
-        order = await self._route(model, tier, complexity, guard)
+        order, tightened = await self._route(model, tier, complexity, guard)
         first = order[0]
         key = None
         probe: tuple[str, Embedded] | None = None
@@ -196,6 +196,9 @@ class Gateway:
             await self._settle(guard, reservation, response)
         if order[0] != first:  # the budget sent it to a cheaper model
             response = replace(response, source="fallback")
+        if guard is not None:  # what the budget decided, for the step's record and its event
+            decision = "downgraded" if tightened or order[0] != first else "within"
+            response = replace(response, raw={**response.raw, "budget": decision})
         if key is not None:
             await self._remember(key, response)
             if probe is not None:
@@ -304,21 +307,23 @@ class Gateway:
 
     async def _route(
         self, model: str | None, tier: str | None, complexity: str | None, guard: BudgetGuard | None
-    ) -> list[str]:
-        """The models to try, in order."""
+    ) -> tuple[list[str], bool]:
+        """The models to try, in order; and whether the budget moved the call a tier down."""
         if model is not None:
-            return self._chain(model)
+            return self._chain(model), False
         tier = tier or self.config.tier_of(complexity)
         if tier is not None and tier in self.config.tiers:
+            tightened = False
             if guard is not None and await self._budget_tight(guard):
-                tier = self.config.lower_tier(tier)
+                lower = self.config.lower_tier(tier)
+                tier, tightened = lower, lower != tier
             order: list[str] = []
             for name in self.config.tiers[tier]:
                 order += [m for m in self._chain(name) if m not in order]
-            return order
+            return order, tightened
         if self.config.default_model is None:
             raise ProviderError(self.config.problems(None)[0])
-        return self._chain(self.config.default_model)
+        return self._chain(self.config.default_model), False
 
     async def _budget_tight(self, guard: BudgetGuard) -> bool:
         assert self.store is not None

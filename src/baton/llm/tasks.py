@@ -87,6 +87,8 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             source=response.source,
             latency_s=round(response.latency_s, 4),
         )
+        if "budget" in response.raw:  # "within", or "downgraded" to a cheaper model
+            ctx.details["budget"] = response.raw["budget"]
         if response.source == "cached":
             ctx.details["saved_usd"] = response.raw.get("saved_usd")
             ctx.details["cache"] = response.raw.get("cache")  # "exact" or "semantic"
