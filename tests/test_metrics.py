@@ -56,6 +56,12 @@ async def test_model_calls_tokens_spend_and_cache_hits(tmp_path: Path) -> None:
     assert sample(metrics, "baton_runs_total", status="completed") == 1
     assert sample(metrics, "baton_runs_total", status="failed") == 1
     assert sample(metrics, "baton_run_duration_seconds_count") == 2
+    # the first run paid for its call, the second had it from the cache
+    assert sample(metrics, "baton_run_cost_usd_count") == 2
+    assert sample(metrics, "baton_run_cost_usd_sum") == sample(
+        metrics, "baton_llm_cost_usd_total", model="gpt-4o-mini"
+    )
+    assert sample(metrics, "baton_run_cost_usd_bucket", le="1e-06") == 1  # the cached one: 0
     assert sample(metrics, "baton_steps_running") == 0
 
 

@@ -20,6 +20,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 OUTCOMES = ("succeeded", "failed", "retrying", "cancelled", "lost")
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
 RUN_BUCKETS = (0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0)
+COST_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 class Metrics:
@@ -55,6 +56,12 @@ class Metrics:
             "baton_run_duration_seconds",
             "From a run's start to its end (runs started in this process).",
             buckets=RUN_BUCKETS,
+            registry=r,
+        )
+        self.run_cost = Histogram(
+            "baton_run_cost_usd",
+            "What a run's model calls cost, USD (runs started in this process, at their end).",
+            buckets=COST_BUCKETS,
             registry=r,
         )
         self.running = Gauge("baton_steps_running", "Attempts running in this process.", registry=r)
@@ -108,12 +115,16 @@ class Metrics:
             "baton_workers_alive", "Workers whose lease holds, on this database.", registry=r
         )
         self._run_started: dict[str, float] = {}
+        self._run_spent: dict[str, float] = {}
         self.unsubscribe = engine.subscribe(self.on_event)
 
     def on_event(self, event: Event) -> None:
         kind, data = event.kind, event.data
         if kind.startswith("step."):
             self._step(kind.removeprefix("step."), data)
+            cost = data.get("llm", {}).get("cost_usd") if isinstance(data.get("llm"), dict) else None
+            if isinstance(cost, int | float) and event.run_id in self._run_started:
+                self._run_spent[event.run_id] = self._run_spent.get(event.run_id, 0.0) + cost
         elif kind == "run.running":
             self._run_started.setdefault(event.run_id, event.ts)
         elif kind in ("run.completed", "run.failed", "run.cancelled"):
@@ -121,6 +132,7 @@ class Metrics:
             started = self._run_started.pop(event.run_id, None)
             if started is not None:
                 self.run_seconds.observe(max(0.0, event.ts - started))
+                self.run_cost.observe(self._run_spent.pop(event.run_id, 0.0))
 
     def _step(self, outcome: str, data: dict[str, Any]) -> None:
         task = str(data.get("task") or "unknown")
