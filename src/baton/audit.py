@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
 import socket
 import time
@@ -49,6 +50,7 @@ def python_actor() -> str:
     return f"python:{_user_at_host()}"
 
 
+@functools.cache
 def _user_at_host() -> str:
     try:
         user = getpass.getuser()

@@ -49,6 +49,9 @@ class Problem:
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
 
+    def to_dict(self) -> dict[str, str]:
+        return {"where": self.where, "message": self.message}
+
 
 class PlanError(UsageError):
     """The plan is invalid."""
@@ -67,7 +70,7 @@ class PlanError(UsageError):
         return {
             "code": self.code,
             "message": self.message,
-            "problems": [{"where": p.where, "message": p.message} for p in self.problems],
+            "problems": [p.to_dict() for p in self.problems],
         }
 
 

@@ -121,10 +121,7 @@ class Metrics:
     def on_event(self, event: Event) -> None:
         kind, data = event.kind, event.data
         if kind.startswith("step."):
-            self._step(kind.removeprefix("step."), data)
-            cost = data.get("llm", {}).get("cost_usd") if isinstance(data.get("llm"), dict) else None
-            if isinstance(cost, int | float) and event.run_id in self._run_started:
-                self._run_spent[event.run_id] = self._run_spent.get(event.run_id, 0.0) + cost
+            self._step(kind.removeprefix("step."), event.run_id, data)
         elif kind == "run.running":
             self._run_started.setdefault(event.run_id, event.ts)
         elif kind in ("run.completed", "run.failed", "run.cancelled"):
@@ -134,7 +131,7 @@ class Metrics:
                 self.run_seconds.observe(max(0.0, event.ts - started))
                 self.run_cost.observe(self._run_spent.pop(event.run_id, 0.0))
 
-    def _step(self, outcome: str, data: dict[str, Any]) -> None:
+    def _step(self, outcome: str, run_id: str, data: dict[str, Any]) -> None:
         task = str(data.get("task") or "unknown")
         if outcome == "running":
             self.started.labels(task).inc()
@@ -157,9 +154,9 @@ class Metrics:
             self.budget_refusals.labels(task).inc()
         call = data.get("llm")
         if isinstance(call, dict) and call.get("model"):
-            self._model_call(call)
+            self._model_call(run_id, call)
 
-    def _model_call(self, call: dict[str, Any]) -> None:
+    def _model_call(self, run_id: str, call: dict[str, Any]) -> None:
         model = str(call["model"])
         source = str(call.get("source") or "llm")
         self.llm_calls.labels(model, source).inc()
@@ -174,6 +171,8 @@ class Metrics:
         cost = call.get("cost_usd")
         if isinstance(cost, int | float) and cost > 0:
             self.llm_cost.labels(model).inc(cost)
+            if run_id in self._run_started:  # observed at the run's end
+                self._run_spent[run_id] = self._run_spent.get(run_id, 0.0) + cost
         decision = call.get("budget")
         if decision in ("within", "downgraded"):
             self.budget_decisions.labels(decision).inc()

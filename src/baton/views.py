@@ -105,6 +105,19 @@ class StepView(BaseModel):
         }
 
 
+class RunDetail(RunView):
+    """A run with its steps: what ``GET /runs/{id}``, NATS ``runs.get`` and ``baton show
+    --json`` give."""
+
+    steps: list[StepView]
+
+
+def run_detail(run: RunRecord, steps: list[StepRecord]) -> dict[str, Any]:
+    """A RunDetail as plain data, built without the models: views that are polled often
+    are serialized from this as they are."""
+    return {**RunView.fields(run), "steps": [StepView.fields(s) for s in steps]}
+
+
 class AttemptView(BaseModel):
     step: str
     attempt: int

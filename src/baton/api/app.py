@@ -42,10 +42,12 @@ from baton.views import (
     JobView,
     KeyView,
     ProgressView,
+    RunDetail,
     RunView,
     StepView,
     iso,
     run_cost,
+    run_detail,
 )
 
 log = structlog.get_logger("baton.api")
@@ -77,10 +79,6 @@ class Submitted(BaseModel):
     #: False when the Idempotency-Key named a run submitted before
     created: bool
     links: Links
-
-
-class RunDetail(RunView):
-    steps: list[StepView]
 
 
 class StepDetail(StepView):
@@ -321,10 +319,9 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         """A run with its steps (a unique prefix of its id will do)."""
         run = await engine.store.get_run(run_id, with_plan=False)
         steps = await engine.store.get_steps(run.id)
-        # The model's fields as they are, serialized in one pass: this is what pages and
-        # services poll, so no model is built only to be taken apart again.
-        detail = {**RunView.fields(run), "steps": [StepView.fields(s) for s in steps]}
-        return Response(to_json(detail), media_type="application/json")
+        # What pages and services poll: serialized in one pass, no model built to be taken
+        # apart again.
+        return Response(to_json(run_detail(run, steps)), media_type="application/json")
 
     @app.get(
         f"{PREFIX}/runs/{{run_id}}/progress", response_model=ProgressView, dependencies=viewer, tags=["runs"]

@@ -61,7 +61,7 @@ from baton import audit
 from baton.engine import Engine
 from baton.engine.events import Event
 from baton.errors import BatonError, PlanError, Problem, UnknownTask, UsageError
-from baton.views import RunView, StepView
+from baton.views import RunView, run_detail
 
 log = structlog.get_logger("baton.nats")
 
@@ -114,7 +114,7 @@ class InvalidRequest(UsageError):
     def to_dict(self) -> dict[str, object]:
         return {
             **super().to_dict(),
-            "problems": [{"where": p.where, "message": p.message} for p in self.problems],
+            "problems": [p.to_dict() for p in self.problems],
         }
 
 
@@ -512,7 +512,7 @@ class NatsInterface:
         await self.engine.open()
         run = await self.engine.store.get_run(request.id, with_plan=False)
         steps = await self.engine.store.get_steps(run.id)
-        return {**RunView.of(run).model_dump(), "steps": [StepView.of(s).model_dump() for s in steps]}
+        return run_detail(run, steps)
 
     async def _pause(self, body: dict[str, Any]) -> dict[str, Any]:
         run = await self.engine.pause(RunRequest.model_validate(body).id, actor=ACTOR)

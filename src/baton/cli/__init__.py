@@ -37,7 +37,7 @@ from baton.plan import Policy, analyze
 from baton.runtime import tune_gc
 from baton.status import RunStatus, StepStatus
 from baton.store import DEFAULT_DB, AttemptRecord, LedgerEntry, RunRecord, SQLiteStore, StepRecord
-from baton.views import AttemptView, RunView, StepView
+from baton.views import AttemptView, RunView, run_detail
 from baton.views import seconds as _seconds
 
 EXIT_OK, EXIT_FAILED, EXIT_PAUSED = 0, 1, 3  # bad input is 2: BatonError.exit_code
@@ -220,10 +220,6 @@ def _run_json(run: RunRecord) -> dict[str, Any]:
     return RunView.of(run).model_dump()
 
 
-def _step_json(step: StepRecord) -> dict[str, Any]:
-    return StepView.of(step).model_dump()
-
-
 def _attempt_json(attempt: AttemptRecord) -> dict[str, Any]:
     return AttemptView.of(attempt).model_dump()
 
@@ -251,8 +247,7 @@ class _RunView:
     def to_json(self) -> dict[str, Any]:
         """The run's fields, with its steps, attempts and budget ledger nested."""
         return {
-            **_run_json(self.run),
-            "steps": [_step_json(s) for s in self.steps],
+            **run_detail(self.run, self.steps),
             "attempts": [_attempt_json(a) for a in self.attempts],
             "budget": {
                 e.scope: {"spent_tokens": e.spent_tokens, "spent_usd": e.spent_usd} for e in self.ledger
