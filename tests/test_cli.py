@@ -141,6 +141,18 @@ def test_run_completes_and_json_reports_every_step(history: History) -> None:
     assert {s["id"]: s["wave"] for s in doc["steps"]} == {"a": 0, "b": 1, "c": 1, "d": 2}
 
 
+def test_runs_from_the_command_line_are_on_the_audit_trail_with_their_end(history: History) -> None:
+    entries = baton("audit", "list", "--db", history.db, "--json").json()
+    by_run: dict[str, list[tuple[str, str]]] = {}
+    for e in entries:
+        by_run.setdefault(e["subject"], []).append((e["actor"].split(":")[0], e["action"]))
+    assert sorted(by_run.values()) == [
+        [("cli", "run.start"), ("system", "run.completed")],
+        [("cli", "run.start"), ("system", "run.failed")],
+    ]
+    assert baton("audit", "verify", "--db", history.db).code == 0
+
+
 def test_failing_run_exits_1_names_the_error_and_skips_dependents(history: History) -> None:
     result = history.failing
     assert result.code == 1

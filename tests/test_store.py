@@ -49,7 +49,7 @@ from baton.store import (
     WorkerRecord,
     store_for,
 )
-from baton.store.base import GENESIS, AuditEntry, audit_hash
+from baton.store.base import GENESIS, PRUNABLE, AuditEntry, PruneResult, audit_hash
 from baton.store.sql import load_migrations
 from tests.conftest import PG_URL
 
@@ -2057,3 +2057,223 @@ async def test_queue_depth_counts_what_waits_and_runs_by_queue(store: Store) -> 
         ("mail", "scheduled", 1),
         ("plans", "available", 2),
     ]
+
+
+# -- retention ----------------------------------------------------------------------------
+
+#: prune cutoffs: everything in `_history` ended before CUT but the recent run and job
+CUT = T0 + 1000
+ENDED = list(PRUNABLE)
+
+
+async def _complete(w: FakeWorker, run: Run, at: float) -> None:
+    """Every step of ``run`` (the only claimable work) succeeds at ``at``."""
+    while claims := await w.claim(at):
+        await w.finish(*(ok(c, at, run) for c in claims))
+
+
+async def _history(store: Store) -> dict[str, int]:
+    """Runs and jobs of every kind, all made at T0, ended before CUT but for one run and one
+    job; cache entries; audit entries. The ids of the jobs, by name."""
+    w = await worker(store, lease_s=1e9)
+    # old1 completed at T0 + 10: a retried step (its failed attempt is on record), a step whose
+    # attempt recorded details, a budget ledger
+    old1 = await new_run(store, "old1")
+    (a,) = await w.claim(T0 + 1)
+    await w.finish(ok(a, T0 + 1, old1))
+    (b,) = await w.claim(T0 + 2)
+    await w.finish(retrying(b, T0 + 2, not_before=T0 + 2))
+    (b,) = await w.claim(T0 + 3)
+    await w.finish(ok(b, T0 + 3, old1))
+    (c,) = await w.claim(T0 + 4)
+    done = ok(c, T0 + 10, old1, output="x" * 1000)
+    done.detail = json.dumps({"prompt": "p" * 500})
+    assert (await w.finish(done)).ended == {"old1": R.COMPLETED}
+    await store.budget_settle("old1", [BudgetSettle("run", 0, 0.0, 10, 0.01)])
+    # old2 failed at T0 + 20 (its second step skipped)
+    old2 = await new_run(store, "old2", {"a": [], "b": ["a"]})
+    (a,) = await w.claim(T0 + 20)
+    assert (await w.finish(failed(a, T0 + 20, old2))).ended == {"old2": R.FAILED}
+    # old3 cancelled before it started; keyed (an idempotency key) cancelled too
+    await new_run(store, "old3")
+    await store.set_run_status("old3", R.CANCELLED, T0 + 30)
+    keyed = RunRecord("keyed", "keyed", R.PENDING, {"name": "keyed", "steps": []}, T0, total_steps=1)
+    await store.create_run(keyed, [StepRecord("keyed", 0, "a", "echo")], idempotency=("key-1", "fp-1"))
+    await store.set_run_status("keyed", R.CANCELLED, T0 + 40)
+    # new completed after the cutoff
+    await _complete(w, await new_run(store, "new", {"a": []}), CUT + 4000)
+    # standalone jobs: completed, discarded, cancelled, a retry due later, one scheduled for
+    # later, one still running, one completed after the cutoff
+    jobs = await store.enqueue(
+        [
+            NewJob("echo", {"job": "done"}),
+            NewJob("echo", {"job": "discarded"}, max_attempts=1),
+            NewJob("echo", {"job": "cancelled"}),
+            NewJob("echo", {"job": "retry"}),
+            NewJob("echo", {"job": "later"}, run_at=T0 + 1e8),
+            NewJob("echo", {"job": "stuck"}),
+            NewJob("echo", {"job": "recent"}),
+        ],
+        T0,
+    )
+    ids = {j.args["job"]: j.id for j in jobs}
+    await store.cancel_job(ids["cancelled"], T0 + 45)
+    claims = {c.id: c for c in await w.claim(T0 + 50)}
+    assert set(claims) == {ids[n] for n in ("done", "discarded", "retry", "stuck", "recent")}
+    await w.finish(
+        ok(claims[ids["done"]], T0 + 60),
+        failed(claims[ids["discarded"]], T0 + 60),
+        retrying(claims[ids["retry"]], T0 + 60, not_before=T0 + 1e8),
+        ok(claims[ids["recent"]], CUT + 4000),
+    )
+    # a paused run and a running one, made long ago
+    await new_run(store, "paused")
+    await store.set_run_status("paused", R.PAUSED, T0 + 5)
+    running = await new_run(store, "running")
+    assert running.names(await w.claim(T0 + 70)) == ["a"]
+    await store.cache_put("expired", "v" * 100, T0, T0 + 10)
+    await store.cache_put("later", "v", T0, T0 + 1e8)
+    await store.cache_put("forever", "v", T0, None)
+    await store.audit_append(T0, "cli:me@host", "run.cancel", "old3", {})
+    await store.audit_append(T0 + 1, "system", "run.completed", "old1", {})
+    return ids
+
+
+#: what prune removes of `_history`: the old runs (3 + 2 + 3 + 1 steps); the completed,
+#: discarded and cancelled jobs; the attempts on record (old1's failed try and detailed
+#: success, old2's failure, the discarded job's); the expired cache entry
+HISTORY_PRUNED = {"runs": 4, "steps": 9, "jobs": 3, "attempts": 4, "cache": 1}
+
+
+async def test_prune_removes_what_ended_before_the_cutoff_and_nothing_under_way(
+    store: Store, peer: Store
+) -> None:
+    ids = await _history(store)
+    trail = await store.audit_entries()
+
+    result = await peer.prune(CUT, ENDED, limit=100)
+    assert {k: v for k, v in result.counts().items() if k != "bytes"} == HISTORY_PRUNED
+    assert result.bytes > 1000 + 500 + 100  # old1's output and details, the cache entry
+    assert not result.more
+
+    for gone in ("old1", "old2", "old3", "keyed"):
+        with pytest.raises(NotFound):
+            await store.get_run(gone)
+    assert sorted(r.id for r in await store.list_runs()) == ["new", "paused", "running"]
+    assert await statuses(store, "paused") == {"a": S.READY, "b": S.PENDING, "c": S.PENDING}
+    assert await statuses(store, "running") == {"a": S.RUNNING, "b": S.PENDING, "c": S.PENDING}
+    assert (await store.get_run("paused")).status is R.PAUSED
+    assert (await store.get_run("new")).status is R.COMPLETED
+    assert [a.step_id for a in await store.get_attempts("new")] == ["a"]
+    assert await store.budget_ledger("old1") == []
+    for name in ("done", "discarded", "cancelled"):
+        with pytest.raises(NotFound):
+            await store.get_job(ids[name])
+    assert sorted(j.id for j in await store.list_jobs()) == sorted(
+        ids[n] for n in ("retry", "later", "stuck", "recent")
+    )
+    assert (await store.get_job(ids["stuck"])).state == "running"
+    assert await store.cache_get("expired", T0 + 5) is None  # (it had not expired then)
+    assert await store.cache_get("later", T0 + 5) == "v"
+    assert await store.cache_get("forever", T0 + 5) == "v"
+    # the pruned run's idempotency key is free again; the audit trail is untouched
+    again = RunRecord("again", "again", R.PENDING, {"name": "again", "steps": []}, CUT, total_steps=1)
+    again_steps = [StepRecord("again", 0, "a", "echo")]
+    assert await store.create_run(again, again_steps, idempotency=("key-1", "fp-2")) == "again"
+    assert await store.audit_entries() == trail
+
+    # a worker of the running run still finishes it, and nothing else is left to prune
+    assert await store.prune(CUT, ENDED, limit=100) == PruneResult()
+
+
+async def test_a_dry_run_counts_what_a_prune_removes_and_deletes_nothing(store: Store) -> None:
+    await _history(store)
+    dry = await store.prune(CUT, ENDED, limit=1, dry_run=True)  # (a dry run has no limit)
+    assert {k: v for k, v in dry.counts().items() if k != "bytes"} == HISTORY_PRUNED
+    assert len(await store.list_runs()) == 7
+    assert len(await store.list_jobs()) == 7
+    assert await store.cache_get("expired", T0 + 5) == "v" * 100
+    assert await store.prune(CUT, ENDED, limit=100, dry_run=True) == dry
+
+    real = await store.prune(CUT, ENDED, limit=100)
+    assert real.counts() == dry.counts()  # bytes included
+    assert await store.prune(CUT, ENDED, dry_run=True) == PruneResult()
+
+
+async def test_prune_takes_whole_runs_oldest_first_in_batches(store: Store) -> None:
+    w = await worker(store, lease_s=1e9)
+    await _complete(w, await new_run(store, "big", {f"s{i}": [] for i in range(10)}), T0)
+    for i in range(5):
+        await _complete(w, await new_run(store, f"r{i}"), T0 + 1 + i)  # three steps each
+    jobs = await store.enqueue([NewJob("echo", {"i": i}) for i in range(5)], T0)
+    await w.finish(*(ok(c, T0 + 20 + i) for i, c in enumerate(await w.claim(T0 + 20))))
+
+    # a batch takes runs while the steps of those before stay under the limit (a run larger
+    # than the limit goes whole, alone), and at most the limit in jobs, oldest first
+    first = await store.prune(CUT, ENDED, limit=4)
+    assert (first.runs, first.steps, first.jobs, first.more) == (1, 10, 4, True)
+    assert sorted(r.id for r in await store.list_runs()) == ["r0", "r1", "r2", "r3", "r4"]
+    assert [j.id for j in await store.list_jobs()] == [jobs[4].id]
+    second = await store.prune(CUT, ENDED, limit=4)
+    assert (second.runs, second.steps, second.jobs, second.more) == (2, 6, 1, True)
+    assert sorted(r.id for r in await store.list_runs()) == ["r2", "r3", "r4"]
+    third = await store.prune(CUT, ENDED, limit=4)
+    assert (third.runs, third.steps, third.jobs, third.more) == (2, 6, 0, True)
+    fourth = await store.prune(CUT, ENDED, limit=4)
+    assert (fourth.runs, fourth.steps, fourth.more) == (1, 3, False)
+    assert await store.list_runs() == []
+
+
+async def test_prune_removes_only_the_statuses_asked_and_never_runs_under_way(store: Store) -> None:
+    ids = await _history(store)
+    result = await store.prune(CUT, [R.FAILED], limit=100)
+    assert (result.runs, result.steps, result.jobs, result.attempts) == (1, 2, 1, 2)
+    left = sorted(r.id for r in await store.list_runs())
+    assert left == ["keyed", "new", "old1", "old3", "paused", "running"]
+    with pytest.raises(NotFound):
+        await store.get_job(ids["discarded"])
+    await store.get_job(ids["done"])
+    for status in (R.PENDING, R.RUNNING, R.PAUSED):
+        with pytest.raises(UsageError, match=f"cannot prune {status} runs"):
+            await store.prune(CUT, [R.COMPLETED, status])
+        with pytest.raises(UsageError):
+            await store.prune(CUT, [status], dry_run=True)
+    # whatever the cutoff, runs under way stay
+    everything = await store.prune(CUT + 1e9, ENDED, limit=100)
+    assert everything.runs == 4  # old1, old3, keyed, new
+    assert sorted(r.id for r in await store.list_runs()) == ["paused", "running"]
+
+
+async def test_a_cancelled_run_is_pruned_once_its_running_steps_are_done(store: Store, peer: Store) -> None:
+    await new_run(store, "run1", {"a": [], "b": []})
+    w = await worker(store, lease_s=1e9)
+    a, b = await w.claim(T0)
+    await store.set_run_status("run1", R.CANCELLED, T0 + 1)  # a and b still run on their worker
+    assert await peer.prune(CUT, ENDED) == PruneResult()
+    assert await peer.prune(CUT, ENDED, dry_run=True) == PruneResult()
+    await w.finish(cancelled(a, T0 + 2))
+    assert await peer.prune(CUT, ENDED) == PruneResult()
+    await w.finish(cancelled(b, T0 + 3))
+    assert (await peer.prune(CUT, ENDED)).runs == 1
+
+
+async def test_prunes_from_many_processes_at_once_remove_each_thing_once(
+    store: Store, open_store: OpenStore
+) -> None:
+    await _history(store)
+    peers = [await open_store(pool_size=2) for _ in range(4)]
+
+    async def drain(s: Store) -> PruneResult:
+        total = PruneResult()
+        while True:
+            done = await s.prune(CUT, ENDED, limit=1)
+            total.add(done)
+            if not done.more:
+                return total
+
+    summed = PruneResult()
+    for total in await asyncio.gather(*(drain(s) for s in peers)):
+        summed.add(total)
+    assert {k: v for k, v in summed.counts().items() if k != "bytes"} == HISTORY_PRUNED
+    assert await store.prune(CUT, ENDED, dry_run=True) == PruneResult()
+    assert sorted(r.id for r in await store.list_runs()) == ["new", "paused", "running"]

@@ -130,10 +130,35 @@ class PolicyDenied(BatonError):
 
 
 class StoreError(BatonError):
-    """The store cannot be opened or used."""
+    """The store cannot be opened or used.
+
+    ``transient`` says whether trying again may succeed (a busy or restarting database, a
+    lost connection) or not without someone's help (a full disk, a read-only or corrupt
+    file): workers retry the first kind for as long as it lasts and stop on the second.
+    """
 
     code = "store_error"
     exit_code = 2
+    http_status = 503
+
+    def __init__(self, message: str | None = None, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot take a connection for now (too many clients, starting up or
+    shutting down, unreachable); the same call may succeed later."""
+
+    code = "store_unavailable"
+
+
+class WorkerFailed(BatonError):
+    """This process's worker stopped on an error it cannot recover from; its jobs go to
+    other workers once its lease lapses, or to this one's successor."""
+
+    code = "worker_failed"
+    exit_code = 1
     http_status = 503
 
 

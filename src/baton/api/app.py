@@ -114,10 +114,12 @@ class JobList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "unavailable", "failed"]
     store: str
     workers: int
     checked_at: str | None
+    #: this process's worker: ok, or why it stopped (the status is then failed, 503)
+    worker: str = "ok"
 
 
 class KeyRequest(BaseModel):
@@ -158,7 +160,6 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.open()
-        endings = audit.RunEndings(engine)
         await engine.start_worker()
         nats = None
         if nats_url is not None:
@@ -173,7 +174,6 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
                 await nats.stop()
             if engine.worker is not None:
                 await engine.worker.stop()
-            await endings.close()
             await engine.close()
 
     app = FastAPI(
@@ -252,7 +252,17 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
 
     @app.get(f"{PREFIX}/health", response_model=Health, tags=["health"])
     async def health(response: Response) -> Health:
-        """Whether the store answers and how many workers are alive (no key needed)."""
+        """Whether the store answers, this process's worker runs, and how many workers are
+        alive (no key needed)."""
+        if engine.failure is not None:
+            response.status_code = 503
+            return Health(
+                status="failed",
+                store="unknown",
+                workers=0,
+                checked_at=iso(time.time()),
+                worker=engine.failure.message,
+            )
         try:
             workers = await engine.store.list_workers()
         except BatonError as exc:
@@ -291,10 +301,8 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         with another plan, 409.
         """
         plan = await _read_plan(request)
-        handle = await engine.submit(plan, idempotency_key=idempotency_key)
+        handle = await engine.submit(plan, idempotency_key=idempotency_key, actor=request.state.actor)
         run = await engine.store.get_run(handle.run_id, with_plan=False)
-        if handle.created:
-            await audit.record(engine.store, request.state.actor, "run.start", run.id, name=run.name)
         url = f"{PREFIX}/runs/{run.id}"
         response.headers["Location"] = url
         return Submitted(

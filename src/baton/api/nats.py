@@ -57,7 +57,6 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from baton import audit
 from baton.engine import Engine
 from baton.engine.events import Event
 from baton.errors import BatonError, PlanError, Problem, UnknownTask, UsageError
@@ -501,10 +500,8 @@ class NatsInterface:
 
     async def _start_run(self, body: dict[str, Any]) -> dict[str, Any]:
         request = StartRequest.model_validate(body)
-        handle = await self.engine.submit(request.plan, idempotency_key=request.idempotency_key)
+        handle = await self.engine.submit(request.plan, idempotency_key=request.idempotency_key, actor=ACTOR)
         run = await self.engine.store.get_run(handle.run_id, with_plan=False)
-        if handle.created:
-            await audit.record(self.engine.store, ACTOR, "run.start", run.id, name=run.name)
         return {"id": run.id, "status": str(run.status), "created": handle.created}
 
     async def _get_run(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -32,11 +32,11 @@ from baton import logs
 from baton.audit import cli_actor
 from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
 from baton.engine import DEFAULT_LEASE_S, Engine, RunHandle
-from baton.errors import BatonError, NotFound, UsageError
+from baton.errors import BatonError, NotFound, UsageError, WorkerFailed
 from baton.plan import Policy, analyze
 from baton.runtime import tune_gc
 from baton.status import RunStatus, StepStatus
-from baton.store import DEFAULT_DB, AttemptRecord, LedgerEntry, RunRecord, SQLiteStore, StepRecord
+from baton.store import DEFAULT_DB, AttemptRecord, LedgerEntry, RunRecord, SQLiteStore, StepRecord, store_for
 from baton.views import AttemptView, RunView, run_detail
 from baton.views import seconds as _seconds
 
@@ -79,6 +79,17 @@ LeaseOption = Annotated[
         "may take the run over after that.",
     ),
 ]
+PoolOption = Annotated[
+    int | None,
+    typer.Option(
+        "--pool",
+        min=1,
+        metavar="N",
+        help="PostgreSQL: at most N connections in this process's pool (default 10, or the URL's "
+        "pool=N); a worker holds one more for LISTEN.",
+        show_default=False,
+    ),
+]
 LlmOption = Annotated[
     Path | None,
     typer.Option(
@@ -110,12 +121,20 @@ class _Session:
     json: bool
     db: str
     run_id: str | None = None
+    #: what ``baton resume`` needs repeated to continue the run (--import, --llm)
+    flags: str = ""
 
 
 def _execute(session: _Session, body: Callable[[], Awaitable[int]]) -> NoReturn:
     """Run a command's coroutine and exit with the code its outcome maps to."""
     try:
         code = asyncio.run(_with_sigterm(body))
+    except WorkerFailed as exc:
+        message = exc.message
+        if session.run_id is not None:
+            hint = _resume_hint(session.run_id, session.db, session.flags)
+            message += f"; run {session.run_id} can continue with: {hint}"
+        code = _report(session, {**exc.to_dict(), "message": message}, message, exc.exit_code)
     except BatonError as exc:
         code = _report(session, exc.to_dict(), exc.message, exc.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
@@ -125,7 +144,7 @@ def _execute(session: _Session, body: Callable[[], Awaitable[int]]) -> NoReturn:
         if session.run_id is not None:
             message += (
                 f"; run {session.run_id} stopped in this process and can continue with: "
-                f"{_resume_hint(session.run_id, session.db)}"
+                f"{_resume_hint(session.run_id, session.db, session.flags)}"
             )
         doc: dict[str, object] = {"code": kind, "message": message, "run_id": session.run_id}
         _report(session, doc, message, code)
@@ -179,19 +198,34 @@ def _import_modules(modules: Sequence[str] | None) -> None:
 
 
 def _engine(
-    db: str, *, must_exist: bool = False, lease_s: float = DEFAULT_LEASE_S, llm: Path | None = None
+    db: str,
+    *,
+    must_exist: bool = False,
+    lease_s: float = DEFAULT_LEASE_S,
+    llm: Path | None = None,
+    pool: int | None = None,
 ) -> Engine:
-    """An engine on ``db``; with ``must_exist``, a missing SQLite file is NotFound, not created."""
-    engine = Engine(db, lease_s=lease_s, llm=llm)
+    """An engine on ``db``; with ``must_exist``, a missing SQLite file is NotFound, not created.
+    ``pool`` overrides the pool size of a PostgreSQL URL."""
+    engine = Engine(store_for(db, pool=pool), lease_s=lease_s, llm=llm)
     store = engine.store
     if must_exist and isinstance(store, SQLiteStore) and not store.path.exists():
         raise NotFound(f"no database at {store.path} (set --db or BATON_DB)")
     return engine
 
 
-def _resume_hint(run_id: str, db: str) -> str:
+def _resume_hint(run_id: str, db: str, flags: str = "") -> str:
     hint = f"baton resume {run_id}"
-    return hint if db == DEFAULT_DB else f"{hint} --db {shlex.quote(db)}"
+    hint = hint if db == DEFAULT_DB else f"{hint} --db {shlex.quote(db)}"
+    return f"{hint} {flags}" if flags else hint
+
+
+def _flags(imports: list[str] | None, llm: Path | None) -> str:
+    """The options a run's tasks need in whichever process continues it."""
+    given = [f"--import {shlex.quote(m)}" for m in imports or []]
+    if llm is not None:
+        given.append(f"--llm {shlex.quote(str(llm))}")
+    return " ".join(given)
 
 
 def _local(ts: float | None) -> str:
@@ -338,7 +372,7 @@ async def _follow(
     else:
         for other_doc in others:
             _out.print(Text(f"recovered run {other_doc['id']} ({other_doc['name']}): {other_doc['status']}"))
-        _print_summary(view, session.db)
+        _print_summary(view, session)
     return _exit_code(view.run.status)
 
 
@@ -410,7 +444,7 @@ def _print_llm_usage(view: _RunView) -> None:
             _out.print(Text(f"  run budget: {', '.join(held)} spent"))
 
 
-def _print_summary(view: _RunView, db: str) -> None:
+def _print_summary(view: _RunView, session: _Session) -> None:
     run = view.run
     ended = run.finished_at if run.finished_at is not None else time.time()
     _out.print(
@@ -438,7 +472,7 @@ def _print_summary(view: _RunView, db: str) -> None:
     _print_llm_usage(view)
     _print_results(view)
     if run.status is RunStatus.PAUSED:
-        _out.print(Text(f"  continue with: {_resume_hint(run.id, db)}"))
+        _out.print(Text(f"  continue with: {_resume_hint(run.id, session.db, session.flags)}"))
     elif not run.status.terminal:
         _out.print(
             Text(f"  the run stopped executing here (another process took it over); see: baton show {run.id}")
@@ -461,23 +495,24 @@ def run(
     quiet: QuietOption = False,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
+    pool: PoolOption = None,
 ) -> None:
     """Validate a plan, run it to the end with live progress, and summarise the result.
 
     Exit codes: 0 completed, 1 failed or cancelled, 2 bad input, 3 paused, 130 interrupted.
     """
-    session = _Session(json_out, db)
+    session = _Session(json_out, db, flags=_flags(imports, llm))
 
     async def body() -> int:
         _import_modules(imports)
-        engine = _engine(db, lease_s=lease_s, llm=llm)
+        engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
         loaded = engine.load(plan)  # before the store opens: a bad plan writes nothing
         if max_parallel is not None:
             policy = loaded.policy.model_copy(update={"max_parallel": max_parallel})
             loaded = loaded.model_copy(update={"policy": policy})
         async with engine:
             recovered = await _recover(engine, session, quiet)
-            handle = await engine.submit(loaded)
+            handle = await engine.submit(loaded, actor=cli_actor())
             assert isinstance(handle, RunHandle)  # submit(start=True) always returns one
             return await _follow(engine, handle, session, quiet, recovered, "started")
 
@@ -493,16 +528,17 @@ def resume(
     quiet: QuietOption = False,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
+    pool: PoolOption = None,
 ) -> None:
     """Continue a paused run, or one whose process died, here; then like `baton run`.
 
     A run that another live process is executing is not taken over (exit 2).
     """
-    session = _Session(json_out, db)
+    session = _Session(json_out, db, flags=_flags(imports, llm))
 
     async def body() -> int:
         _import_modules(imports)
-        async with _engine(db, must_exist=True, lease_s=lease_s, llm=llm) as engine:
+        async with _engine(db, must_exist=True, lease_s=lease_s, llm=llm, pool=pool) as engine:
             handle = await engine.resume(run_id, actor=cli_actor())
             return await _follow(engine, handle, session, quiet, [], "resumed")
 
@@ -721,6 +757,7 @@ def cancel(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = Fal
 # own modules.
 from baton.cli import audit as _audit  # noqa: E402
 from baton.cli import nats as _nats  # noqa: E402, F401
+from baton.cli import prune as _prune  # noqa: E402, F401
 from baton.cli import queue as _queue  # noqa: E402
 from baton.cli import serve as _serve  # noqa: E402
 

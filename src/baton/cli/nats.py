@@ -15,6 +15,7 @@ from baton.cli import (
     ImportOption,
     LeaseOption,
     LlmOption,
+    PoolOption,
     _engine,
     _err,
     _execute,
@@ -50,6 +51,7 @@ def nats_command(
     modules: ImportOption = None,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
+    pool: PoolOption = None,
 ) -> None:
     """Answer runs.start|get|pause|resume|cancel and execute on NATS, publish run events to
     JetStream, with a worker in this process; until SIGTERM or Ctrl-C (exit 0)."""
@@ -59,7 +61,7 @@ def nats_command(
         from baton.api.nats import NatsInterface
 
         _import_modules(modules)
-        engine = _engine(db, lease_s=lease_s, llm=llm)
+        engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
         interface = NatsInterface(engine, url, prefix=prefix, stream=stream)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -10,13 +11,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 import yaml
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from baton import audit
 from baton.cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -25,6 +26,7 @@ from baton.cli import (
     JsonOption,
     LeaseOption,
     LlmOption,
+    PoolOption,
     _emit_json,
     _engine,
     _err,
@@ -37,8 +39,9 @@ from baton.cli import (
     app,
 )
 from baton.cli.progress import human_s, styled
+from baton.cli.prune import parse_duration
 from baton.engine import DEFAULT_LEASE_S, Engine
-from baton.errors import UsageError
+from baton.errors import BatonError, StoreUnavailable, UsageError
 from baton.queue.cron import describe
 from baton.store import DEFAULT_DB, AttemptRecord, JobRecord, Schedule
 from baton.views import AttemptView, JobView, iso
@@ -47,6 +50,8 @@ jobs_app = typer.Typer(help="Standalone jobs: enqueue task calls, list, inspect,
 schedules_app = typer.Typer(help="Cron schedules: one job per tick, however many workers run.")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(schedules_app, name="schedules")
+
+log = structlog.get_logger("baton.worker")
 
 JOB_STATES = ("available", "scheduled", "running", "retryable", "completed", "discarded", "cancelled")
 JobArg = Annotated[int, typer.Argument(metavar="JOB", help="Job id.", show_default=False)]
@@ -370,6 +375,39 @@ async def load_schedules(engine: Engine, path: Path) -> list[Schedule]:
 
 # -- the worker ------------------------------------------------------------------------------
 
+#: a worker whose database cannot take a connection at start tries again after 0.5 s, then
+#: twice as long each time, at most 10 s apart, until it can (or is stopped)
+OPEN_RETRY_S = (0.5, 10.0)
+
+
+async def _open_when_reachable(engine: Engine, stop: asyncio.Event) -> bool:
+    """Open the engine's store; while the database cannot take a connection (too many
+    clients, starting up or shutting down, unreachable), log it and try again with a
+    backoff. False when stopped first (the engine is left closed)."""
+    delay, longest = OPEN_RETRY_S
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            opening = asyncio.ensure_future(engine.open())
+            await asyncio.wait([opening, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not opening.done():  # stopped while connecting
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BatonError):
+                    await opening
+                await engine.close()
+                return False
+            try:
+                opening.result()
+                return True
+            except StoreUnavailable as exc:
+                log.warning("database unavailable; trying again", error=exc.message, retry_in_s=delay)
+            await asyncio.wait([stopping], timeout=delay)
+            if stop.is_set():
+                return False
+            delay = min(delay * 2, longest)
+    finally:
+        stopping.cancel()
+
 
 @app.command()
 def worker(
@@ -387,32 +425,47 @@ def worker(
     schedules: Annotated[
         Path | None, typer.Option("--schedules", metavar="FILE", help="Cron schedules to declare (YAML).")
     ] = None,
+    retention: Annotated[
+        str | None,
+        typer.Option(
+            "--retention",
+            metavar="AGE",
+            help="Now and then, in small batches, prune what ended more than AGE ago (30d, 12h...): "
+            "runs, standalone jobs, expired cache entries, as `baton prune` does.",
+        ),
+    ] = None,
     imports: ImportOption = None,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
+    pool: PoolOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Claim and run jobs (steps of any run, standalone jobs, cron ticks) until stopped.
 
     SIGTERM or Ctrl-C: stop claiming, let running attempts finish for --grace-s, then
     give back what is left for other workers; exit 0. With --json, one JSON line per event
-    (started, stopped) on stdout.
+    (started, stopped) on stdout. A database that cannot take a connection yet (too many
+    clients, starting up, unreachable) is waited for, with a log line per try.
     """
     session = _Session(json_out, db)
     wanted = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
 
     async def body() -> int:
         _import_modules(imports)
-        engine = _engine(db, lease_s=lease_s, llm=llm)
+        engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
         engine.queues = wanted
+        engine.retention_s = parse_duration(retention, "--retention") if retention is not None else None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
+            if not await _open_when_reachable(engine, stop):  # stopped first: nothing to give back
+                if not json_out:
+                    _err.print(Text("worker stopped before the database took a connection"))
+                return EXIT_OK
             async with engine:
                 declared = await load_schedules(engine, schedules) if schedules is not None else []
-                endings = audit.RunEndings(engine)  # the trail says how the runs it ends end
                 running = await engine.start_worker(name=name, concurrency=concurrency, queues=wanted)
                 started = {"worker": running.id, "name": running.name, "db": engine.store.url}
                 if json_out:
@@ -422,20 +475,25 @@ def worker(
                     _err.print(
                         Text(f"worker {running.name} on {engine.store.url}: {concurrency} at once, {where}")
                     )
-                await stop.wait()
+                stopping = asyncio.ensure_future(stop.wait())
+                ended = asyncio.ensure_future(running.finished())
+                await asyncio.wait([stopping, ended], return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if engine.failure is not None:  # its lease lapses: the other workers take over
+                    raise engine.failure
                 if not json_out:
                     _err.print(Text(f"stopping: running attempts get {grace_s:g}s to finish"))
                 await running.stop(grace_s)  # stop claiming, drain what runs
-                await endings.close()  # how the runs it ended ended, before the store closes
                 await engine.close()
-                done = running.completed
+                done, abandoned = running.completed, running.abandoned
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         if json_out:
-            _emit_line({"event": "stopped", **started, "attempts": done})
+            _emit_line({"event": "stopped", **started, "attempts": done, "abandoned": abandoned})
         else:
-            _err.print(Text(f"worker {started['name']} stopped after {done} attempts"))
+            left = f" ({abandoned} sync calls left running in their threads)" if abandoned else ""
+            _err.print(Text(f"worker {started['name']} stopped after {done} attempts{left}"))
         return EXIT_OK
 
     _execute(session, body)

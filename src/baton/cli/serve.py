@@ -20,6 +20,7 @@ from baton.cli import (
     JsonOption,
     LeaseOption,
     LlmOption,
+    PoolOption,
     _emit_json,
     _engine,
     _execute,
@@ -67,6 +68,7 @@ def serve(
     modules: ImportOption = None,
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
+    pool: PoolOption = None,
 ) -> None:
     """Serve the REST API (under /api/v1, OpenAPI at /docs), with a worker in this process."""
     session = _Session(False, db)
@@ -81,7 +83,7 @@ def serve(
 
         from baton.api.app import create_app
 
-        engine = _engine(db, lease_s=lease_s, llm=llm)
+        engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
         config = uvicorn.Config(
             create_app(engine, auth=not no_auth, nats_url=nats),
             host=host,

@@ -14,8 +14,9 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import structlog
 from baton import audit
 from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import Worker
-from baton.errors import Conflict, UsageError
+from baton.errors import Conflict, PlanError, Problem, UsageError, WorkerFailed
 from baton.llm.config import LLMConfig
 from baton.llm.gateway import Gateway
 from baton.llm.tasks import make_llm_tasks
@@ -34,12 +35,18 @@ from baton.plan.validate import load_plan, parse_plan, validate_plan
 from baton.queue.cron import cron_problem, fire_due, next_tick
 from baton.status import RunStatus, StepStatus
 from baton.store import JobRecord, NewJob, RunRecord, Schedule, StepRecord, Store, WorkerRecord, store_for
+from baton.store.base import PRUNABLE, PruneResult
 from baton.tasks.registry import Registry, TaskDef
 
 log = structlog.get_logger("baton.engine")
 
 #: how long a process's hold on a run lasts without a heartbeat (renewed every poll_s).
 DEFAULT_LEASE_S = 15.0
+#: a worker with a retention applies it at most this often, in at most RETENTION_BATCHES
+#: batches of RETENTION_BATCH steps, jobs or cache entries (each batch a short transaction)
+RETENTION_EVERY_S = 600.0
+RETENTION_BATCH = 200
+RETENTION_BATCHES = 10
 
 PlanSource = Plan | Mapping[str, Any] | str | Path
 
@@ -130,6 +137,7 @@ class Engine:
         workdir: str | Path | None = None,
         measure_latency: bool = False,
         llm: LLMConfig | str | Path | None = None,
+        retention_s: float | None = None,
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         self.registry = registry or Registry.default()
@@ -145,10 +153,18 @@ class Engine:
         self.queues = queues
         self.workdir = Path(workdir) if workdir is not None else Path.cwd()
         self.measure_latency = measure_latency
+        if retention_s is not None and not retention_s > 0:
+            raise UsageError("retention_s must be more than 0 seconds")
+        #: the worker prunes what ended longer ago than this (None: it keeps everything)
+        self.retention_s = retention_s
+        self._retention_due = 0.0
         self.events = EventBus()
         self.worker: Worker | None = None
+        #: why this process's worker stopped on an error (it does not start again)
+        self.failure: WorkerFailed | None = None
         self._waiters: dict[str, asyncio.Event] = {}
         self._open = False
+        self._endings: audit.RunEndings | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -163,6 +179,8 @@ class Engine:
         if not self._open:
             await self.store.open()
             self._open = True
+            # how the runs this process sees end goes on the audit trail, whoever started them
+            self._endings = audit.RunEndings(self)
 
     async def close(self, grace_s: float | None = None) -> None:
         """Stop this process's worker (what it still runs goes back to the queue) and close."""
@@ -171,14 +189,22 @@ class Engine:
             self.worker = None
         await self.gateway.aclose()
         if self._open:
+            if self._endings is not None:
+                await self._endings.close()  # before the store closes
+                self._endings = None
             await self.store.close()
             self._open = False
 
     async def start_worker(
         self, *, name: str | None = None, concurrency: int | None = None, queues: list[str] | None = None
     ) -> Worker:
-        """Start executing jobs from the queue in this process (once; later calls return it)."""
+        """Start executing jobs from the queue in this process (once; later calls return it).
+
+        WorkerFailed when this process's worker stopped on an error: its successor is a new
+        process (its jobs wait for that one, or go to the other workers)."""
         await self.open()
+        if self.failure is not None:
+            raise self.failure
         if self.worker is None or not self.worker.active:
             self.registry.refresh()
             worker = Worker(
@@ -207,6 +233,14 @@ class Engine:
             if waiter is not None:
                 waiter.set()
 
+    def worker_failed(self, worker: Worker) -> None:
+        """The worker stopped on an error: whoever waits here is told (see ``wait``)."""
+        assert worker.failure is not None
+        exc = worker.failure
+        reason = exc.message if isinstance(exc, WorkerFailed | UsageError) else f"{type(exc).__name__}: {exc}"
+        self.failure = exc if isinstance(exc, WorkerFailed) else WorkerFailed(f"the worker stopped: {reason}")
+        self.runs_changed(set(self._waiters))
+
     def dead_workers(self, workers: list[WorkerRecord]) -> list[str]:
         """Workers of this host whose process is gone: rescued at once, not at lease end."""
         return [w.id for w in workers if w.id != self.owner and owner_is_dead(w.id)]
@@ -230,15 +264,26 @@ class Engine:
         return parse_plan(source, self.registry)
 
     async def submit(
-        self, source: PlanSource, *, start: bool = True, idempotency_key: str | None = None
+        self,
+        source: PlanSource,
+        *,
+        start: bool = True,
+        idempotency_key: str | None = None,
+        actor: str | None = None,
     ) -> RunHandle:
         """Validate the plan and put its run in the queue; by default, this process's
         worker starts on it (and any other worker on the database may help).
 
         A bad plan raises PlanError before anything is written. With ``idempotency_key``,
         submitting the same plan again under the same key gives the run made the first
-        time (``created`` False); another plan under that key raises Conflict.
+        time (``created`` False); another plan under that key raises Conflict. The start
+        goes on the audit trail with ``actor`` (the Python API's caller when not given).
         """
+        return await self._submit(source, start, idempotency_key, actor or audit.python_actor())
+
+    async def _submit(
+        self, source: PlanSource, start: bool, idempotency_key: str | None, actor: str | None
+    ) -> RunHandle:
         plan = self.load(source)
         await self.open()
         dag = analyze(plan, self.registry)
@@ -274,9 +319,16 @@ class Engine:
         if idempotency_key is not None:
             fingerprint = hashlib.sha256(json.dumps(run.plan, sort_keys=True).encode()).hexdigest()
             idempotency = (idempotency_key, fingerprint)
-        made = await self.store.create_run(run, steps, idempotency=idempotency)
+        try:
+            made = await self.store.create_run(run, steps, idempotency=idempotency)
+        except UnicodeEncodeError as exc:  # "\ud800": a Python string, not Unicode text
+            bad = exc.object[exc.start]
+            problem = Problem("", f"it is not valid Unicode text: a lone surrogate {bad!a} cannot be stored")
+            raise PlanError([problem]) from None
         if made != run_id:
             return RunHandle(made, self, created=False)
+        if actor is not None:
+            await audit.record(self.store, actor, "run.start", run_id, name=plan.name)
         self.emit(Event("run.pending", run_id, data={"name": plan.name, "steps": len(steps)}))
         if start:
             worker = await self.start_worker()
@@ -284,15 +336,17 @@ class Engine:
             worker.poke()
         return RunHandle(run_id, self)
 
-    async def run(self, source: PlanSource) -> RunRecord:
+    async def run(self, source: PlanSource, *, actor: str | None = None) -> RunRecord:
         """Submit a plan and wait for it to stop (completed, failed, paused or cancelled)."""
-        handle = await self.submit(source)
+        handle = await self.submit(source, actor=actor)
         return await handle.wait()
 
     async def execute(self, task: str, inputs: Mapping[str, Any] | None = None, **policy: Any) -> Any:
         """Call one task directly, through the same executor, store and policies as plans."""
         step = Step.model_validate({"id": "call", "task": task, "with": dict(inputs or {}), **policy})
-        record = await self.run(Plan(name=f"call:{task}", steps=[step]))
+        # a call's run is how it goes through the executor, not a run anyone started
+        handle = await self._submit(Plan(name=f"call:{task}", steps=[step]), True, None, None)
+        record = await handle.wait()
         steps = await self.store.get_steps(record.id)
         if record.status is not RunStatus.COMPLETED:
             from baton.errors import TaskFailed
@@ -334,6 +388,7 @@ class Engine:
         run = await self.store.get_run(run_id, with_plan=False)
         if run.status.terminal:
             raise Conflict(f"run {run.id} is {run.status}; there is nothing to resume")
+        self._check_tasks(run.id, await self.store.get_steps(run.id))
         if run.status is RunStatus.PAUSED:
             await self.store.set_run_status(run.id, RunStatus.RUNNING, time.time())
         else:
@@ -350,6 +405,18 @@ class Engine:
         worker = await self.start_worker()
         worker.poke()
         return RunHandle(run.id, self)
+
+    def _check_tasks(self, run_id: str, steps: list[StepRecord]) -> None:
+        """UsageError naming the tasks of the run's unfinished steps that this process
+        cannot run: resuming without them would wait for ever."""
+        self.registry.refresh()
+        missing = sorted({s.task for s in steps if not s.status.terminal and s.task not in self.registry})
+        if missing:
+            names = ", ".join(repr(t) for t in missing)
+            raise UsageError(
+                f"run {run_id} needs tasks not registered in this process: {names}; "
+                "add the modules that define them with --import MODULE"
+            )
 
     async def recover(self) -> list[RunHandle]:
         """Runs left behind by workers that are gone, now executed here too: steps those
@@ -400,9 +467,9 @@ class Engine:
         if not queue or len(queue) > 100:
             raise UsageError("queue must be a name of 1 to 100 characters")
         try:
-            json.dumps(args)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"job inputs must be JSON: {exc}") from None
+            json.dumps(args, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError: a lone surrogate
+            raise UsageError(f"job inputs must be JSON text: {exc}") from None
         await self.open()
         now = time.time()
         when = run_at if run_at is not None else (now + delay_s if delay_s else None)
@@ -482,6 +549,71 @@ class Engine:
                 raise UsageError(f"job {job_id} did not finish within {timeout_s}s")
             await asyncio.sleep(min(self.poll_s, 0.05))
 
+    # -- retention -----------------------------------------------------------------------------
+
+    async def prune(
+        self,
+        before: float,
+        statuses: Sequence[RunStatus] = tuple(PRUNABLE),
+        *,
+        batch: int = 500,
+        max_batches: int | None = None,
+        dry_run: bool = False,
+        actor: str | None = None,
+    ) -> PruneResult:
+        """Delete the runs and standalone jobs that ended (in ``statuses``) before ``before``,
+        with everything of theirs, and cache entries that expired before it: in batches of
+        ``batch`` (each a short transaction), until none is left or ``max_batches`` were
+        done (``more`` then says so). Runs under way are never touched, whatever their age.
+
+        What went is an audit entry (``prune``, by ``actor``); the audit trail itself is
+        kept whole, so it still verifies. ``dry_run`` counts what would go and deletes nothing.
+        """
+        if batch < 1:
+            raise UsageError("batch must be at least 1")
+        await self.open()
+        if dry_run:
+            return await self.store.prune(before, statuses, limit=batch, dry_run=True)
+        total, batches, idle = PruneResult(), 0, 0
+        try:
+            while True:
+                done = await self.store.prune(before, statuses, limit=batch)
+                total.add(done)
+                batches += 1
+                # (a batch can find what another process's prune takes first: go on, but not
+                # for ever)
+                idle = 0 if done.removed else idle + 1
+                if not done.more or batches == max_batches or idle == 3:
+                    break
+                await asyncio.sleep(0)  # a batch at a time: let the rest of the process run
+        finally:
+            if total.removed:  # what did go is on the trail, even if a later batch failed
+                await audit.record(
+                    self.store,
+                    actor or audit.python_actor(),
+                    "prune",
+                    "history",
+                    before=datetime.fromtimestamp(before, UTC).isoformat(),
+                    statuses=sorted(str(s) for s in statuses),
+                    **total.counts(),
+                )
+        return total
+
+    async def apply_retention(self, now: float) -> PruneResult | None:
+        """The worker's retention (``retention_s``), from its heartbeat: at most every
+        RETENTION_EVERY_S, a few small batches of what ended more than ``retention_s`` before
+        ``now``. None when there is no retention or it is not due."""
+        if self.retention_s is None or now < self._retention_due:
+            return None
+        self._retention_due = now + RETENTION_EVERY_S
+        actor = f"worker:{self.worker.name}" if self.worker is not None else audit.SYSTEM
+        result = await self.prune(
+            now - self.retention_s, batch=RETENTION_BATCH, max_batches=RETENTION_BATCHES, actor=actor
+        )
+        if result.removed:
+            log.info("retention pruned what ended long ago", retention_s=self.retention_s, **result.counts())
+        return result
+
     # -- reading -------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -500,6 +632,8 @@ class Engine:
         try:
             while True:
                 waiter.clear()
+                if self.failure is not None:
+                    raise self.failure
                 run = await self.store.get_run(run_id, with_plan=False)
                 if (run.status.terminal or run.status is RunStatus.PAUSED) and run.running == 0:
                     return run

@@ -29,7 +29,7 @@ import structlog
 from structlog.contextvars import bind_contextvars
 
 from baton.engine.events import Event
-from baton.errors import BatonError, StepTimeout
+from baton.errors import BatonError, StepTimeout, StoreError, TaskFailed, WorkerFailed
 from baton.plan.analysis import analyze
 from baton.plan.dag import Dag
 from baton.plan.model import Plan, RetryPolicy
@@ -37,6 +37,7 @@ from baton.plan.refs import Ref, has_refs, referenced_steps, resolve
 from baton.status import StepStatus
 from baton.store.base import Claimed, Done, RunRecord, Turn, TurnResult, WorkerRecord
 from baton.tasks.registry import TaskContext, TaskDef
+from baton.tasks.threads import sync_threads
 from baton.validators import FAILING, run_checks
 
 if TYPE_CHECKING:
@@ -48,6 +49,14 @@ S = StepStatus
 _NO_RETRY = RetryPolicy()
 #: standalone jobs retry with exponential backoff and jitter, from 1 s up to 5 minutes.
 JOB_RETRY = RetryPolicy(attempts=100, backoff_s=1.0, max_backoff_s=300.0, jitter=0.2)
+#: a turn the store refused is tried again after this, doubling up to STORE_RETRY_MAX_S
+STORE_RETRY_S = 0.1
+STORE_RETRY_MAX_S = 5.0
+#: a store error that trying again will not mend (a full disk) stops the worker after
+#: this many turns in a row
+STORE_GIVE_UP = 3
+#: the error of a lost attempt, as the stores write it
+LOST = "lost:"
 
 
 @dataclass(slots=True)
@@ -62,6 +71,8 @@ class _Result:
     error: str | None = None
     details: dict[str, Any] | None = None
     details_json: str | None = None
+    #: no attempt follows this one, whatever the retry policy says
+    final: bool = False
 
 
 class RunPlan:
@@ -145,6 +156,14 @@ class Worker:
         self.plans: dict[str, RunPlan] = {}
         self.running: dict[int, _Attempt] = {}
         self.results: list[_Result] = []
+        #: finishes decided but not committed yet: a turn the store refused keeps them
+        #: for the next one, so no result is dropped while the database is away
+        self.pending: list[Done] = []
+        #: why the loop stopped, when it stopped on an error (it then holds nothing)
+        self.failure: BaseException | None = None
+        #: a job that may have killed its worker runs alone: claim nothing meanwhile
+        self.solo = False
+        self._store_errors = 0
         self.wake = asyncio.Event()
         self.hungry = True  # something may be claimable that the last turn did not see
         self.completed = 0  # attempts this worker finished and recorded
@@ -174,13 +193,18 @@ class Worker:
             log.info(
                 "rescued jobs of an earlier worker of the same name", worker=self.name, jobs=len(rescued)
             )
-        self._loop_task = asyncio.create_task(self._loop(), name=f"baton-worker-{self.name}")
+        self._loop_task = asyncio.create_task(self._main(), name=f"baton-worker-{self.name}")
         self._beat_task = asyncio.create_task(self._beat(), name=f"baton-heartbeat-{self.name}")
         self._watch_task = asyncio.create_task(store.watch(self.poke), name=f"baton-watch-{self.name}")
 
     @property
     def active(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done()
+
+    async def finished(self) -> None:
+        """Wait until the loop stops (stop() was called, or it failed: see ``failure``)."""
+        if self._loop_task is not None:
+            await asyncio.wait([self._loop_task])
 
     def poke(self) -> None:
         """Something may have become claimable (a submit, a notification, a retry due)."""
@@ -199,10 +223,13 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace_s)
         # What is still running is given back (uncounted) when the worker unregisters.
-        tasks = [a.task for a in self.running.values() if a.task is not None]
-        for attempt in self.running.values():
+        # What has finished is recorded by the loop's last turn: its effect happened, and
+        # giving it back would have another worker run it again.
+        still = {i: a for i, a in self.running.items() if a.task is not None and not a.task.done()}
+        tasks = [a.task for a in still.values() if a.task is not None]
+        for i, attempt in still.items():
             attempt.given_up = True
-        self.running.clear()
+            del self.running[i]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -224,9 +251,50 @@ class Worker:
                 await self.engine.store.unregister_worker(self.id, time.time())
             except BatonError as exc:
                 log.warning("could not unregister worker", worker=self.id, error=exc.message)
+        if self.abandoned:
+            log.warning(
+                "sync task calls left running in their threads (they end on their own, never hold the exit)",
+                worker=self.id,
+                abandoned=self.abandoned,
+            )
         self._loop_task = None
 
+    @property
+    def abandoned(self) -> int:
+        """Sync task calls that ran past their timeout or cancel and still run in their
+        thread (a thread cannot be stopped; it does not keep the process from exiting)."""
+        return sync_threads.abandoned
+
     # -- the loop ----------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        """The loop, and what becomes of the worker when it breaks: an error nothing here
+        expected stops it for good, heartbeat included, so its lease lapses and other
+        workers (or this process's successor) take its jobs over. Never a live heartbeat
+        over a dead loop."""
+        try:
+            await self._loop()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failure = exc
+        self.accepting = False
+        # a traceback only for what nothing expected (a bug to report), not a full disk
+        trace = None if isinstance(exc, BatonError) else exc
+        log.error("worker stopped on an error", worker=self.id, error=_describe(exc), exc_info=trace)
+        for helper in (self._beat_task, self._watch_task):
+            if helper is not None:
+                helper.cancel()
+        for attempt in self.running.values():
+            attempt.given_up = True
+            if attempt.task is not None:
+                attempt.task.cancel()
+        self.running.clear()
+        self.results.clear()
+        self.pending.clear()
+        self.engine.emit(Event("worker.failed", "", data={"worker": self.id, "error": _describe(exc)}))
+        self.engine.worker_failed(self)
 
     async def _loop(self) -> None:
         store = self.engine.store
@@ -234,8 +302,11 @@ class Worker:
             self.wake.clear()
             now = time.time()
             results, self.results = self.results, []
-            done = [d for d in (self._decide(r) for r in results) if d is not None]
+            done = self.pending + [d for d in (self._decide(r) for r in results) if d is not None]
+            self.pending = []
             free = self.concurrency - len(self.running) if self.accepting and not self.lost else 0
+            if self.solo and self.running:
+                free = 0  # a job that may kill its worker runs alone
             want = free if free > 0 and (self.hungry or done) else 0
             claimed: list[Claimed] = []
             if done or want:
@@ -259,11 +330,15 @@ class Worker:
                 try:
                     outcome = await store.turn(turn)
                 except BatonError as exc:
-                    # A busy or vanished database: keep the results, try again shortly.
-                    log.warning("turn failed", worker=self.id, error=exc.message)
-                    self.results[:0] = results
-                    await asyncio.sleep(self.engine.poll_s)
+                    # A busy, restarting or vanished database: keep what finished (it is
+                    # recorded by the next turn that goes through) and try again shortly.
+                    self.pending = done
+                    self.hungry = self.hungry or want > 0
+                    if self._give_up_on_store(exc):
+                        return
+                    await asyncio.sleep(min(STORE_RETRY_S * 2 ** (self._store_errors - 1), STORE_RETRY_MAX_S))
                     continue
+                self._store_errors = 0
                 self._committed_at = time.perf_counter()
                 self.completed += len(done) - len(outcome.rejected)
                 self._after(done, outcome)
@@ -274,7 +349,8 @@ class Worker:
                 if want and len(claimed) >= want:
                     self.hungry = True  # there may be more
                 await self._start_all(claimed, now)
-            if not self.running and not self.results:
+            if not self.running and not self.results and not self.pending:
+                self.solo = False
                 self._idle.set()
                 if self._stopped.is_set():
                     return
@@ -287,6 +363,25 @@ class Worker:
                     await asyncio.wait_for(self.wake.wait(), self.engine.poll_s)
                 if not self.wake.is_set():
                     self.hungry = True  # polling: others may have made work claimable
+
+    def _give_up_on_store(self, exc: BatonError) -> bool:
+        """A turn failed: True when the loop should stop trying (it is being stopped, or
+        the error is one that trying again will not mend)."""
+        self._store_errors += 1
+        transient = exc.transient if isinstance(exc, StoreError) else True
+        log.warning(
+            "turn failed; trying again",
+            worker=self.id,
+            error=exc.message,
+            tries=self._store_errors,
+            unrecorded=len(self.pending),
+        )
+        if self._store_errors < STORE_GIVE_UP:
+            return False
+        if not transient:
+            raise WorkerFailed(f"the store cannot record work: {exc.message}") from exc
+        # Being stopped: what is still unrecorded goes back to the queue when the lease lapses.
+        return self._stopped.is_set()
 
     def _decide(self, r: _Result) -> Done | None:
         """What a finished attempt means for its job: success, a retry, or the end."""
@@ -319,8 +414,7 @@ class Worker:
             done.status = S.CANCELLED
             return done
         retry = attempt.retry
-        limit = retry.attempts if plan is not None else claim.max_attempts
-        if r.attempt < limit and self.accepting:
+        if r.attempt < self._limit(claim, plan) and self.accepting and not r.final:
             done.status = S.RETRYING
             delay = retry.delay(r.attempt, self.rand.random())
             done.not_before = r.finished_at + delay
@@ -332,6 +426,11 @@ class Worker:
             done.skips = plan.downstream(claim.idx)
             done.skip_reason = f"needs {plan.dag.ids[claim.idx]!r}, which did not succeed"
         return done
+
+    @staticmethod
+    def _limit(claim: Claimed, plan: RunPlan | None) -> int:
+        """How many attempts the job may have (lost ones count)."""
+        return plan.retries[claim.idx].attempts if plan is not None else claim.max_attempts
 
     def _after(self, done: list[Done], outcome: TurnResult) -> None:
         """Events for what the store applied; runs that ended."""
@@ -388,22 +487,40 @@ class Worker:
         if not claimed:
             return
         give_back: list[int] = []
+        plans: dict[int, RunPlan | None] = {}
         for claim in claimed:
-            plan = None
             if claim.run_id is not None:
                 plan = self.plans.get(claim.run_id) or await self._load(claim)
                 if plan is None:
                     give_back.append(claim.id)
                     continue
+                plans[claim.id] = plan
+            else:
+                plans[claim.id] = None
+        verdicts: dict[int, str] = {}
+        if any(c.previous_error and c.previous_error.startswith(LOST) for c in claimed):
+            verdicts = await self._suspects([c for c in claimed if c.id in plans], plans)
+            give_back.extend(i for i, v in verdicts.items() if v == "give back")
+        for claim in claimed:
+            if claim.id not in plans or verdicts.get(claim.id) == "give back":
+                continue
+            plan = plans[claim.id]
+            if plan is not None:
                 if not plan.announced:
                     plan.announced = True
                     self.engine.emit(Event("run.running", plan.run_id))
                     if plan.run_timeout_s is not None:
                         self._arm_deadline(plan, claim.started_at)
-            if plan is not None:
                 plan.used_at = time.monotonic()
             attempt = _Attempt(claim, plan, JOB_RETRY if plan is None else plan.retries[claim.idx])
             self.running[claim.id] = attempt
+            verdict = verdicts.get(claim.id, "")
+            if verdict.startswith("worker died"):  # it will not run again
+                self.results.append(
+                    _Result(claim.id, claim.attempt, now, now, "failed", error=verdict, final=True)
+                )
+                self.wake.set()
+                continue
             if self.engine.events.active:
                 data: dict[str, Any] = {"task": claim.task, "attempt": claim.attempt}
                 if claim.ready_at is not None:  # how long it waited in the queue
@@ -412,6 +529,63 @@ class Worker:
             attempt.task = asyncio.create_task(self._attempt(attempt))
         if give_back:
             await self.engine.store.release(self.id, give_back, time.time())
+
+    async def _suspects(self, claimed: list[Claimed], plans: dict[int, RunPlan | None]) -> dict[int, str]:
+        """What becomes of claims whose last attempt was lost with its worker.
+
+        A job lost once runs as any other: its worker was killed from outside, or lost its
+        machine. Lost twice or more in a row, it may be what kills its worker (``os._exit``,
+        a crash in native code): it runs alone, so that the jobs claimed beside it are not
+        lost with it again, and a loss while it ran alone is its own doing. Once its worker
+        has died running it alone and its attempts are used up (at least two), it fails
+        with that reason instead of running again.
+
+        By claim id: ``alone`` (run it with nothing beside it), ``give back`` (to the
+        queue, uncounted, for now), or the reason it fails; claims not named run as usual.
+        """
+        verdicts: dict[int, str] = {}
+        loners: list[Claimed] = []
+        for claim in claimed:
+            if not (claim.previous_error and claim.previous_error.startswith(LOST)):
+                continue
+            streak, alone = await self._lost_streak(claim)
+            if streak >= max(self._limit(claim, plans[claim.id]), 2) and alone:
+                verdicts[claim.id] = f"worker died {streak} times running it"
+            elif streak >= 2:
+                loners.append(claim)
+        if not loners:
+            return verdicts
+        self.solo = True  # no claims until the one chosen (or the next turn's) runs alone
+        if self.running:
+            chosen = None  # others run here: first let them finish
+        else:
+            chosen = loners[0]
+            log.warning(
+                "running alone a job its worker died running",
+                job=chosen.id,
+                run_id=chosen.run_id,
+                task=chosen.task,
+                attempt=chosen.attempt,
+            )
+        for claim in claimed:
+            if chosen is not None and claim.id == chosen.id:
+                verdicts[claim.id] = "alone"
+            elif chosen is not None or claim in loners:
+                verdicts.setdefault(claim.id, "give back")
+        return verdicts
+
+    async def _lost_streak(self, claim: Claimed) -> tuple[int, bool]:
+        """How many of the job's last attempts in a row were lost with their worker, and
+        whether its worker was running it alone the last time."""
+        streak, alone = 0, False
+        for n in range(claim.attempt - 1, 0, -1):
+            detail = await self.engine.store.attempt_detail(claim.id, n)
+            if detail is None or "held" not in detail:
+                break
+            if streak == 0:
+                alone = detail["held"] == 1
+            streak += 1
+        return max(streak, 1), alone
 
     async def _load(self, claim: Claimed) -> RunPlan | None:
         """The plan of a run this worker has not executed steps of yet."""
@@ -570,7 +744,7 @@ class Worker:
                         raise  # the handler's own timeout, not the step's
                     result.outcome = "timeout"
                     raise StepTimeout(f"attempt {claim.attempt} timed out after {timeout}s") from None
-            result.output_json = _encode(value)
+            result.output_json = _storable(_encode(value), "its output")
             checks = plan.validators[claim.idx] if plan is not None else []
             issues = await run_checks(value, checks, plan.workdir) if plan is not None and checks else []
             if issues:
@@ -592,12 +766,18 @@ class Worker:
             result.error = f"missing value: {exc.args[0] if exc.args else exc}"
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # what the task did, so the attempt's failure: never the worker's exit
+            said = f"({exc.args[0]!r})" if exc.args else ""
+            result.error = f"the task raised {type(exc).__name__}{said}"
+        if result.error is not None:
+            result.error = _mended(result.error)
         if ctx is not None and ctx.details:
             try:
-                result.details_json = _encode(ctx.details)
+                result.details_json = _storable(_encode(ctx.details), "its details")
                 result.details = ctx.details
-            except (TypeError, ValueError) as exc:
-                result.details = {"unrecorded": f"details are not JSON: {exc}"}
+            except (TypeError, ValueError, BatonError) as exc:
+                result.details = {"unrecorded": f"details are not JSON: {_mended(str(exc))}"}
                 result.details_json = _encode(result.details)
         result.finished_at = time.time()
         if attempt.given_up:
@@ -629,6 +809,7 @@ class Worker:
                         log.info("rescued jobs of a worker that is gone", jobs=len(rescued))
                         self.poke()
                     await engine.fire_schedules(now)
+                    await engine.apply_retention(now)  # (when due: a few small batches)
                     self._forget_idle_plans()
             except BatonError as exc:  # a busy or vanished database: try again next beat
                 log.warning("heartbeat failed", worker=self.id, error=exc.message)
@@ -682,6 +863,7 @@ class Worker:
                 attempt.task.cancel()
         self.running.clear()
         self.results.clear()
+        self.pending.clear()  # the store refuses them now: they belong to others
         self.engine.emit(Event("worker.lost", "", data={"worker": self.id}))
         log.error("worker lease lapsed; its jobs go to other workers", worker=self.id)
         now = time.time()
@@ -710,5 +892,31 @@ def _model_call(detail_json: str) -> dict[str, Any]:
 
 #: one encoder for every output (json.dumps with options builds a new one per call).
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
+def _storable(text: str, what: str) -> str:
+    """``text`` if a database can keep it: a lone surrogate (``"\\ud800"``, which
+    Python strings allow and UTF-8 does not) fails the attempt, not the worker."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TaskFailed(
+                f"{what} cannot be stored: it is not valid Unicode "
+                f"(a lone surrogate {text[exc.start]!a} at character {exc.start})"
+            ) from None
+    return text
+
+
+def _mended(text: str) -> str:
+    """An error message a database can keep (lone surrogates written as escapes)."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, BatonError) else f"{type(exc).__name__}: {exc}"
+
 
 __all__ = ["RunPlan", "Worker"]

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from baton.errors import UsageError
 from baton.status import RunStatus, StepStatus
 
 
@@ -326,6 +327,83 @@ class AuditEntry:
     hash: str
 
 
+@dataclass(slots=True)
+class PruneResult:
+    """What a prune removed (or, dry, would remove): finished runs with everything of theirs,
+    finished standalone jobs, expired cache entries."""
+
+    runs: int = 0
+    #: the steps of those runs
+    steps: int = 0
+    #: standalone jobs (completed, discarded or cancelled)
+    jobs: int = 0
+    #: attempt records of both (a plain success has none: its step row is its record)
+    attempts: int = 0
+    #: cache entries that had expired before the cutoff
+    cache: int = 0
+    #: the text they held (plans, inputs, outputs, errors, attempt details), in bytes
+    bytes: int = 0
+    #: a batch stopped at its limit: there may be more to prune
+    more: bool = False
+
+    @property
+    def removed(self) -> int:
+        """Runs, jobs and cache entries: zero when there was nothing to prune."""
+        return self.runs + self.jobs + self.cache
+
+    def add(self, other: PruneResult) -> None:
+        """Count another batch in (``more`` becomes the other's)."""
+        self.runs += other.runs
+        self.steps += other.steps
+        self.jobs += other.jobs
+        self.attempts += other.attempts
+        self.cache += other.cache
+        self.bytes += other.bytes
+        self.more = other.more
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "runs": self.runs,
+            "steps": self.steps,
+            "jobs": self.jobs,
+            "attempts": self.attempts,
+            "cache": self.cache,
+            "bytes": self.bytes,
+        }
+
+
+#: the statuses a prune may remove: a run's end, and the status of a standalone job that
+#: ended the same way (completed, discarded, cancelled). Never a run or job under way.
+PRUNABLE: dict[RunStatus, StepStatus] = {
+    RunStatus.COMPLETED: StepStatus.SUCCEEDED,
+    RunStatus.FAILED: StepStatus.FAILED,
+    RunStatus.CANCELLED: StepStatus.CANCELLED,
+}
+
+
+def prunable(statuses: Iterable[RunStatus]) -> tuple[list[str], list[str]]:
+    """The run statuses and the job (step) statuses a prune of ``statuses`` removes;
+    UsageError for a status that is not an end (pending, running, paused)."""
+    chosen = sorted(set(statuses))
+    wrong = [str(s) for s in chosen if s not in PRUNABLE]
+    if wrong:
+        raise UsageError(
+            f"cannot prune {', '.join(wrong)} runs: only ended ones ({', '.join(map(str, PRUNABLE))})"
+        )
+    return [str(s) for s in chosen], [str(PRUNABLE[s]) for s in chosen]
+
+
+def whole_runs(steps: Sequence[int], limit: int) -> int:
+    """How many runs (their step counts, oldest first) one prune batch takes: whole runs,
+    while the steps of those before stay under ``limit`` (so at least one)."""
+    taken = total = 0
+    for n in steps:
+        if total >= limit:
+            break
+        taken, total = taken + 1, total + n
+    return taken
+
+
 GENESIS = "0" * 64
 
 
@@ -511,3 +589,25 @@ class Store(Protocol):
         self, *, subject: str | None = None, after: int = 0, limit: int = 1000
     ) -> list[AuditEntry]:
         """Entries with ``seq`` above ``after``, oldest first (only ``subject``'s, if given)."""
+
+    async def prune(
+        self, before: float, statuses: Sequence[RunStatus], *, limit: int = 500, dry_run: bool = False
+    ) -> PruneResult:
+        """Delete one batch of what ended before ``before``: runs in ``statuses`` (only ended
+        ones: see ``prunable``) with their steps, attempts, plans, budget ledger and
+        idempotency keys; standalone jobs that ended the same way, with their attempts; and
+        cache entries that expired before it. Never the audit trail.
+
+        A batch is a transaction or a few short ones: whole runs, oldest first, while the
+        steps of those before stay under ``limit``; at most ``limit`` jobs and cache
+        entries. ``more`` says a limit was reached (call again). A run with a step still
+        running (cancelled, its worker not done) waits for it. ``dry_run`` deletes nothing
+        and counts everything that would go, without a limit.
+        """
+
+    async def reclaim(self) -> tuple[int, int] | None:
+        """Give the space of deleted rows back to the file system (after a prune), taking
+        the database for as long as that lasts; the database file's size before and after.
+        None where the store does not (PostgreSQL: autovacuum makes the space reusable in
+        place).
+        """

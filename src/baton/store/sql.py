@@ -76,7 +76,7 @@ def run_params(run: RunRecord) -> dict[str, Any]:
         "id": run.id,
         "name": run.name,
         "status": str(run.status),
-        "plan": json.dumps(run.plan),
+        "plan": json.dumps(run.plan, ensure_ascii=False),  # a lone surrogate cannot be kept
         "workdir": run.workdir,
         "created_at": run.created_at,
         "started_at": run.started_at,

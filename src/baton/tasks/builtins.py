@@ -8,17 +8,24 @@ import importlib
 import inspect
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from baton.errors import TaskFailed
+from baton.tasks import procs
 from baton.tasks.registry import TaskContext, TaskDef
 
 #: stdout/stderr beyond this many bytes are cut (the tail is kept: errors come last).
 OUTPUT_LIMIT = 1 << 20
 #: environment variables a shell step inherits; everything else is scrubbed.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+#: once a program's supervisor has exited, how long its output may take to reach EOF: no
+#: process of its tree is left to hold the pipes, unless one escaped containment.
+DRAIN_S = 1.0
+#: how long a supervisor told to stop may take to end the tree before it is killed
+STOP_S = 2.0
 
 
 async def echo(**inputs: Any) -> dict[str, Any]:
@@ -101,7 +108,11 @@ async def shell(
     timeout_s: float | None = None,
     check: bool = True,
 ) -> dict[str, Any]:
-    """Run a program by argv (never through a shell) in the run's working directory."""
+    """Run a program by argv (never through a shell) in the run's working directory.
+
+    The program and every process it starts, in whatever session, end with the attempt: when
+    the program exits, at the timeout, at a cancel, and when the engine's process dies.
+    """
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise TaskFailed("shell: argv must be a non-empty list of strings")
     directory = _confined_cwd(ctx.workdir, cwd)
@@ -109,41 +120,156 @@ async def shell(
     child_env.update({str(k): str(v) for k, v in (env or {}).items()})
     child_env["BATON_IDEMPOTENCY_KEY"] = ctx.idempotency_key
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=directory,
-            env=child_env,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        program = await _Supervised.start(argv, directory, child_env, stdin)
     except OSError as exc:
         raise TaskFailed(f"shell: cannot start {argv[0]!r}: {exc.strerror or exc}") from None
     try:
         async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+            await program.proc.wait()
     except TimeoutError:
-        _kill_group(proc)
-        await proc.wait()
+        await program.stop()
         raise TaskFailed(f"shell: {argv[0]} timed out after {timeout_s}s and was killed") from None
     except BaseException:
-        # Timeout or cancellation: the whole process group goes, not just the leader.
-        _kill_group(proc)
-        await proc.wait()
+        # Cancellation: the whole tree goes, whichever session its processes are in.
+        await program.stop()
         raise
+    report, out, err = await program.finish()
+    if "error" in report:
+        raise TaskFailed(f"shell: cannot start {argv[0]!r}: {os.strerror(int(report['error']))}")
+    # Without an exit report the supervisor was stopped or killed from outside, and the
+    # program with it: its own exit code (-15, -9) says so.
+    returncode = int(report["exit"]) if "exit" in report else program.proc.returncode
     stdout, stderr = _tail(out), _tail(err)
-    if check and proc.returncode != 0:
+    if check and returncode != 0:
         detail = stderr.strip().splitlines()[-5:]
         raise TaskFailed(
-            f"shell: {argv[0]} exited with {proc.returncode}" + (": " + " / ".join(detail) if detail else "")
+            f"shell: {argv[0]} exited with {returncode}" + (": " + " / ".join(detail) if detail else "")
         )
-    return {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr}
+    return {"returncode": returncode, "stdout": stdout, "stderr": stderr}
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+def _file(fd: int, mode: str) -> Any:
+    return os.fdopen(fd, mode, buffering=0)
+
+
+class _Received(asyncio.Protocol):
+    """What arrives on a pipe or a socket (its last OUTPUT_LIMIT bytes and more), until EOF."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > 2 * OUTPUT_LIMIT:
+            del self.data[:-OUTPUT_LIMIT]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Supervised:
+    """A program run under its supervisor (:mod:`baton.tasks.procs`), which holds its whole
+    process tree: the supervisor's process, and the program's output and the supervisor's
+    reports as they arrive. Asyncio's own pipes are not used: a process exits for asyncio
+    only when its pipes close, which a grandchild holding stdout can put off forever."""
+
+    def __init__(self) -> None:
+        self.stdout, self.stderr, self.reports = _Received(), _Received(), _Received()
+        self.transports: list[asyncio.BaseTransport] = []
+        self.stdin: asyncio.WriteTransport | None = None
+        self.proc: asyncio.subprocess.Process
+
+    @classmethod
+    async def start(cls, argv: list[str], cwd: Path, env: dict[str, str], stdin: str | None) -> _Supervised:
+        """Start the supervisor, its spec sent, its reports and the program's output read."""
+        self = cls()
+        ours, theirs = socket.socketpair()
+        given = [theirs.detach()]  # the supervisor's ends, closed here once it has them
+        try:
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.create_connection(lambda: self.reports, sock=ours)
+            self.transports.append(transport)
+            transport.write(procs.spec(argv, env))
+            transport.write_eof()
+            stdout, stderr = await self._pipe(self.stdout, given), await self._pipe(self.stderr, given)
+            if stdin is not None:
+                read, write = os.pipe()
+                given.append(read)
+                self.stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, _file(write, "wb"))
+                self.stdin.write(stdin.encode())
+                self.stdin.close()
+            self.proc = await asyncio.create_subprocess_exec(
+                *procs.supervisor_argv(given[0]),
+                cwd=cwd,
+                env={},
+                stdin=given[-1] if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=given[:1],
+                start_new_session=True,
+            )
+        except BaseException:
+            if not self.transports:
+                ours.close()  # otherwise its transport closes it
+            self.close()
+            raise
+        finally:
+            for fd in given:
+                os.close(fd)
+        return self
+
+    async def _pipe(self, received: _Received, given: list[int]) -> int:
+        """A pipe that ``received`` reads; its writing end, added to ``given``."""
+        read, write = os.pipe()
+        given.append(write)
+        pipe, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: received, _file(read, "rb"))
+        self.transports.append(pipe)
+        return write
+
+    def _kill_cgroup(self) -> None:
+        path = procs.read_report(bytes(self.reports.data)).get("cgroup")
+        if path:
+            procs.kill_cgroup(path)
+
+    def _signal(self, signum: int) -> None:
+        if self.proc.returncode is None:  # not reaped: the pid is still the supervisor's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signum)
+
+    async def stop(self) -> None:
+        """End the tree now: its cgroup here, the rest by the supervisor, which is killed
+        (its program dies with it) if it takes longer than STOP_S."""
+        try:
+            self._kill_cgroup()
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_S)
+            except TimeoutError:
+                self._kill_cgroup()
+                self._signal(signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), STOP_S)
+        finally:
+            self.close()
+
+    async def finish(self) -> tuple[dict[str, str], bytes, bytes]:
+        """Once the supervisor has exited: its reports, the program's stdout and stderr."""
+        try:
+            # Bounded: nothing of the tree is left to write, unless it escaped containment.
+            await asyncio.wait([self.stdout.closed, self.stderr.closed, self.reports.closed], timeout=DRAIN_S)
+            self._kill_cgroup()  # in case the supervisor itself was killed
+        finally:
+            self.close()
+        return procs.read_report(bytes(self.reports.data)), bytes(self.stdout.data), bytes(self.stderr.data)
+
+    def close(self) -> None:
+        """Stop reading and writing; idempotent."""
+        if self.stdin is not None and self.stdin.get_write_buffer_size():
+            self.stdin.abort()  # unread input (once all is written, close() has closed the pipe)
+        for transport in self.transports:
+            transport.close()
 
 
 BUILTINS = [

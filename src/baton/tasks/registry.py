@@ -8,7 +8,6 @@ so that a blocking handler never stalls the engine.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, TypeVar, overload
 
 from baton.errors import UnknownTask
 from baton.plan.model import Budget
+from baton.tasks.threads import sync_threads
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -147,7 +147,7 @@ class TaskDef:
             kwargs = {**inputs, self.context_param: ctx}
         if self.is_async:
             return await self.fn(**kwargs)
-        return await asyncio.to_thread(self.fn, **kwargs)
+        return await sync_threads.run(self.fn, kwargs)  # daemon threads: never hold an exit
 
 
 _catalogue: dict[str, TaskDef] = {}

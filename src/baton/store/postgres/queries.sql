@@ -464,8 +464,12 @@ WITH held AS (
     FOR UPDATE OF s
 ), recorded AS (
     INSERT INTO attempts (step, attempt, status, started_at, finished_at, error, owner, detail)
+    -- how many attempts its worker held when it was lost: one alone says which job the
+    -- worker died running (baton.engine.executor counts those towards the job's attempts)
     SELECT id, attempt, 'lost', started_at, %(now)s,
-           'lost: its worker stopped or its lease expired', lease_owner, NULL
+           'lost: its worker stopped or its lease expired', lease_owner,
+           json_build_object('held', (SELECT COUNT(*) FROM steps x
+                                      WHERE x.status = 'running' AND x.lease_owner = held.lease_owner))::text
     FROM held WHERE %(lost)s
     ON CONFLICT (step, attempt) DO UPDATE
     SET status = excluded.status, started_at = excluded.started_at,
@@ -709,3 +713,107 @@ ORDER BY s.run_id, s.wave;
 SELECT queue, status, COUNT(*) AS n FROM steps
 WHERE status IN ('ready', 'retrying', 'running') OR (status = 'pending' AND run_id IS NULL)
 GROUP BY queue, status;
+
+-- retention ------------------------------------------------------------------------------------
+-- `baton prune` and a worker's --retention. Only ended runs and jobs, found by when they
+-- ended: the literal terms are those of the partial indexes of 0010 (so even a generic
+-- plan may use them); %(runs)s and %(jobs)s narrow them to what was asked. Sizes
+-- are those of the text the rows held, in bytes.
+
+-- name: prune_pick_runs
+-- The oldest ended runs, nothing of them running, that ended before the cutoff.
+SELECT id, total_steps FROM runs
+WHERE status IN ('completed', 'failed', 'cancelled') AND status = ANY(%(runs)s::text[])
+  AND finished_at < %(before)s AND running = 0
+ORDER BY finished_at LIMIT %(limit)s;
+
+-- name: prune_runs
+-- The picked runs and everything of theirs, in one statement. Each run is locked first (id
+-- order, as everyone locks runs) and taken only if it is still ended with nothing running:
+-- another prune that took it first leaves nothing to take. (Its steps go here, before the
+-- cascade from runs would take them, so that their attempts can go with them.)
+WITH picked AS (
+    SELECT id FROM runs
+    WHERE id = ANY(%(ids)s::text[]) AND status IN ('completed', 'failed', 'cancelled')
+      AND running = 0
+    ORDER BY id
+    FOR UPDATE
+), gone_runs AS (
+    DELETE FROM runs r USING picked p WHERE r.id = p.id
+    RETURNING COALESCE(octet_length(r.plan), 0) AS size
+), gone_steps AS (
+    DELETE FROM steps WHERE run_id IN (SELECT id FROM picked)
+    RETURNING id, COALESCE(octet_length(output), 0) + COALESCE(octet_length(error), 0) AS size
+), gone_attempts AS (
+    DELETE FROM attempts WHERE step IN (SELECT id FROM gone_steps)
+    RETURNING COALESCE(octet_length(error), 0) + COALESCE(octet_length(detail), 0) AS size
+), gone_ledger AS (
+    DELETE FROM budget_ledger WHERE run_id IN (SELECT id FROM picked)
+), gone_requests AS (
+    DELETE FROM run_requests WHERE run_id IN (SELECT id FROM picked)
+)
+SELECT (SELECT COUNT(*) FROM gone_runs) AS runs, (SELECT COUNT(*) FROM gone_steps) AS steps,
+       (SELECT COUNT(*) FROM gone_attempts) AS attempts,
+       (SELECT COALESCE(SUM(size), 0) FROM gone_runs) + (SELECT COALESCE(SUM(size), 0) FROM gone_steps)
+       + (SELECT COALESCE(SUM(size), 0) FROM gone_attempts) AS bytes;
+
+-- name: prune_jobs
+-- The oldest standalone jobs that ended (completed, discarded, cancelled) before the cutoff,
+-- with their attempts. SKIP LOCKED: a job being retried or read for update is left for later.
+WITH gone_jobs AS (
+    DELETE FROM steps WHERE id IN (
+        SELECT id FROM steps
+        WHERE run_id IS NULL AND finished_at IS NOT NULL AND status <> 'retrying'
+          AND status IN ('succeeded', 'failed', 'cancelled')
+          AND status = ANY(%(jobs)s::text[]) AND finished_at < %(before)s
+        ORDER BY finished_at LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING id, COALESCE(octet_length(output), 0) + COALESCE(octet_length(error), 0)
+                  + COALESCE(octet_length(args), 0) AS size
+), gone_attempts AS (
+    DELETE FROM attempts WHERE step IN (SELECT id FROM gone_jobs)
+    RETURNING COALESCE(octet_length(error), 0) + COALESCE(octet_length(detail), 0) AS size
+)
+SELECT (SELECT COUNT(*) FROM gone_jobs) AS jobs, (SELECT COUNT(*) FROM gone_attempts) AS attempts,
+       (SELECT COALESCE(SUM(size), 0) FROM gone_jobs) + (SELECT COALESCE(SUM(size), 0) FROM gone_attempts)
+       AS bytes;
+
+-- name: prune_cache
+WITH gone AS (
+    DELETE FROM llm_cache WHERE key IN (
+        SELECT key FROM llm_cache WHERE expires_at IS NOT NULL AND expires_at < %(before)s
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING octet_length(value) AS size
+)
+SELECT COUNT(*) AS cache, COALESCE(SUM(size), 0) AS bytes FROM gone;
+
+-- name: prune_count
+-- What prune would remove, all of it (a dry run), as one row of counts.
+WITH due_runs AS (
+    SELECT id, COALESCE(octet_length(plan), 0) AS size FROM runs
+    WHERE status IN ('completed', 'failed', 'cancelled') AND status = ANY(%(runs)s::text[])
+      AND finished_at < %(before)s AND running = 0
+), due_steps AS (
+    SELECT id, COALESCE(octet_length(output), 0) + COALESCE(octet_length(error), 0) AS size
+    FROM steps WHERE run_id IN (SELECT id FROM due_runs)
+), due_jobs AS (
+    SELECT id, COALESCE(octet_length(output), 0) + COALESCE(octet_length(error), 0)
+               + COALESCE(octet_length(args), 0) AS size
+    FROM steps
+    WHERE run_id IS NULL AND finished_at IS NOT NULL AND status <> 'retrying'
+      AND status IN ('succeeded', 'failed', 'cancelled')
+      AND status = ANY(%(jobs)s::text[]) AND finished_at < %(before)s
+), due_attempts AS (
+    SELECT COALESCE(octet_length(error), 0) + COALESCE(octet_length(detail), 0) AS size
+    FROM attempts WHERE step IN (SELECT id FROM due_steps UNION ALL SELECT id FROM due_jobs)
+), due_cache AS (
+    SELECT octet_length(value) AS size FROM llm_cache
+    WHERE expires_at IS NOT NULL AND expires_at < %(before)s
+)
+SELECT (SELECT COUNT(*) FROM due_runs) AS runs, (SELECT COUNT(*) FROM due_steps) AS steps,
+       (SELECT COUNT(*) FROM due_jobs) AS jobs, (SELECT COUNT(*) FROM due_attempts) AS attempts,
+       (SELECT COUNT(*) FROM due_cache) AS cache,
+       (SELECT COALESCE(SUM(size), 0) FROM due_runs) + (SELECT COALESCE(SUM(size), 0) FROM due_steps)
+       + (SELECT COALESCE(SUM(size), 0) FROM due_jobs) + (SELECT COALESCE(SUM(size), 0) FROM due_attempts)
+       + (SELECT COALESCE(SUM(size), 0) FROM due_cache) AS bytes;

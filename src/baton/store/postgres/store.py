@@ -21,7 +21,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -29,7 +29,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError
+from baton.errors import BudgetExceeded, Conflict, NotFound, StoreError, StoreUnavailable
 from baton.status import RUN_SOURCES, RunStatus, StepStatus
 from baton.store.base import (
     GENESIS,
@@ -44,6 +44,7 @@ from baton.store.base import (
     JobRecord,
     LedgerEntry,
     NewJob,
+    PruneResult,
     RunRecord,
     Schedule,
     StepRecord,
@@ -51,6 +52,8 @@ from baton.store.base import (
     TurnResult,
     WorkerRecord,
     audit_hash,
+    prunable,
+    whole_runs,
 )
 from baton.store.sql import (
     STATE_STATUSES,
@@ -117,6 +120,25 @@ _RETRYABLE = (
     psycopg.errors.TransactionRollback,
 )
 
+#: connections in one store's pool at most (``pool=N`` in the URL, ``--pool N``); it keeps
+#: one open and grows under load. Each worker process also holds one for LISTEN.
+DEFAULT_POOL_SIZE = 10
+
+#: SQLSTATEs of a server that cannot take a connection for now: too many clients, shutting
+#: down (by an administrator, or after a crash), starting up; and class 08, connection
+#: exceptions. Trying again later may succeed.
+_UNAVAILABLE_STATES = frozenset({"53300", "57P01", "57P02", "57P03"})
+#: libpq keeps no SQLSTATE for a connection the server refused, or could not be reached at:
+#: its message tells (the server's part in English unless its lc_messages says otherwise).
+_UNAVAILABLE_MESSAGE = re.compile(
+    r"too many clients|remaining connection slots are reserved|the database system is "
+    r"(starting up|shutting down|in recovery mode|not (yet )?accepting connections)"
+    r"|connection refused|timeout expired|server closed the connection unexpectedly"
+    r"|could not (send|receive) data|connection reset|no route to host|network is unreachable"
+    r"|the connection is (closed|lost)",
+    re.IGNORECASE,
+)
+
 Row = dict[str, Any]
 Cursor = psycopg.AsyncCursor[Row]
 Connection = psycopg.AsyncConnection[Row]
@@ -152,15 +174,18 @@ class PostgresStore:
         url: str,
         *,
         schema: str | None = None,
-        pool_size: int = 10,
+        pool_size: int = DEFAULT_POOL_SIZE,
         connect_timeout_s: float = 10.0,
     ) -> None:
         if schema is not None and not _SCHEMA_NAME.match(schema):
             raise StoreError(f"schema name {schema!r} must match {_SCHEMA_NAME.pattern}")
+        if pool_size < 1:
+            raise StoreError(f"the pool size must be at least 1 connection, not {pool_size}")
         self.url = url if schema is None else f"{url}{'&' if '?' in url else '?'}schema={schema}"
         self._conninfo = url
         self._schema = schema
-        self._pool_size = pool_size
+        #: connections in the pool at most (another one for ``watch``, while it runs)
+        self.pool_size = pool_size
         self._timeout_s = connect_timeout_s
         self._pool: AsyncConnectionPool[Connection] | None = None
         #: the NOTIFY channel: one per schema, so stores in different schemas do not wake
@@ -178,8 +203,10 @@ class PostgresStore:
             return
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self._conninfo,
+            # One connection is kept open; more are opened under load, up to pool_size,
+            # and closed again after ten idle minutes (the pool's max_idle).
             min_size=1,
-            max_size=self._pool_size,
+            max_size=self.pool_size,
             # Autocommit: a one-statement call is one round trip; several statements go in
             # an explicit transaction, or in a pipeline (one implicit transaction).
             kwargs={
@@ -207,7 +234,8 @@ class PostgresStore:
             await pool.close()
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             where = _redacted(self._conninfo)
-            raise StoreError(f"cannot connect to PostgreSQL at {where}: {reason}") from None
+            error = StoreUnavailable if _unavailable(exc) else StoreError
+            raise error(f"cannot connect to PostgreSQL at {where}: {reason}") from None
         except BaseException:  # cancelled while connecting: leave no pool behind
             await pool.close()
             raise
@@ -225,18 +253,21 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
-        """A pooled connection (autocommit), database errors turned into StoreError."""
+        """A pooled connection (autocommit), database errors turned into StoreError:
+        StoreUnavailable when the server cannot be reached or take a connection for now."""
         if self._pool is None:
             raise StoreError("store is not open")
         try:
             async with self._pool.connection() as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise StoreError(f"no database connection free in time: {exc}") from None
+            # Every connection busy, or none could be opened (the pool keeps trying).
+            raise StoreUnavailable(f"no database connection free in time: {exc}") from None
         except _RETRYABLE:
             raise  # a deadlock or serialization failure: the caller may try again
         except psycopg.OperationalError as exc:
-            raise StoreError(f"database error: {exc}") from None
+            error = StoreUnavailable if _unavailable(exc) else StoreError
+            raise error(f"database error: {exc}") from None
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Cursor]:
@@ -904,6 +935,56 @@ class PostgresStore:
             rows = await self._rows(Q["audit_entries_of_subject"], params)
         return [audit_from_row(r) for r in rows]
 
+    # -- retention ---------------------------------------------------------------------
+
+    async def prune(
+        self, before: float, statuses: Sequence[RunStatus], *, limit: int = 500, dry_run: bool = False
+    ) -> PruneResult:
+        runs, jobs = prunable(statuses)
+        params: dict[str, Any] = {"before": before, "runs": runs, "jobs": jobs, "limit": limit}
+        if dry_run:
+            row = _one(await self._row(Q["prune_count"], params))
+            return PruneResult(
+                int(row["runs"]),
+                int(row["steps"]),
+                int(row["jobs"]),
+                int(row["attempts"]),
+                int(row["cache"]),
+                int(row["bytes"]),
+            )
+        # One statement each for runs, jobs and the cache (each its own transaction).
+        result = PruneResult()
+        if runs:
+            await self._prune_runs(params, result)
+        if jobs:
+            row = _one(await self._prune_rows(Q["prune_jobs"], params))
+            result.jobs, result.attempts = int(row["jobs"]), result.attempts + int(row["attempts"])
+            result.bytes += int(row["bytes"])
+            result.more = result.more or result.jobs >= limit
+        row = _one(await self._prune_rows(Q["prune_cache"], params))
+        result.cache, result.bytes = int(row["cache"]), result.bytes + int(row["bytes"])
+        result.more = result.more or result.cache >= limit
+        return result
+
+    async def _prune_runs(self, params: dict[str, Any], result: PruneResult) -> None:
+        picked = await self._rows(Q["prune_pick_runs"], params)
+        take = whole_runs([int(r["total_steps"]) for r in picked], params["limit"])
+        result.more = take < len(picked) or len(picked) >= params["limit"]
+        if not take:
+            return
+        row = _one(await self._prune_rows(Q["prune_runs"], {"ids": [r["id"] for r in picked[:take]]}))
+        result.runs, result.steps = int(row["runs"]), int(row["steps"])
+        result.attempts, result.bytes = int(row["attempts"]), int(row["bytes"])
+
+    @_retried
+    async def _prune_rows(self, query: str, params: dict[str, Any]) -> Row | None:
+        return await self._row(query, params)
+
+    async def reclaim(self) -> tuple[int, int] | None:
+        """Nothing to do: autovacuum makes the space of deleted rows reusable in place (giving
+        it back to the file system would take VACUUM FULL, which locks the tables out)."""
+        return None
+
 
 def _done_params(done: list[Done], *, with_runs: bool) -> dict[str, Any]:
     """Finished attempts as the parameters of ``finish_jobs_ctes`` (and ``finish_steps_ctes``)."""
@@ -999,6 +1080,18 @@ def _one(row: Row | None) -> Row:
     if row is None:
         raise NotFound("the run vanished while it was being read")
     return row
+
+
+def _unavailable(exc: Exception) -> bool:
+    """Whether the error says the server cannot be reached or take a connection for now
+    (trying again later may succeed), not that something is wrong with the request."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    if exc.sqlstate is not None:
+        return exc.sqlstate in _UNAVAILABLE_STATES or exc.sqlstate.startswith("08")
+    return _UNAVAILABLE_MESSAGE.search(str(exc)) is not None
 
 
 def _redacted(conninfo: str) -> str:

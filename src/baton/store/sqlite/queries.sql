@@ -377,3 +377,106 @@ ORDER BY s.run_id, s.wave;
 SELECT queue, status, COUNT(*) AS n FROM steps
 WHERE status IN ('ready', 'retrying', 'running') OR (status = 'pending' AND run_id IS NULL)
 GROUP BY queue, status;
+
+-- retention --------------------------------------------------------------------------------
+-- `baton prune` and a worker's --retention. Only ended runs and jobs, found by when they
+-- ended: the literal terms are those of the partial indexes of 0010 (so the planner may use
+-- them); :runs and :jobs (JSON lists) narrow them to what was asked. Deletes return the size
+-- of the text each row held (its bytes).
+
+-- name: prune_pick_runs
+-- The oldest ended runs, nothing of them running, that ended before the cutoff.
+SELECT id, step_base AS first, step_base + total_steps - 1 AS last, total_steps
+FROM runs INDEXED BY runs_finished
+WHERE status IN ('completed', 'failed', 'cancelled')
+  AND status IN (SELECT value FROM json_each(:runs))
+  AND finished_at < :before AND running = 0
+ORDER BY finished_at LIMIT :limit;
+
+-- name: prune_run
+DELETE FROM runs WHERE id = :id AND status IN ('completed', 'failed', 'cancelled') AND running = 0
+RETURNING id;
+
+-- name: prune_run_steps
+DELETE FROM steps WHERE id BETWEEN :first AND :last
+RETURNING IFNULL(length(CAST(output AS BLOB)), 0) + IFNULL(length(CAST(error AS BLOB)), 0)
+          + IFNULL(length(CAST(args AS BLOB)), 0) AS size;
+
+-- name: prune_run_attempts
+DELETE FROM attempts WHERE step BETWEEN :first AND :last
+RETURNING IFNULL(length(CAST(error AS BLOB)), 0) + IFNULL(length(CAST(detail AS BLOB)), 0) AS size;
+
+-- name: prune_run_plan
+DELETE FROM run_plans WHERE run_id = :id RETURNING length(CAST(plan AS BLOB)) AS size;
+
+-- name: prune_run_ledger
+DELETE FROM budget_ledger WHERE run_id = :id;
+
+-- name: prune_run_requests
+DELETE FROM run_requests WHERE run_id = :id;
+
+-- name: prune_jobs
+-- The oldest standalone jobs that ended (completed, discarded, cancelled) before the cutoff.
+DELETE FROM steps WHERE id IN (
+    SELECT id FROM steps INDEXED BY jobs_finished
+    WHERE run_id IS NULL AND finished_at IS NOT NULL AND status <> 'retrying'
+      AND status IN ('succeeded', 'failed', 'cancelled')
+      AND status IN (SELECT value FROM json_each(:jobs)) AND finished_at < :before
+    ORDER BY finished_at LIMIT :limit)
+RETURNING id, IFNULL(length(CAST(output AS BLOB)), 0) + IFNULL(length(CAST(error AS BLOB)), 0)
+              + IFNULL(length(CAST(args AS BLOB)), 0) AS size;
+
+-- name: prune_job_attempts
+DELETE FROM attempts WHERE step IN (SELECT value FROM json_each(:ids))
+RETURNING IFNULL(length(CAST(error AS BLOB)), 0) + IFNULL(length(CAST(detail AS BLOB)), 0) AS size;
+
+-- name: prune_cache
+DELETE FROM llm_cache WHERE key IN (
+    SELECT key FROM llm_cache INDEXED BY llm_cache_expiry
+    WHERE expires_at IS NOT NULL AND expires_at < :before LIMIT :limit)
+RETURNING length(CAST(value AS BLOB)) AS size;
+
+-- name: prune_count
+-- What prune would remove, all of it (a dry run), as one row of counts.
+WITH due_runs AS MATERIALIZED (
+    SELECT id, step_base AS first, step_base + total_steps - 1 AS last
+    FROM runs INDEXED BY runs_finished
+    WHERE status IN ('completed', 'failed', 'cancelled')
+      AND status IN (SELECT value FROM json_each(:runs))
+      AND finished_at < :before AND running = 0
+), due_steps AS MATERIALIZED (
+    SELECT IFNULL(length(CAST(s.output AS BLOB)), 0) + IFNULL(length(CAST(s.error AS BLOB)), 0) AS size
+    FROM due_runs r JOIN steps s ON s.id BETWEEN r.first AND r.last
+), due_jobs AS MATERIALIZED (
+    SELECT id, IFNULL(length(CAST(output AS BLOB)), 0) + IFNULL(length(CAST(error AS BLOB)), 0)
+               + IFNULL(length(CAST(args AS BLOB)), 0) AS size
+    FROM steps INDEXED BY jobs_finished
+    WHERE run_id IS NULL AND finished_at IS NOT NULL AND status <> 'retrying'
+      AND status IN ('succeeded', 'failed', 'cancelled')
+      AND status IN (SELECT value FROM json_each(:jobs)) AND finished_at < :before
+), due_attempts AS MATERIALIZED (
+    SELECT IFNULL(length(CAST(a.error AS BLOB)), 0) + IFNULL(length(CAST(a.detail AS BLOB)), 0) AS size
+    FROM due_runs r JOIN attempts a ON a.step BETWEEN r.first AND r.last
+    UNION ALL
+    SELECT IFNULL(length(CAST(error AS BLOB)), 0) + IFNULL(length(CAST(detail AS BLOB)), 0)
+    FROM attempts WHERE step IN (SELECT id FROM due_jobs)
+), due_cache AS MATERIALIZED (
+    SELECT length(CAST(value AS BLOB)) AS size FROM llm_cache INDEXED BY llm_cache_expiry
+    WHERE expires_at IS NOT NULL AND expires_at < :before
+)
+SELECT (SELECT COUNT(*) FROM due_runs) AS runs,
+       (SELECT COUNT(*) FROM due_steps) AS steps,
+       (SELECT COUNT(*) FROM due_jobs) AS jobs,
+       (SELECT COUNT(*) FROM due_attempts) AS attempts,
+       (SELECT COUNT(*) FROM due_cache) AS cache,
+       (SELECT IFNULL(SUM(length(CAST(p.plan AS BLOB))), 0) FROM due_runs r JOIN run_plans p ON p.run_id = r.id)
+       + (SELECT IFNULL(SUM(size), 0) FROM due_steps) + (SELECT IFNULL(SUM(size), 0) FROM due_jobs)
+       + (SELECT IFNULL(SUM(size), 0) FROM due_attempts) + (SELECT IFNULL(SUM(size), 0) FROM due_cache)
+       AS bytes;
+
+-- name: vacuum
+-- (reclaim: the space of deleted rows back to the file system)
+VACUUM;
+
+-- name: checkpoint
+PRAGMA wal_checkpoint(TRUNCATE);

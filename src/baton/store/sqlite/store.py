@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from baton.store.base import (
     JobRecord,
     LedgerEntry,
     NewJob,
+    PruneResult,
     RunRecord,
     Schedule,
     StepRecord,
@@ -36,6 +38,8 @@ from baton.store.base import (
     TurnResult,
     WorkerRecord,
     audit_hash,
+    prunable,
+    whole_runs,
 )
 from baton.store.sql import (
     STATE_STATUSES,
@@ -157,16 +161,31 @@ class SQLiteStore:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"database {self.path}: {exc}") from None
+            raise self._error(exc) from None
         try:
             yield db
+            db.execute("COMMIT")  # a full disk may refuse the commit itself
         except sqlite3.OperationalError as exc:
-            db.execute("ROLLBACK")
-            raise StoreError(f"database {self.path}: {exc}") from None
+            self._rollback()
+            raise self._error(exc) from None
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
-        db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        """End the transaction, if SQLite has not ended it already (it may, on a full disk),
+        so that the next one can begin."""
+        if self.db.in_transaction:
+            with suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        """A busy or locked database may be free next time; a full disk, a read-only or
+        damaged file or an I/O error will not be without someone's help."""
+        name = getattr(exc, "sqlite_errorname", "")
+        transient = name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or not name
+        hint = "; free some space, then resume" if name == "SQLITE_FULL" else ""
+        return StoreError(f"database {self.path}: {exc}{hint}", transient=transient)
 
     # -- runs ------------------------------------------------------------------------
 
@@ -528,6 +547,9 @@ class SQLiteStore:
         """Running attempts back to the queue: ``lost`` ones are recorded and counted;
         released ones are not. Those of a run that ended (or a job cancelled) are cancelled."""
         counts: dict[str, list[int]] = {}
+        # how many attempts each worker held when it was lost: one alone says which job it
+        # died running (baton.engine.executor counts those towards the job's attempts)
+        held = Counter(r["lease_owner"] for r in rows) if lost else Counter[str | None]()
         for r in rows:
             run_status = r["run_status"]
             stop = run_status in ("cancelled", "failed", "completed") or bool(r["cancel_requested"])
@@ -535,9 +557,10 @@ class SQLiteStore:
             error = None
             if lost:
                 error = "lost: its worker stopped or its lease expired"
+                detail = json.dumps({"held": held[r["lease_owner"]]})
                 db.execute(
                     Q["insert_attempt"],
-                    (r["id"], r["attempt"], "lost", r["started_at"], now, error, r["lease_owner"], None),
+                    (r["id"], r["attempt"], "lost", r["started_at"], now, error, r["lease_owner"], detail),
                 )
             if stop:
                 error = "run cancelled" if run_status == "cancelled" else "cancelled"
@@ -758,3 +781,68 @@ class SQLiteStore:
     ) -> list[AuditEntry]:
         params = {"subject": subject, "after": after, "limit": limit}
         return [audit_from_row(r) for r in self.db.execute(Q["audit_entries"], params)]
+
+    # -- retention ---------------------------------------------------------------------
+
+    async def prune(
+        self, before: float, statuses: Sequence[RunStatus], *, limit: int = 500, dry_run: bool = False
+    ) -> PruneResult:
+        runs, jobs = prunable(statuses)
+        params = {"before": before, "runs": json.dumps(runs), "jobs": json.dumps(jobs), "limit": limit}
+        if dry_run:
+            row = self.db.execute(Q["prune_count"], params).fetchone()
+            return PruneResult(
+                row["runs"], row["steps"], row["jobs"], row["attempts"], row["cache"], row["bytes"]
+            )
+        result = PruneResult()
+        # Short transactions, one each for runs, jobs and the cache: a writer waits for none long.
+        if runs:
+            with self._write() as db:
+                picked = db.execute(Q["prune_pick_runs"], params).fetchall()
+                take = whole_runs([r["total_steps"] for r in picked], limit)
+                for r in picked[:take]:
+                    self._prune_run(db, r, result)
+            result.more = take < len(picked) or len(picked) >= limit
+        if jobs:
+            with self._write() as db:
+                gone = db.execute(Q["prune_jobs"], params).fetchall()
+                ids = json.dumps([r["id"] for r in gone])
+                attempts = db.execute(Q["prune_job_attempts"], {"ids": ids}).fetchall() if gone else []
+            result.jobs, result.attempts = len(gone), result.attempts + len(attempts)
+            result.bytes += sum(r["size"] for r in (*gone, *attempts))
+            result.more = result.more or len(gone) >= limit
+        with self._write() as db:
+            cache = db.execute(Q["prune_cache"], params).fetchall()
+        result.cache, result.bytes = len(cache), result.bytes + sum(r["size"] for r in cache)
+        result.more = result.more or len(cache) >= limit
+        return result
+
+    @staticmethod
+    def _prune_run(db: sqlite3.Connection, row: sqlite3.Row, result: PruneResult) -> None:
+        """Delete one ended run and everything of it (its steps are one id range)."""
+        span = {"id": row["id"], "first": row["first"], "last": row["last"]}
+        if not db.execute(Q["prune_run"], span).fetchall():
+            return
+        steps = db.execute(Q["prune_run_steps"], span).fetchall()
+        attempts = db.execute(Q["prune_run_attempts"], span).fetchall()
+        plan = db.execute(Q["prune_run_plan"], span).fetchall()
+        db.execute(Q["prune_run_ledger"], span)
+        db.execute(Q["prune_run_requests"], span)
+        result.runs += 1
+        result.steps += len(steps)
+        result.attempts += len(attempts)
+        result.bytes += sum(r["size"] for r in (*steps, *attempts, *plan))
+
+    async def reclaim(self) -> tuple[int, int] | None:
+        """VACUUM (the database is rewritten without its free pages), then a checkpoint that
+        moves the rewrite from the WAL into the file and empties the WAL; the file's size
+        before and after. (Deleted rows leave free pages in the file, not a smaller file.)"""
+        if str(self.path) == ":memory:":
+            return None
+        before = self.path.stat().st_size
+        try:
+            self.db.execute(Q["vacuum"])
+            self.db.execute(Q["checkpoint"]).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"database {self.path}: {exc}") from None
+        return before, self.path.stat().st_size
