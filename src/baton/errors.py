@@ -128,6 +128,17 @@ class PolicyDenied(BatonError):
     exit_code = 2
     http_status = 403
 
+    def __init__(self, message: str | None = None, problems: Sequence[Problem] = ()) -> None:
+        self.problems = list(problems)
+        lines = "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(f"{message or 'a policy forbids this action'}{lines}")
+
+    def to_dict(self) -> dict[str, object]:
+        doc = super().to_dict()
+        if self.problems:
+            doc["problems"] = [p.to_dict() for p in self.problems]
+        return doc
+
 
 class StoreError(BatonError):
     """The store cannot be opened or used.

@@ -31,7 +31,7 @@ from baton import audit
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
 from baton.engine import Engine, Event
-from baton.errors import BatonError, Conflict, NotFound, PlanError, Problem
+from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
 from baton.metrics import Metrics
 from baton.status import RunStatus
@@ -201,8 +201,8 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
 
     @app.exception_handler(BatonError)
     async def baton_error(_: Request, exc: BatonError) -> JSONResponse:
-        if isinstance(exc, PlanError):
-            return _error(422, exc.code, exc.message, problems=exc.to_dict()["problems"])
+        if isinstance(exc, PlanError | PolicyDenied):
+            return _error(_status_of(exc), exc.code, exc.message, problems=exc.to_dict().get("problems", []))
         return _error(_status_of(exc), exc.code, exc.message)
 
     def require(role: Role) -> Callable[..., Awaitable[ApiKey | None]]:
@@ -211,6 +211,9 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
         ) -> ApiKey | None:
             request.state.actor = LOCAL
+            # without keys (local use) callers get an operator's powers: a web page can
+            # reach a loopback port, so no shell or python steps by default
+            request.state.role = "operator"
             if not auth:
                 return None
             refusal = None
@@ -236,6 +239,7 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
                 raise refusal
             assert key is not None
             request.state.actor = f"key:{key.id}"
+            request.state.role = key.role
             return key
 
         return check
@@ -301,7 +305,9 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         with another plan, 409.
         """
         plan = await _read_plan(request)
-        handle = await engine.submit(plan, idempotency_key=idempotency_key, actor=request.state.actor)
+        handle = await engine.submit(
+            plan, idempotency_key=idempotency_key, actor=request.state.actor, key_role=request.state.role
+        )
         run = await engine.store.get_run(handle.run_id, with_plan=False)
         url = f"{PREFIX}/runs/{run.id}"
         response.headers["Location"] = url
@@ -452,6 +458,8 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
             max_attempts=body.max_attempts,
             queue=body.queue,
             timeout_s=body.timeout_s,
+            key_role=request.state.role,
+            actor=request.state.actor,
         )
         if not job.duplicate:
             await audit.record(engine.store, request.state.actor, "job.enqueue", str(job.id), task=job.task)

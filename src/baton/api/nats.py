@@ -85,6 +85,9 @@ _NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
 #: who the audit trail says acted, for requests over NATS (its server authenticates them)
 ACTOR = "nats"
+#: what a NATS caller may run (baton.policy): whoever reaches the subjects is an operator,
+#: so no shell or python steps and no code-running validators
+ROLE = "operator"
 
 
 class NatsUnavailable(BatonError):
@@ -500,7 +503,9 @@ class NatsInterface:
 
     async def _start_run(self, body: dict[str, Any]) -> dict[str, Any]:
         request = StartRequest.model_validate(body)
-        handle = await self.engine.submit(request.plan, idempotency_key=request.idempotency_key, actor=ACTOR)
+        handle = await self.engine.submit(
+            request.plan, idempotency_key=request.idempotency_key, actor=ACTOR, key_role=ROLE
+        )
         run = await self.engine.store.get_run(handle.run_id, with_plan=False)
         return {"id": run.id, "status": str(run.status), "created": handle.created}
 
@@ -532,7 +537,9 @@ class NatsInterface:
             raise UnknownTask(f"unknown task {request.task!r} (known: {known})")
         started = time.perf_counter()
         try:
-            result = await self.engine.execute(request.task, request.input, **request.policy())
+            result = await self.engine.execute(
+                request.task, request.input, key_role=ROLE, actor=ACTOR, **request.policy()
+            )
         except PlanError as exc:
             raise InvalidRequest(_call_problems(exc.problems)) from None
         duration_ms = (time.perf_counter() - started) * 1000

@@ -18,24 +18,26 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
 from baton import audit
 from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import Worker
-from baton.errors import Conflict, PlanError, Problem, UsageError, WorkerFailed
+from baton.errors import Conflict, PlanError, PolicyDenied, Problem, UsageError, WorkerFailed
 from baton.llm.config import LLMConfig
 from baton.llm.gateway import Gateway
 from baton.llm.tasks import make_llm_tasks
 from baton.plan.analysis import analyze
 from baton.plan.model import Plan, Step
 from baton.plan.validate import load_plan, parse_plan, validate_plan
+from baton.policy import Policy
 from baton.queue.cron import cron_problem, fire_due, next_tick
 from baton.status import RunStatus, StepStatus
 from baton.store import JobRecord, NewJob, RunRecord, Schedule, StepRecord, Store, WorkerRecord, store_for
 from baton.store.base import PRUNABLE, PruneResult
+from baton.tasks.http import http_task
 from baton.tasks.registry import Registry, TaskDef
 
 log = structlog.get_logger("baton.engine")
@@ -138,12 +140,16 @@ class Engine:
         measure_latency: bool = False,
         llm: LLMConfig | str | Path | None = None,
         retention_s: float | None = None,
+        policy: Policy | str | Path | None = None,
+        http_allow: Sequence[str] | None = None,
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         self.registry = registry or Registry.default()
         config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
         self.gateway = Gateway(config, self.store)
         self.registry.extend(make_llm_tasks(self.gateway))
+        if http_allow is not None:  # what the http task may reach that is not public (else BATON_HTTP_ALLOW)
+            self.registry.extend([http_task(http_allow)])
         self.owner = owner or new_owner_id()
         self.lease_s = lease_s
         self.poll_s = poll_s
@@ -153,6 +159,10 @@ class Engine:
         self.queues = queues
         self.workdir = Path(workdir) if workdir is not None else Path.cwd()
         self.measure_latency = measure_latency
+        #: what API callers may run, by the role of their key (local callers are not checked)
+        self.policy = (
+            policy if isinstance(policy, Policy) else Policy() if policy is None else Policy.load(policy)
+        )
         if retention_s is not None and not retention_s > 0:
             raise UsageError("retention_s must be more than 0 seconds")
         #: the worker prunes what ended longer ago than this (None: it keeps everything)
@@ -270,6 +280,7 @@ class Engine:
         start: bool = True,
         idempotency_key: str | None = None,
         actor: str | None = None,
+        key_role: str | None = None,
     ) -> RunHandle:
         """Validate the plan and put its run in the queue; by default, this process's
         worker starts on it (and any other worker on the database may help).
@@ -278,14 +289,27 @@ class Engine:
         submitting the same plan again under the same key gives the run made the first
         time (``created`` False); another plan under that key raises Conflict. The start
         goes on the audit trail with ``actor`` (the Python API's caller when not given).
+
+        ``key_role``: the caller holds an API key of that role (REST, NATS), and the policy
+        decides what its plan may run; PolicyDenied, every offending step named, and a
+        ``denied`` audit entry, before anything is written.
         """
-        return await self._submit(source, start, idempotency_key, actor or audit.python_actor())
+        return await self._submit(source, start, idempotency_key, actor or audit.python_actor(), key_role)
 
     async def _submit(
-        self, source: PlanSource, start: bool, idempotency_key: str | None, actor: str | None
+        self,
+        source: PlanSource,
+        start: bool,
+        idempotency_key: str | None,
+        actor: str | None,
+        key_role: str | None = None,
     ) -> RunHandle:
         plan = self.load(source)
         await self.open()
+        if key_role is not None:
+            problems = self.policy.check_plan(plan, self.registry, key_role)
+            if problems:
+                await self._deny(actor, "run.start", plan.name, key_role, problems)
         dag = analyze(plan, self.registry)
         run_id = new_run_id()
         now = time.time()
@@ -341,11 +365,25 @@ class Engine:
         handle = await self.submit(source, actor=actor)
         return await handle.wait()
 
-    async def execute(self, task: str, inputs: Mapping[str, Any] | None = None, **policy: Any) -> Any:
-        """Call one task directly, through the same executor, store and policies as plans."""
+    async def execute(
+        self,
+        task: str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        key_role: str | None = None,
+        actor: str | None = None,
+        **policy: Any,
+    ) -> Any:
+        """Call one task directly, through the same executor, store and policies as plans
+        (``key_role`` and ``actor`` as for ``submit``)."""
         step = Step.model_validate({"id": "call", "task": task, "with": dict(inputs or {}), **policy})
         # a call's run is how it goes through the executor, not a run anyone started
-        handle = await self._submit(Plan(name=f"call:{task}", steps=[step]), True, None, None)
+        call = Plan(name=f"call:{task}", steps=[step])
+        if key_role is not None:
+            problems = self.policy.check_plan(self.load(call), self.registry, key_role)
+            if problems:
+                await self._deny(actor, "task.execute", task, key_role, problems)
+        handle = await self._submit(call, True, None, None)
         record = await handle.wait()
         steps = await self.store.get_steps(record.id)
         if record.status is not RunStatus.COMPLETED:
@@ -353,6 +391,16 @@ class Engine:
 
             raise TaskFailed(steps[0].error or f"{task} {record.status}")
         return steps[0].output
+
+    async def _deny(
+        self, actor: str | None, action: str, subject: str, role: str, problems: list[Problem]
+    ) -> NoReturn:
+        """Refuse what the policy does not allow a key of ``role``, on the audit trail."""
+        await self.open()
+        detail = {"refused": action, "role": role, "problems": [p.to_dict() for p in problems]}
+        await audit.record(self.store, actor or audit.python_actor(), "denied", subject, **detail)
+        article = "an" if role[:1] in "aeiou" else "a"
+        raise PolicyDenied(f"{article} {role} key may not {action.replace('.', ' ')} {subject!r}", problems)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -455,11 +503,18 @@ class Engine:
         max_attempts: int = 3,
         queue: str = "default",
         timeout_s: float | None = None,
+        key_role: str | None = None,
+        actor: str | None = None,
     ) -> JobRecord:
         """Put one task call in the queue for any worker; with ``unique_key``, a call
-        whose key is taken returns the job already there (``duplicate``)."""
+        whose key is taken returns the job already there (``duplicate``). ``key_role`` and
+        ``actor`` as for ``submit``."""
         args = dict(inputs or {})
         self._check_call(task, args)
+        if key_role is not None:
+            problems = self.policy.check_task(task, self.registry, key_role)
+            if problems:
+                await self._deny(actor, "job.enqueue", task, key_role, problems)
         if max_attempts < 1:
             raise UsageError("max_attempts must be at least 1")
         if run_at is not None and not 0 <= run_at <= 253402300799.0:

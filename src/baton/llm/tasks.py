@@ -133,4 +133,4 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             problems.append(f"extract must be one of {', '.join(EXTRACTS)}, not {extract!r}")
         return problems
 
-    return [TaskDef.of("llm.generate", generate, check=check)]
+    return [TaskDef.of("llm.generate", generate, check=check, needs=("llm",))]

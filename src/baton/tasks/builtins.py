@@ -16,6 +16,7 @@ from typing import Any
 from baton.errors import TaskFailed
 from baton.tasks import procs
 from baton.tasks.registry import TaskContext, TaskDef
+from baton.tasks.threads import sync_threads
 
 #: stdout/stderr beyond this many bytes are cut (the tail is kept: errors come last).
 OUTPUT_LIMIT = 1 << 20
@@ -80,7 +81,7 @@ async def python(function: str, args: list[Any] | None = None, kwargs: dict[str,
     fn = _import_callable(function)
     if inspect.iscoroutinefunction(fn):
         return await fn(*(args or []), **(kwargs or {}))
-    return await asyncio.to_thread(fn, *(args or []), **(kwargs or {}))
+    return await sync_threads.run(lambda: fn(*(args or []), **(kwargs or {})), {})  # never holds an exit
 
 
 def _confined_cwd(workdir: Path, cwd: str | None) -> Path:
@@ -276,6 +277,6 @@ BUILTINS = [
     TaskDef.of("echo", echo),
     TaskDef.of("sleep", sleep, estimate=_sleep_estimate),
     TaskDef.of("fail", fail),
-    TaskDef.of("python", python),
-    TaskDef.of("shell", shell),
+    TaskDef.of("python", python, needs=("python",)),
+    TaskDef.of("shell", shell, needs=("shell",)),
 ]

@@ -65,6 +65,11 @@ def _is_context(annotation: Any) -> bool:
     return isinstance(annotation, str) and annotation.rpartition(".")[2] == "TaskContext"
 
 
+#: what a task may need of its machine: ``pure`` computes from its inputs, ``llm`` calls
+#: models through the gateway, ``http`` reaches other hosts, ``shell`` and ``python`` run
+#: any program or code, ``plan`` starts runs. baton.policy says which roles may use which.
+CAPABILITIES = ("pure", "llm", "http", "shell", "python", "plan")
+
 Estimator = Callable[[Mapping[str, Any]], float | None]
 #: problems with a step's inputs that can be seen before the run starts
 Checker = Callable[[Mapping[str, Any]], list[str]]
@@ -84,6 +89,8 @@ class TaskDef:
     estimate: Estimator | None = None
     description: str = ""
     check: Checker | None = None
+    #: what it needs (see CAPABILITIES); a task that declares nothing is ``pure``
+    needs: frozenset[str] = frozenset({"pure"})
 
     @classmethod
     def of(
@@ -92,6 +99,7 @@ class TaskDef:
         fn: Callable[..., Any],
         estimate: Estimator | None = None,
         check: Checker | None = None,
+        needs: Iterable[str] = ("pure",),
     ) -> TaskDef:
         sig = inspect.signature(fn)
         context_param = None
@@ -122,6 +130,7 @@ class TaskDef:
             estimate=estimate,
             description=doc.splitlines()[0] if doc else "",
             check=check,
+            needs=_needs(name, needs),
         )
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> list[str]:
@@ -150,25 +159,44 @@ class TaskDef:
         return await sync_threads.run(self.fn, kwargs)  # daemon threads: never hold an exit
 
 
+def _needs(name: str, needs: Iterable[str]) -> frozenset[str]:
+    declared = frozenset(needs)
+    unknown = sorted(declared - set(CAPABILITIES))
+    if unknown or not declared:
+        known = ", ".join(CAPABILITIES)
+        raise ValueError(f"task {name}: needs must be some of {known}, not {unknown or '[]'}")
+    return declared
+
+
 _catalogue: dict[str, TaskDef] = {}
 
 
 @overload
 def task(fn: F, /) -> F: ...
 @overload
-def task(*, name: str | None = None, estimate: Estimator | None = None) -> Callable[[F], F]: ...
 def task(
-    fn: F | None = None, /, *, name: str | None = None, estimate: Estimator | None = None
+    *, name: str | None = None, estimate: Estimator | None = None, needs: Iterable[str] = ("pure",)
+) -> Callable[[F], F]: ...
+def task(
+    fn: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    estimate: Estimator | None = None,
+    needs: Iterable[str] = ("pure",),
 ) -> F | Callable[[F], F]:
     """Declare a Python callable as a task; engines created afterwards can run it.
 
     The name defaults to ``module.function``; ``estimate`` optionally predicts a run time
-    in seconds from the inputs, which the scheduler uses to order ready steps.
+    in seconds from the inputs, which the scheduler uses to order ready steps; ``needs``
+    says what it uses (see CAPABILITIES: ``("http",)`` for a task that calls other hosts),
+    which decides who may run it through the API (baton.policy).
     """
+    declared = tuple(needs)
 
     def register(f: F) -> F:
         task_name = name or f"{f.__module__}.{f.__qualname__}"
-        _catalogue[task_name] = TaskDef.of(task_name, f, estimate)
+        _catalogue[task_name] = TaskDef.of(task_name, f, estimate, needs=declared)
         return f
 
     return register(fn) if fn is not None else register
@@ -189,14 +217,20 @@ class Registry:
     @classmethod
     def default(cls) -> Registry:
         from baton.tasks.builtins import BUILTINS
+        from baton.tasks.http import http_task
 
-        return cls([*BUILTINS, *_catalogue.values()])
+        return cls([*BUILTINS, http_task(), *_catalogue.values()])
 
     def add(
-        self, fn: Callable[..., Any], *, name: str | None = None, estimate: Estimator | None = None
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        estimate: Estimator | None = None,
+        needs: Iterable[str] = ("pure",),
     ) -> TaskDef:
         task_name = name or f"{fn.__module__}.{fn.__qualname__}"
-        definition = TaskDef.of(task_name, fn, estimate)
+        definition = TaskDef.of(task_name, fn, estimate, needs=needs)
         self._tasks[task_name] = definition
         return definition
 
