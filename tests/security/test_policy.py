@@ -194,3 +194,21 @@ async def test_nats_callers_may_not_run_code(tmp_path: Path, nats_url: str, name
             ("nats", "task.execute"),
         ]
     assert not (tmp_path / "owned").exists()
+
+
+def test_a_policy_file_given_to_serve_grants_more(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("roles:\n  tester: {capabilities: [pure, llm, http, shell]}\n")
+    db = tmp_path / "baton.db"
+    token = json.loads(baton("keys", "create", "--role", "operator", "--db", str(db), "--json").stdout)["token"]
+    proc, url = start(db, "--policy", str(policy))
+    try:
+        server = Server(url, {"operator": token}, db)
+        tester = {**SHELL, "role": "tester", "with": {"argv": ["true"]}}
+        accepted = server.client("operator").post("/runs", json=plan(tester))
+        assert accepted.status_code == 202, accepted.text
+        assert wait_run(server.client("operator"), accepted.json()["id"])["status"] == "completed"
+        assert server.client("operator").post("/runs", json=plan(SHELL)).status_code == 403
+        server.close_clients()
+    finally:
+        stop(proc)

@@ -90,6 +90,17 @@ PoolOption = Annotated[
         show_default=False,
     ),
 ]
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        envvar="BATON_POLICY",
+        metavar="FILE",
+        help="What API and NATS callers may run, by role (YAML; see baton.policy). Default: "
+        "operators run pure, llm and http tasks, never shell or python.",
+        show_default=False,
+    ),
+]
 LlmOption = Annotated[
     Path | None,
     typer.Option(

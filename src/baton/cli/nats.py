@@ -15,6 +15,7 @@ from baton.cli import (
     ImportOption,
     LeaseOption,
     LlmOption,
+    PolicyOption,
     PoolOption,
     _engine,
     _err,
@@ -24,6 +25,7 @@ from baton.cli import (
     app,
 )
 from baton.engine import DEFAULT_LEASE_S
+from baton.policy import Policy
 from baton.store import DEFAULT_DB
 
 # baton.api.nats's defaults, written out: importing it (and nats-py) is left to the command,
@@ -52,6 +54,7 @@ def nats_command(
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
     pool: PoolOption = None,
+    policy: PolicyOption = None,
 ) -> None:
     """Answer runs.start|get|pause|resume|cancel and execute on NATS, publish run events to
     JetStream, with a worker in this process; until SIGTERM or Ctrl-C (exit 0)."""
@@ -62,6 +65,8 @@ def nats_command(
 
         _import_modules(modules)
         engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
+        if policy is not None:
+            engine.policy = Policy.load(policy)
         interface = NatsInterface(engine, url, prefix=prefix, stream=stream)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

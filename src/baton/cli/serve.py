@@ -20,6 +20,7 @@ from baton.cli import (
     JsonOption,
     LeaseOption,
     LlmOption,
+    PolicyOption,
     PoolOption,
     _emit_json,
     _engine,
@@ -32,6 +33,7 @@ from baton.cli import (
 )
 from baton.engine import DEFAULT_LEASE_S
 from baton.errors import UsageError
+from baton.policy import Policy
 from baton.store import DEFAULT_DB
 from baton.views import KeyView
 
@@ -69,6 +71,7 @@ def serve(
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
     pool: PoolOption = None,
+    policy: PolicyOption = None,
 ) -> None:
     """Serve the REST API (under /api/v1, OpenAPI at /docs), with a worker in this process."""
     session = _Session(False, db)
@@ -84,6 +87,8 @@ def serve(
         from baton.api.app import create_app
 
         engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
+        if policy is not None:
+            engine.policy = Policy.load(policy)
         config = uvicorn.Config(
             create_app(engine, auth=not no_auth, nats_url=nats),
             host=host,
