@@ -200,7 +200,8 @@ def test_a_policy_file_given_to_serve_grants_more(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text("roles:\n  tester: {capabilities: [pure, llm, http, shell]}\n")
     db = tmp_path / "baton.db"
-    token = json.loads(baton("keys", "create", "--role", "operator", "--db", str(db), "--json").stdout)["token"]
+    made = baton("keys", "create", "--role", "operator", "--db", str(db), "--json")
+    token = json.loads(made.stdout)["token"]
     proc, url = start(db, "--policy", str(policy))
     try:
         server = Server(url, {"operator": token}, db)
