@@ -299,14 +299,21 @@ async def test_pause_resume_cancel_and_state_conflicts(interface: NatsInterface,
         assert reply["correlation_id"] == action
     run = await until_stopped(client, p, run_id)
     assert run["status"] == "cancelled"
-    # The trail says what came over NATS (the refused ones changed nothing: not on it).
-    trail = await interface.engine.store.audit_entries(subject=run_id)
+    # The trail says what came over NATS (the refused ones changed nothing: not on it), and
+    # how the run ended (written a moment after the end).
+    deadline = time.monotonic() + 30
+    while True:
+        trail = await interface.engine.store.audit_entries(subject=run_id)
+        if (trail and trail[-1].action == "run.cancelled") or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)
     assert [(e.actor, e.action) for e in trail] == [
         ("nats", "run.start"),
         ("nats", "run.pause"),
         ("nats", "run.resume"),
         ("nats", "run.cancel"),
         ("nats", "run.cancel"),
+        ("system", "run.cancelled"),
     ]
 
     done, _ = await ask(client, f"{p}.runs.start", {"plan": PLAN})

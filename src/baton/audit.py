@@ -21,6 +21,7 @@ import functools
 import getpass
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ log = structlog.get_logger("baton.audit")
 SYSTEM = "system"
 ENDINGS = ("run.completed", "run.failed", "run.cancelled")
 DRAIN_DELAY_S = 0.01
+#: how many ended runs RunEndings remembers, so that an ending is written once
+REMEMBERED = 10_000
 
 
 def cli_actor() -> str:
@@ -76,10 +79,15 @@ class RunEndings:
         self.engine = engine
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        #: runs whose ending is on the trail already (a repeated cancel ends nothing new)
+        self._recorded: OrderedDict[str, None] = OrderedDict()
         self._unsubscribe = engine.events.subscribe(self._on_event, prefix="run.")
 
     def _on_event(self, event: Event) -> None:
-        if event.kind in ENDINGS:
+        if event.kind in ENDINGS and event.run_id not in self._recorded:
+            self._recorded[event.run_id] = None
+            if len(self._recorded) > REMEMBERED:
+                self._recorded.popitem(last=False)
             self._queue.put_nowait(event)
             if self._task is None or self._task.done():
                 self._task = asyncio.get_running_loop().create_task(self._drain())

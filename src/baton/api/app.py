@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from baton import audit
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
+from baton.api.local import YAML_TYPES, LocalOnly, allowed_hosts
 from baton.engine import Engine, Event
 from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -57,7 +58,6 @@ PREFIX = "/api/v1"
 LAST_TIME = 253402300799.0
 #: who acts when auth is off (local use)
 LOCAL = "local"
-YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 MAX_BODY = 10 * 1024 * 1024
 
 
@@ -153,9 +153,13 @@ def _status_of(exc: BatonError) -> int:
     return 400 if exc.http_status == 500 else exc.http_status
 
 
-def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine, *, auth: bool = True, nats_url: str | None = None, hosts: frozenset[str] | None = None
+) -> FastAPI:
     """The API on ``engine`` (opened and closed with the app); with ``nats_url``, the same
-    engine answers on NATS too (see :mod:`baton.api.nats`)."""
+    engine answers on NATS too (see :mod:`baton.api.nats`). Without ``auth``, only requests
+    naming one of ``hosts`` (see :func:`baton.api.local.allowed_hosts`) from no other origin
+    are answered."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -183,6 +187,8 @@ def create_app(engine: Engine, *, auth: bool = True, nats_url: str | None = None
         lifespan=lifespan,
         responses=ERRORS,
     )
+    if not auth:
+        app.add_middleware(LocalOnly, hosts=hosts if hosts is not None else allowed_hosts("127.0.0.1", 8000))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -72,6 +72,14 @@ def serve(
     llm: LlmOption = None,
     pool: PoolOption = None,
     policy: PolicyOption = None,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="With --no-auth: another name this server answers to (besides its address and localhost).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the REST API (under /api/v1, OpenAPI at /docs), with a worker in this process."""
     session = _Session(False, db)
@@ -85,12 +93,15 @@ def serve(
         import uvicorn  # the server and the web framework load for `serve` only
 
         from baton.api.app import create_app
+        from baton.api.local import allowed_hosts as local_hosts
 
         engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
         if policy is not None:
             engine.policy = Policy.load(policy)
         config = uvicorn.Config(
-            create_app(engine, auth=not no_auth, nats_url=nats),
+            create_app(
+                engine, auth=not no_auth, nats_url=nats, hosts=local_hosts(host, port, allowed_hosts or [])
+            ),
             host=host,
             port=port,
             log_level="warning",
