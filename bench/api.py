@@ -192,17 +192,19 @@ def nats_reachable() -> bool:
         return False
 
 
-async def nats_execute(n: int = 500) -> tuple[float, float]:
-    """The NATS round trip of ``baton.execute`` (echo) answered by the served process."""
+async def nats_execute(served: Served, n: int = 500) -> tuple[float, float]:
+    """The NATS round trip of ``baton.execute`` (echo) answered by the served process, with
+    the operator key every request carries."""
     import nats
 
     nc = await nats.connect(NATS_URL)
+    headers = {"Authorization": f"Bearer {served.token}"}
     try:
         body = json.dumps({"task": "echo", "input": {"n": 1}}).encode()
         deadline = time.monotonic() + 30
         while True:  # until the interface answers
             try:
-                await nc.request("baton.execute", body, timeout=1)
+                await nc.request("baton.execute", body, timeout=1, headers=headers)
                 break
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 if time.monotonic() > deadline:
@@ -211,7 +213,7 @@ async def nats_execute(n: int = 500) -> tuple[float, float]:
         times: list[float] = []
         for _ in range(n):
             t = time.perf_counter()
-            reply = await nc.request("baton.execute", body, timeout=5)
+            reply = await nc.request("baton.execute", body, timeout=5, headers=headers)
             times.append(time.perf_counter() - t)
             if "result" not in json.loads(reply.data):
                 raise SystemExit(f"baton.execute answered {reply.data!r}")
@@ -233,7 +235,7 @@ def round_(clients: int, seconds: float) -> dict[str, float]:
             )
             out["sse_delivery_p50_ms"], out["sse_delivery_p99_ms"] = asyncio.run(sse_delivery(served))
             if served.nats:
-                out["nats_execute_p50_ms"], out["nats_execute_p99_ms"] = asyncio.run(nats_execute())
+                out["nats_execute_p50_ms"], out["nats_execute_p99_ms"] = asyncio.run(nats_execute(served))
         finally:
             served.close()
     return out

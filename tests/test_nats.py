@@ -31,6 +31,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from baton.api.auth import create_key
 from baton.api.nats import NatsInterface, event_msg_id, serve_nats
 from baton.engine import Engine
 from baton.engine.events import Event
@@ -106,10 +107,16 @@ async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
         yield made
 
 
+#: the operator key requests carry (made in each test's database by ``interface``)
+KEY: dict[str, str] = {}
+
+
 @pytest.fixture
 async def interface(engine: Engine, nats_url: str, names: Names) -> AsyncIterator[NatsInterface]:
+    _, KEY["token"] = await create_key(engine.store, "operator", "nats tests")
     async with NatsInterface(engine, nats_url, prefix=names.prefix, stream=names.stream) as made:
         yield made
+    KEY.clear()
 
 
 @pytest.fixture
@@ -127,6 +134,8 @@ async def ask(
     wait_s: float = 10.0,
 ) -> tuple[dict[str, Any], Msg]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if "token" in KEY:
+        headers = {"Authorization": f"Bearer {KEY['token']}", **(headers or {})}
     msg = await nc.request(subject, data, timeout=wait_s, headers=headers)
     reply = json.loads(msg.data)
     assert isinstance(reply, dict)
@@ -307,12 +316,13 @@ async def test_pause_resume_cancel_and_state_conflicts(interface: NatsInterface,
         if (trail and trail[-1].action == "run.cancelled") or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.01)
+    key = f"key:{KEY['token'].split('_')[1]}"  # the key the requests carried
     assert [(e.actor, e.action) for e in trail] == [
-        ("nats", "run.start"),
-        ("nats", "run.pause"),
-        ("nats", "run.resume"),
-        ("nats", "run.cancel"),
-        ("nats", "run.cancel"),
+        (key, "run.start"),
+        (key, "run.pause"),
+        (key, "run.resume"),
+        (key, "run.cancel"),
+        (key, "run.cancel"),
         ("system", "run.cancelled"),
     ]
 
@@ -447,7 +457,7 @@ async def test_nats_going_away_drops_events_and_blocks_nothing(
     proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 4222))
     await proxy.open()
     url = f"nats://127.0.0.1:{proxy.port}"
-    async with NatsInterface(engine, url, prefix=names.prefix, stream=names.stream) as interface:
+    async with NatsInterface(engine, url, prefix=names.prefix, stream=names.stream, auth=False) as interface:
         subject = f"{names.prefix}.execute"
         assert (await ask(client, subject, {"task": "echo", "input": {"n": 1}}))[0]["result"] == {"n": 1}
 
@@ -482,7 +492,7 @@ async def test_serve_nats_runs_until_cancelled(
 ) -> None:
     started = asyncio.Event()
     task = asyncio.create_task(
-        serve_nats(engine, nats_url, prefix=names.prefix, stream=names.stream, started=started)
+        serve_nats(engine, nats_url, prefix=names.prefix, stream=names.stream, started=started, auth=False)
     )
     await asyncio.wait_for(started.wait(), 10)
     reply, _ = await ask(client, f"{names.prefix}.execute", {"task": "echo", "input": {"a": 1}})
@@ -510,6 +520,13 @@ async def test_an_unreachable_server_is_an_error_at_start(engine: Engine) -> Non
 
 @pytest.fixture
 def nats_process(tmp_path: Path, nats_url: str, names: Names) -> Iterator[subprocess.Popen[str]]:
+    made = subprocess.run(
+        [*BATON, "keys", "create", "--role", "operator", "--db", str(tmp_path / "b.db"), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    KEY["token"] = json.loads(made.stdout)["token"]
     proc = subprocess.Popen(
         [*BATON, "nats", "--db", str(tmp_path / "b.db"), "--url", nats_url, *names.options],
         stdout=subprocess.PIPE,
@@ -517,6 +534,7 @@ def nats_process(tmp_path: Path, nats_url: str, names: Names) -> Iterator[subpro
         text=True,
     )
     yield proc
+    KEY.clear()
     if proc.poll() is None:
         proc.kill()
     proc.communicate()

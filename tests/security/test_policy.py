@@ -19,6 +19,7 @@ import nats
 import pytest
 
 from baton import Engine
+from baton.api.auth import create_key
 from baton.api.nats import NatsInterface
 from baton.errors import PolicyDenied, UsageError
 from baton.plan.model import Plan
@@ -175,23 +176,26 @@ def test_the_local_command_line_keeps_its_power(tmp_path: Path) -> None:
 async def test_nats_callers_may_not_run_code(tmp_path: Path, nats_url: str, names: Names) -> None:
     async with Engine(str(tmp_path / "baton.db"), poll_s=0.05, workdir=tmp_path) as engine:
         await engine.start_worker()
+        key, token = await create_key(engine.store, "operator")
+        bearer = {"Authorization": f"Bearer {token}"}
         async with NatsInterface(engine, nats_url, prefix=names.prefix, stream=names.stream) as interface:
             nc = await nats.connect(nats_url)
             try:
-                started, _ = await ask(nc, f"{interface.prefix}.runs.start", {"plan": plan(HARMLESS, SHELL)})
+                start = f"{interface.prefix}.runs.start"
+                started, _ = await ask(nc, start, {"plan": plan(HARMLESS, SHELL)}, bearer)
                 assert error_code(started) == "policy_denied", started
-                executed, _ = await ask(
-                    nc, f"{interface.prefix}.execute", {"task": "shell", "input": SHELL["with"]}
-                )
+                execute = f"{interface.prefix}.execute"
+                executed, _ = await ask(nc, execute, {"task": "shell", "input": SHELL["with"]}, bearer)
                 assert error_code(executed) == "policy_denied", executed
-                fine, _ = await ask(nc, f"{interface.prefix}.execute", {"task": "echo", "input": {"a": 1}})
+                fine, _ = await ask(nc, execute, {"task": "echo", "input": {"a": 1}}, bearer)
                 assert fine["result"] == {"a": 1}
             finally:
                 await nc.close()
         denied = [e for e in await engine.store.audit_entries() if e.action == "denied"]
+        actor = f"key:{key.id}"
         assert [(e.actor, e.detail["refused"]) for e in denied] == [
-            ("nats", "run.start"),
-            ("nats", "task.execute"),
+            (actor, "run.start"),
+            (actor, "task.execute"),
         ]
     assert not (tmp_path / "owned").exists()
 

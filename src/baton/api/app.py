@@ -154,7 +154,12 @@ def _status_of(exc: BatonError) -> int:
 
 
 def create_app(
-    engine: Engine, *, auth: bool = True, nats_url: str | None = None, hosts: frozenset[str] | None = None
+    engine: Engine,
+    *,
+    auth: bool = True,
+    nats_url: str | None = None,
+    nats_options: dict[str, Any] | None = None,
+    hosts: frozenset[str] | None = None,
 ) -> FastAPI:
     """The API on ``engine`` (opened and closed with the app); with ``nats_url``, the same
     engine answers on NATS too (see :mod:`baton.api.nats`). Without ``auth``, only requests
@@ -169,7 +174,7 @@ def create_app(
         if nats_url is not None:
             from baton.api.nats import NatsInterface  # nats-py only when asked for
 
-            nats = NatsInterface(engine, nats_url)
+            nats = NatsInterface(engine, nats_url, auth=auth, connect_options=nats_options)
             await nats.start()
         try:
             yield

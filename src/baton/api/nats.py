@@ -9,6 +9,15 @@ Subjects (``baton`` is the default prefix); every request and reply body is a JS
   "role"?}`` → ``{"result", "method": "executor", "metrics": {"duration_ms"}}``, through
   ``Engine.execute``: the same executor, store and policies as a plan's steps.
 
+Every request carries an API key of ``baton keys create`` in its headers,
+``Authorization: Bearer <key>``, with the roles of the REST API: ``runs.get`` needs a
+viewer, the rest an operator, and what a plan or call may run is the policy's
+(baton.policy) for the key's role. A request without a valid key is answered
+``unauthenticated`` (``forbidden`` for too low a role), with a ``denied`` audit entry.
+``auth=False`` (``--no-auth``) makes every caller an operator. How baton itself logs in to
+the NATS server (user and password, token, nkey seed, creds file, TLS) is ``connect_options``;
+a deployment where the NATS server enforces per-subject permissions is in the README.
+
 A request that cannot be served gets ``{"error": {"code", "message", "problems"?}}`` and
 the header ``Error-Code`` (a run's own ``error`` is a string or null, never an object), with
 the codes of the REST API (``unreadable_body``, ``invalid_plan``, ``not_found``,
@@ -40,11 +49,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import nats
@@ -57,6 +70,8 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from baton import audit
+from baton.api.auth import Role, authenticate
 from baton.engine import Engine
 from baton.engine.events import Event
 from baton.errors import BatonError, PlanError, Problem, UnknownTask, UsageError
@@ -83,11 +98,35 @@ _STREAM = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 _NOT_A_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
 
-#: who the audit trail says acted, for requests over NATS (its server authenticates them)
+#: who the audit trail says acted, for requests over NATS without keys (``auth=False``)
 ACTOR = "nats"
-#: what a NATS caller may run (baton.policy): whoever reaches the subjects is an operator,
-#: so no shell or python steps and no code-running validators
+#: what a NATS caller may run without keys (baton.policy): an operator's powers, so no
+#: shell or python steps and no code-running validators
 ROLE = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: the audit trail's actor and the role of their key."""
+
+    actor: str
+    role: str
+
+
+class Unauthenticated(BatonError):
+    """The request has no valid API key: ``Authorization: Bearer <key>`` in its headers."""
+
+    code = "unauthenticated"
+    exit_code = 2
+    http_status = 401
+
+
+class Forbidden(BatonError):
+    """The request's key has a role that does not allow this subject."""
+
+    code = "forbidden"
+    exit_code = 2
+    http_status = 403
 
 
 class NatsUnavailable(BatonError):
@@ -229,9 +268,49 @@ def event_json(event: Event) -> bytes:
     return json.dumps(doc, default=str, ensure_ascii=False).encode()
 
 
+def connect_options(
+    *,
+    creds: str | None = None,
+    nkey_seed: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> dict[str, Any]:
+    """nats-py's connect options for how baton logs in to the NATS server: a creds file
+    (JWT and nkey), an nkey seed file, TLS (a CA to trust, a client certificate). A user and
+    password or a token go in the URL: ``nats://user:password@host:4222``."""
+    options: dict[str, Any] = {}
+    if creds:
+        options["user_credentials"] = creds
+    if nkey_seed:
+        options["nkeys_seed"] = nkey_seed
+    if tls_ca or tls_cert:
+        context = ssl.create_default_context(cafile=tls_ca)
+        if tls_cert:
+            context.load_cert_chain(tls_cert, tls_key)
+        options["tls"] = context
+    for name in ("user_credentials", "nkeys_seed"):
+        if name in options and not Path(options[name]).is_file():
+            raise UsageError(f"NATS {name.replace('_', ' ')}: no file at {options[name]}")
+    return options
+
+
+def options_from_env() -> dict[str, Any]:
+    """``connect_options`` from BATON_NATS_CREDS, _NKEY, _TLS_CA, _TLS_CERT, _TLS_KEY (what
+    ``baton serve --nats`` logs in with; ``baton nats`` takes them as flags too)."""
+    env = os.environ.get
+    return connect_options(
+        creds=env("BATON_NATS_CREDS"),
+        nkey_seed=env("BATON_NATS_NKEY"),
+        tls_ca=env("BATON_NATS_TLS_CA"),
+        tls_cert=env("BATON_NATS_TLS_CERT"),
+        tls_key=env("BATON_NATS_TLS_KEY"),
+    )
+
+
 # -- the interface -----------------------------------------------------------------------------
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict[str, Any], Caller], Awaitable[dict[str, Any]]]
 
 
 class NatsInterface:
@@ -250,6 +329,8 @@ class NatsInterface:
         queue_group: str | None = "baton",
         stream_max_age_s: float = 7 * 86400,
         connect_timeout_s: float = 5.0,
+        auth: bool = True,
+        connect_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not _PREFIX.match(prefix):
             raise UsageError(f"NATS subject prefix {prefix!r}: tokens of letters, digits, _ and - only")
@@ -262,11 +343,19 @@ class NatsInterface:
         self.queue_group = queue_group
         self.stream_max_age_s = stream_max_age_s
         self.connect_timeout_s = connect_timeout_s
+        #: every request carries an API key (``Authorization: Bearer <key>`` header), with
+        #: the same roles as REST; without, every caller is an operator
+        self.auth = auth
+        #: how this client authenticates to the NATS server (nats-py's connect options:
+        #: user, password, token, user_credentials, nkeys_seed, tls)
+        self.connect_options = dict(connect_options or {})
         #: events dropped (NATS away, no acknowledgement, queue full) since start
         self.events_dropped = 0
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
+        #: the role each subject needs of a request's key
+        self._needs = {f"{prefix}.runs.get": Role.viewer}
         self._handlers: dict[str, Handler] = {
             f"{prefix}.runs.start": self._start_run,
             f"{prefix}.runs.get": self._get_run,
@@ -382,6 +471,7 @@ class NatsInterface:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    **self.connect_options,
                 ),
                 self.connect_timeout_s,
             )
@@ -456,7 +546,8 @@ class NatsInterface:
         try:
             body = _parse(msg.data)
             cid = _correlation_id(body, msg.headers)
-            reply = await handler(body)
+            caller = await self._caller(msg)
+            reply = await handler(body, caller)
         except BatonError as exc:
             error = exc.to_dict()
         except ValidationError as exc:
@@ -501,34 +592,58 @@ class NatsInterface:
         except Exception as exc:
             log.warning("nats reply not sent", subject=msg.subject, correlation_id=cid, error=str(exc))
 
-    async def _start_run(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _caller(self, msg: Msg) -> Caller:
+        """Who sent ``msg``; Unauthenticated or Forbidden (and a ``denied`` audit entry)
+        when its key is missing, unknown, revoked or of too low a role for the subject."""
+        if not self.auth:
+            return Caller(ACTOR, ROLE)
+        needs = self._needs.get(msg.subject, Role.operator)
+        scheme, _, token = (_header(msg.headers, "Authorization") or "").partition(" ")
+        key = await authenticate(self.engine.store, token.strip()) if scheme.lower() == "bearer" else None
+        refusal: BatonError | None = None
+        if key is None:
+            refusal = Unauthenticated(
+                "an API key is needed: Authorization: Bearer <key>, in the request's headers"
+                if not token
+                else "the API key is unknown or revoked"
+            )
+        elif Role[key.role] < needs:
+            refusal = Forbidden(f"a {key.role} key cannot do this: it needs {needs.name}")
+        if refusal is not None:
+            actor = f"key:{key.id}" if key is not None else "unauthenticated"
+            await audit.record(self.engine.store, actor, "denied", msg.subject, reason=refusal.message)
+            raise refusal
+        assert key is not None
+        return Caller(f"key:{key.id}", key.role)
+
+    async def _start_run(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         request = StartRequest.model_validate(body)
         handle = await self.engine.submit(
-            request.plan, idempotency_key=request.idempotency_key, actor=ACTOR, key_role=ROLE
+            request.plan, idempotency_key=request.idempotency_key, actor=caller.actor, key_role=caller.role
         )
         run = await self.engine.store.get_run(handle.run_id, with_plan=False)
         return {"id": run.id, "status": str(run.status), "created": handle.created}
 
-    async def _get_run(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _get_run(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         request = RunRequest.model_validate(body)
         await self.engine.open()
         run = await self.engine.store.get_run(request.id, with_plan=False)
         steps = await self.engine.store.get_steps(run.id)
         return run_detail(run, steps)
 
-    async def _pause(self, body: dict[str, Any]) -> dict[str, Any]:
-        run = await self.engine.pause(RunRequest.model_validate(body).id, actor=ACTOR)
+    async def _pause(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        run = await self.engine.pause(RunRequest.model_validate(body).id, actor=caller.actor)
         return RunView.of(run).model_dump()
 
-    async def _resume(self, body: dict[str, Any]) -> dict[str, Any]:
-        handle = await self.engine.resume(RunRequest.model_validate(body).id, actor=ACTOR)
+    async def _resume(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        handle = await self.engine.resume(RunRequest.model_validate(body).id, actor=caller.actor)
         return RunView.of(await self.engine.store.get_run(handle.run_id, with_plan=False)).model_dump()
 
-    async def _cancel(self, body: dict[str, Any]) -> dict[str, Any]:
-        run = await self.engine.cancel(RunRequest.model_validate(body).id, actor=ACTOR)
+    async def _cancel(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        run = await self.engine.cancel(RunRequest.model_validate(body).id, actor=caller.actor)
         return RunView.of(run).model_dump()
 
-    async def _execute(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _execute(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         request = ExecuteRequest.model_validate(body)
         registry = self.engine.registry
         registry.refresh()
@@ -538,7 +653,7 @@ class NatsInterface:
         started = time.perf_counter()
         try:
             result = await self.engine.execute(
-                request.task, request.input, key_role=ROLE, actor=ACTOR, **request.policy()
+                request.task, request.input, key_role=caller.role, actor=caller.actor, **request.policy()
             )
         except PlanError as exc:
             raise InvalidRequest(_call_problems(exc.problems)) from None
@@ -638,9 +753,10 @@ async def serve_nats(
     prefix: str = DEFAULT_PREFIX,
     stream: str = DEFAULT_STREAM,
     started: asyncio.Event | None = None,
+    auth: bool = True,
 ) -> None:
     """Run the interface until cancelled (e.g. as a task beside ``baton serve``'s HTTP server)."""
-    async with NatsInterface(engine, url, prefix=prefix, stream=stream):
+    async with NatsInterface(engine, url, prefix=prefix, stream=stream, auth=auth):
         if started is not None:
             started.set()
         await asyncio.Future()  # until cancelled

@@ -55,19 +55,51 @@ def nats_command(
     llm: LlmOption = None,
     pool: PoolOption = None,
     policy: PolicyOption = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", help="No API keys in requests: every caller is an operator (local use)."),
+    ] = False,
+    creds: Annotated[
+        str | None,
+        typer.Option("--creds", envvar="BATON_NATS_CREDS", metavar="FILE", help="NATS creds file."),
+    ] = None,
+    nkey: Annotated[
+        str | None,
+        typer.Option("--nkey", envvar="BATON_NATS_NKEY", metavar="FILE", help="NATS nkey seed file."),
+    ] = None,
+    tls_ca: Annotated[
+        str | None, typer.Option("--tls-ca", envvar="BATON_NATS_TLS_CA", metavar="FILE", help="CA to trust.")
+    ] = None,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option("--tls-cert", envvar="BATON_NATS_TLS_CERT", metavar="FILE", help="Client certificate."),
+    ] = None,
+    tls_key: Annotated[
+        str | None,
+        typer.Option("--tls-key", envvar="BATON_NATS_TLS_KEY", metavar="FILE", help="Its private key."),
+    ] = None,
 ) -> None:
     """Answer runs.start|get|pause|resume|cancel and execute on NATS, publish run events to
-    JetStream, with a worker in this process; until SIGTERM or Ctrl-C (exit 0)."""
+    JetStream, with a worker in this process; until SIGTERM or Ctrl-C (exit 0).
+
+    Every request needs an API key (`baton keys create`) in its headers,
+    `Authorization: Bearer <key>`, unless --no-auth. A user and password or a token for the
+    NATS server go in the URL (nats://user:password@host:4222)."""
     session = _Session(False, db)
 
     async def body() -> int:
-        from baton.api.nats import NatsInterface
+        from baton.api.nats import NatsInterface, connect_options
 
+        options = connect_options(
+            creds=creds, nkey_seed=nkey, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
         _import_modules(modules)
         engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
         if policy is not None:
             engine.policy = Policy.load(policy)
-        interface = NatsInterface(engine, url, prefix=prefix, stream=stream)
+        interface = NatsInterface(
+            engine, url, prefix=prefix, stream=stream, auth=not no_auth, connect_options=options
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -94,13 +94,18 @@ def serve(
 
         from baton.api.app import create_app
         from baton.api.local import allowed_hosts as local_hosts
+        from baton.api.nats import options_from_env as nats_options_from_env
 
         engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
         if policy is not None:
             engine.policy = Policy.load(policy)
         config = uvicorn.Config(
             create_app(
-                engine, auth=not no_auth, nats_url=nats, hosts=local_hosts(host, port, allowed_hosts or [])
+                engine,
+                auth=not no_auth,
+                nats_url=nats,
+                nats_options=nats_options_from_env() if nats else None,
+                hosts=local_hosts(host, port, allowed_hosts or []),
             ),
             host=host,
             port=port,
