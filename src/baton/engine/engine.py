@@ -34,6 +34,7 @@ from baton.plan.model import Plan, Step
 from baton.plan.validate import load_plan, parse_plan, validate_plan
 from baton.policy import Policy
 from baton.queue.cron import cron_problem, fire_due, next_tick
+from baton.secrets import Redactor
 from baton.status import RunStatus, StepStatus
 from baton.store import JobRecord, NewJob, RunRecord, Schedule, StepRecord, Store, WorkerRecord, store_for
 from baton.store.base import PRUNABLE, PruneResult
@@ -147,6 +148,9 @@ class Engine:
         self.registry = registry or Registry.default()
         config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
         self.gateway = Gateway(config, self.store)
+        #: the values of this process's secrets, kept out of outputs, errors and details
+        keys = [m.key_env() for m in config.models.values()] if config is not None else []
+        self.redactor = Redactor.from_environ(extra=[k for k in keys if k])
         self.registry.extend(make_llm_tasks(self.gateway))
         if http_allow is not None:  # what the http task may reach that is not public (else BATON_HTTP_ALLOW)
             self.registry.extend([http_task(http_allow)])

@@ -745,6 +745,11 @@ class Worker:
                     result.outcome = "timeout"
                     raise StepTimeout(f"attempt {claim.attempt} timed out after {timeout}s") from None
             result.output_json = _storable(_encode(value), "its output")
+            redactor = self.engine.redactor
+            if redactor:  # the server's secrets are not kept, nor passed on to dependents
+                redacted = redactor.redact(result.output_json)
+                if redacted != result.output_json:
+                    result.output_json, value = redacted, json.loads(redacted)
             checks = plan.validators[claim.idx] if plan is not None else []
             issues = await run_checks(value, checks, plan.workdir) if plan is not None and checks else []
             if issues:
@@ -771,10 +776,12 @@ class Worker:
             said = f"({exc.args[0]!r})" if exc.args else ""
             result.error = f"the task raised {type(exc).__name__}{said}"
         if result.error is not None:
-            result.error = _mended(result.error)
+            result.error = self.engine.redactor.redact(_mended(result.error))
         if ctx is not None and ctx.details:
             try:
-                result.details_json = _storable(_encode(ctx.details), "its details")
+                result.details_json = self.engine.redactor.redact(
+                    _storable(_encode(ctx.details), "its details")
+                )
                 result.details = ctx.details
             except (TypeError, ValueError, BatonError) as exc:
                 result.details = {"unrecorded": f"details are not JSON: {_mended(str(exc))}"}
