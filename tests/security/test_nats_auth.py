@@ -54,13 +54,14 @@ async def test_anonymous_revoked_and_underprivileged_requests_are_refused(
             finally:
                 await nc.close()
         trail = await engine.store.audit_entries()
-        denied = [(e.actor, e.subject) for e in trail if e.action == "denied"]
+        # one entry per actor, reason and subject, a burst after it counted (written at stop)
+        denied = [(e.actor, e.subject, e.detail.get("repeated", 1)) for e in trail if e.action == "denied"]
         assert denied == [
-            ("unauthenticated", f"{p}.runs.start"),
-            ("unauthenticated", f"{p}.execute"),
-            ("unauthenticated", f"{p}.runs.start"),
-            (f"key:{viewer.id}", f"{p}.runs.start"),
-            ("unauthenticated", f"{p}.runs.cancel"),
+            ("unauthenticated", f"{p}.runs.start", 1),
+            ("unauthenticated", f"{p}.execute", 1),
+            ("unauthenticated", f"{p}.runs.start", 1),
+            (f"key:{viewer.id}", f"{p}.runs.start", 1),
+            ("unauthenticated", f"{p}.runs.cancel", 1),
         ]
         assert (f"key:{operator.id}", "run.start") in [(e.actor, e.action) for e in trail]
 
@@ -71,3 +72,19 @@ def test_connection_credentials_must_exist(tmp_path: Path) -> None:
     seed = tmp_path / "seed.nk"
     seed.write_text("SUAM...")
     assert connect_options(nkey_seed=str(seed)) == {"nkeys_seed": str(seed)}
+
+
+async def test_a_burst_of_anonymous_requests_is_one_counted_entry(
+    tmp_path: Path, nats_url: str, names: Names
+) -> None:
+    async with Engine(str(tmp_path / "baton.db"), poll_s=0.05, workdir=tmp_path) as engine:
+        async with NatsInterface(engine, nats_url, prefix=names.prefix, stream=names.stream) as interface:
+            nc = await nats.connect(nats_url)
+            try:
+                for _ in range(30):
+                    reply, _ = await ask(nc, f"{interface.prefix}.execute", {"task": "echo"})
+                    assert error_code(reply) == "unauthenticated"
+            finally:
+                await nc.close()
+        denied = [e for e in await engine.store.audit_entries() if e.action == "denied"]
+    assert [e.detail.get("repeated") for e in denied] == [None, 29]

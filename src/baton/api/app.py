@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from baton import audit
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
+from baton.api.limits import Denials, Limits
 from baton.api.local import YAML_TYPES, LocalOnly, allowed_hosts
 from baton.engine import Engine, Event
 from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem
@@ -133,7 +135,7 @@ class NewKey(KeyView):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 421, 422, 429, 503)
 }
 
 
@@ -160,11 +162,14 @@ def create_app(
     nats_url: str | None = None,
     nats_options: dict[str, Any] | None = None,
     hosts: frozenset[str] | None = None,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The API on ``engine`` (opened and closed with the app); with ``nats_url``, the same
     engine answers on NATS too (see :mod:`baton.api.nats`). Without ``auth``, only requests
     naming one of ``hosts`` (see :func:`baton.api.local.allowed_hosts`) from no other origin
-    are answered."""
+    are answered. ``limits``: the rate limits (see :mod:`baton.api.limits`; defaults)."""
+    limits = limits if limits is not None else Limits()
+    denials = Denials(engine.store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -183,6 +188,7 @@ def create_app(
                 await nats.stop()
             if engine.worker is not None:
                 await engine.worker.stop()
+            await denials.flush(math.inf)  # the counts of the last bursts of denials
             await engine.close()
 
     app = FastAPI(
@@ -229,24 +235,26 @@ def create_app(
                 return None
             refusal = None
             key = None
-            if credentials is None or not credentials.credentials.strip():
+            if credentials is not None and credentials.credentials.strip():
+                key = await authenticate(engine.store, credentials.credentials.strip())
+            wait = limits.key(key.id) if key is not None else limits.address(_address(request))
+            if wait is not None:
+                who = f"key {key.id}" if key is not None else "this address without a valid key"
+                message = f"too many requests from {who}: try again in {wait:g} s"
+                refusal = _Refused(429, "rate_limited", message, {"Retry-After": f"{wait:g}"})
+            elif credentials is None or not credentials.credentials.strip():
                 refusal = _Refused(
                     401, "unauthenticated", "an API key is needed: Authorization: Bearer <key>"
                 )
-            else:
-                key = await authenticate(engine.store, credentials.credentials.strip())
-                if key is None:
-                    refusal = _Refused(401, "unauthenticated", "the API key is unknown or revoked")
-                elif Role[key.role] < role:
-                    refusal = _Refused(
-                        403, "forbidden", f"a {key.role} key cannot do this: it needs {role.name}"
-                    )
+            elif key is None:
+                refusal = _Refused(401, "unauthenticated", "the API key is unknown or revoked")
+            elif Role[key.role] < role:
+                refusal = _Refused(403, "forbidden", f"a {key.role} key cannot do this: it needs {role.name}")
             if refusal is not None:
                 actor = f"key:{key.id}" if key is not None else "unauthenticated"
-                path = request.url.path
-                await audit.record(
-                    engine.store, actor, "denied", path, method=request.method, reason=refusal.message
-                )
+                reason = refusal.code if refusal.status == 429 else refusal.message
+                route = getattr(request.scope.get("route"), "path", None)  # ids apart
+                await denials.deny(actor, request.url.path, reason, place=route, method=request.method)
                 raise refusal
             assert key is not None
             request.state.actor = f"key:{key.id}"
@@ -257,7 +265,9 @@ def create_app(
 
     @app.exception_handler(_Refused)
     async def refused(_: Request, exc: _Refused) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+        response = _error(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
+        return response
 
     viewer = [Depends(require(Role.viewer))]
     operator = [Depends(require(Role.operator))]
@@ -543,9 +553,14 @@ _BEARER = HTTPBearer(auto_error=False, description="An API key (`baton keys crea
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
 
 
 _RunId = Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")

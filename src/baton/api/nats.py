@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import ssl
@@ -70,8 +71,8 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from baton import audit
 from baton.api.auth import Role, authenticate
+from baton.api.limits import Denials
 from baton.engine import Engine
 from baton.engine.events import Event
 from baton.errors import BatonError, PlanError, Problem, UnknownTask, UsageError
@@ -349,6 +350,7 @@ class NatsInterface:
         #: how this client authenticates to the NATS server (nats-py's connect options:
         #: user, password, token, user_credentials, nkeys_seed, tls)
         self.connect_options = dict(connect_options or {})
+        self._denials = Denials(engine.store)
         #: events dropped (NATS away, no acknowledgement, queue full) since start
         self.events_dropped = 0
         self._nc: NatsClient | None = None
@@ -437,6 +439,7 @@ class NatsInterface:
             if late:
                 await asyncio.wait(late, timeout=2.0)
         await self._teardown(nc)
+        await self._denials.flush(math.inf)  # the counts of the last bursts of denials
         log.info("nats interface stopped", url=self.url, events_dropped=self.events_dropped)
 
     async def _teardown(self, nc: NatsClient) -> None:
@@ -611,7 +614,7 @@ class NatsInterface:
             refusal = Forbidden(f"a {key.role} key cannot do this: it needs {needs.name}")
         if refusal is not None:
             actor = f"key:{key.id}" if key is not None else "unauthenticated"
-            await audit.record(self.engine.store, actor, "denied", msg.subject, reason=refusal.message)
+            await self._denials.deny(actor, msg.subject, refusal.message)  # a burst: one entry
             raise refusal
         assert key is not None
         return Caller(f"key:{key.id}", key.role)

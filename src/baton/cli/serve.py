@@ -13,6 +13,7 @@ from rich.text import Text
 
 from baton import audit
 from baton.api.auth import ROLES, create_key
+from baton.api.limits import DEFAULT_PER_ADDRESS, DEFAULT_PER_KEY, Limits
 from baton.cli import (
     EXIT_OK,
     DbOption,
@@ -72,6 +73,20 @@ def serve(
     llm: LlmOption = None,
     pool: PoolOption = None,
     policy: PolicyOption = None,
+    rate_limit: Annotated[
+        str,
+        typer.Option(
+            "--rate-limit", metavar="RATE", help="Requests per key, e.g. 200/second, 5000/minute, or none."
+        ),
+    ] = DEFAULT_PER_KEY,
+    rate_limit_address: Annotated[
+        str,
+        typer.Option(
+            "--rate-limit-address",
+            metavar="RATE",
+            help="Requests without a valid key, per client address (guessing keys), or none.",
+        ),
+    ] = DEFAULT_PER_ADDRESS,
     allowed_hosts: Annotated[
         list[str] | None,
         typer.Option(
@@ -89,6 +104,7 @@ def serve(
             raise UsageError(
                 f"--no-auth would open {host} to anyone: serve on a loopback address, or use keys"
             )
+        limits = Limits(rate_limit, rate_limit_address)  # a bad rate is exit 2 before anything starts
         _import_modules(modules)
         import uvicorn  # the server and the web framework load for `serve` only
 
@@ -106,6 +122,7 @@ def serve(
                 nats_url=nats,
                 nats_options=nats_options_from_env() if nats else None,
                 hosts=local_hosts(host, port, allowed_hosts or []),
+                limits=limits,
             ),
             host=host,
             port=port,
