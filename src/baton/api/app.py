@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import structlog
-import yaml
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,6 +36,7 @@ from baton.engine import Engine, Event
 from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
 from baton.metrics import Metrics
+from baton.plan.reader import Refused, Unreadable, load_json, load_yaml
 from baton.status import RunStatus
 from baton.store import ApiKey
 from baton.views import (
@@ -624,20 +624,40 @@ async def _stream(engine: Engine, run_id: str, after: Key | None) -> AsyncIterat
         unsubscribe()
 
 
+#: a body longer than this is parsed in a thread, so that the server goes on answering
+PARSE_IN_THREAD = 64 * 1024
+
+
 async def _read_plan(request: Request) -> Any:
-    """The plan in a request body: JSON, or YAML when the content type says so."""
-    body = await request.body()
-    if len(body) > MAX_BODY:
+    """The plan in a request body: JSON, or YAML when the content type says so.
+
+    The body is read no further than MAX_BODY bytes (413 past that, at once when its
+    Content-Length says so), and parsed within the bounds of :mod:`baton.plan.reader`
+    (422 for what they refuse: aliases, duplicate keys, deep nesting, huge integers...)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 15 or int(declared) > MAX_BODY):
         raise _Refused(413, "too_large", f"a plan may have at most {MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _Refused(413, "too_large", f"a plan may have at most {MAX_BODY} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body.strip():
         raise _Refused(400, "empty_body", "the body must be a plan (JSON or YAML)")
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    read = load_yaml if kind in YAML_TYPES else load_json
     try:
         text = body.decode("utf-8")
-        plan = yaml.safe_load(text) if kind in YAML_TYPES else json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
-        what = "YAML" if kind in YAML_TYPES else "JSON"
-        raise _Refused(400, "unreadable_body", f"the body is not {what}: {exc}") from None
+        plan = await asyncio.to_thread(read, text) if len(body) > PARSE_IN_THREAD else read(text)
+    except UnicodeDecodeError as exc:
+        raise _Refused(400, "unreadable_body", f"the body is not UTF-8 text: {exc}") from None
+    except Unreadable as exc:
+        raise _Refused(400, "unreadable_body", f"the body is {exc}") from None
+    except Refused as exc:
+        raise PlanError([Problem("", str(exc))]) from None
     if not isinstance(plan, dict):
         raise PlanError([Problem("", "a plan must be a mapping with 'name' and 'steps'")])
     return plan

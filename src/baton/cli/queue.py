@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import structlog
 import typer
-import yaml
 from rich import box
 from rich.table import Table
 from rich.text import Text
@@ -42,6 +41,7 @@ from baton.cli.progress import human_s, styled
 from baton.cli.prune import parse_duration
 from baton.engine import DEFAULT_LEASE_S, Engine
 from baton.errors import BatonError, StoreUnavailable, UsageError
+from baton.plan.reader import DocumentError, item_lines, load_yaml_node, read_text
 from baton.queue.cron import describe
 from baton.store import DEFAULT_DB, AttemptRecord, JobRecord, Schedule
 from baton.views import AttemptView, JobView, iso
@@ -334,43 +334,77 @@ def _print_schedules(found: list[Schedule], json_out: bool) -> None:
         _out.print(Text(f"{s.name}: {s.task} at '{s.cron}' (queue {s.queue}), next {_local(s.next_at)} UTC"))
 
 
+SCHEDULE_FIELDS = frozenset(
+    {"name", "task", "cron", "with", "queue", "catch_up_s", "priority", "max_attempts"}
+)
+
+
 async def load_schedules(engine: Engine, path: Path) -> list[Schedule]:
-    """Schedules declared in a YAML file: a list of {name, task, cron, with, queue, catch_up_s}."""
+    """Declare the schedules of a YAML file: a list of {name, task, cron, with, queue,
+    catch_up_s, priority, max_attempts}; the ones declared.
+
+    An entry that cannot be declared (a field missing, unknown or of the wrong type, a cron
+    expression that is not valid or never fires, an unknown task, a name taken by an entry
+    above) is logged with its line and skipped, and the others are declared: one mistake
+    does not stop a worker's other schedules. A file that cannot be read (not YAML, or
+    past the reader's bounds), or none of whose entries can be declared, is a UsageError.
+    """
     try:
-        entries = yaml.safe_load(await asyncio.to_thread(path.read_text, encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+        entries, root = load_yaml_node(await asyncio.to_thread(read_text, path))
+    except (OSError, UnicodeDecodeError, DocumentError) as exc:
         raise UsageError(f"cannot read schedules from {path}: {exc}") from None
     if not isinstance(entries, list):
         raise UsageError(f"{path}: expected a list of schedules")
+    lines = item_lines(root)
     out: list[Schedule] = []
+    problems: list[str] = []
+    names: dict[str, int] = {}
     for n, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not {"task", "cron"} <= set(entry):
-            raise UsageError(f"{path}: schedule {n + 1} needs at least 'task' and 'cron'")
-        unknown = set(entry) - {
-            "name",
-            "task",
-            "cron",
-            "with",
-            "queue",
-            "catch_up_s",
-            "priority",
-            "max_attempts",
-        }
-        if unknown:
-            raise UsageError(f"{path}: schedule {n + 1} has unknown field(s) {sorted(unknown)}")
-        out.append(
-            await engine.schedule(
-                str(entry["task"]),
-                cron=str(entry["cron"]),
-                inputs=entry.get("with") or {},
-                name=str(entry.get("name") or entry["task"]),
-                queue=str(entry.get("queue", "default")),
-                priority=int(entry.get("priority", 0)),
-                max_attempts=int(entry.get("max_attempts", 3)),
-                catch_up_s=float(entry.get("catch_up_s", 60.0)),
-            )
-        )
+        line = lines[n] if n < len(lines) else 0
+        try:
+            out.append(await _declare(engine, entry, line, names))
+        except UsageError as exc:
+            problems.append(f"{path}, line {line}: schedule {n + 1} {exc.message}")
+    if problems and not out:
+        raise UsageError("; ".join(problems))
+    for problem in problems:
+        log.warning("schedule skipped", problem=problem)
     return out
+
+
+async def _declare(engine: Engine, entry: Any, line: int, names: dict[str, int]) -> Schedule:
+    """One entry of a schedules file, declared; UsageError saying what is wrong with it."""
+    if not isinstance(entry, dict) or not {"task", "cron"} <= set(entry):
+        raise UsageError("needs at least 'task' and 'cron'")
+    unknown = set(entry) - SCHEDULE_FIELDS
+    if unknown:
+        raise UsageError(f"has unknown field(s) {sorted(unknown)}")
+    inputs = entry.get("with") or {}
+    if not isinstance(inputs, dict):
+        raise UsageError(f"has 'with' {inputs!r}: it must be a mapping of the task's inputs")
+    name = str(entry.get("name") or entry["task"])
+    if name in names:
+        raise UsageError(f"is named {name!r}, as the schedule on line {names[name]} is")
+    try:
+        priority, attempts = int(entry.get("priority", 0)), int(entry.get("max_attempts", 3))
+        catch_up_s = float(entry.get("catch_up_s", 60.0))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"has a field of the wrong type: {exc}") from None
+    try:
+        schedule = await engine.schedule(
+            str(entry["task"]),
+            cron=str(entry["cron"]),
+            inputs=inputs,
+            name=name,
+            queue=str(entry.get("queue", "default")),
+            priority=priority,
+            max_attempts=attempts,
+            catch_up_s=catch_up_s,
+        )
+    except UsageError as exc:
+        raise UsageError(f"cannot be declared: {exc.message}") from None
+    names[name] = line
+    return schedule
 
 
 # -- the worker ------------------------------------------------------------------------------

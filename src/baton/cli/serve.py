@@ -34,6 +34,7 @@ from baton.cli import (
 )
 from baton.engine import DEFAULT_LEASE_S
 from baton.errors import UsageError
+from baton.plan.validate import MAX_PLAN_STEPS
 from baton.policy import Policy
 from baton.store import DEFAULT_DB
 from baton.views import KeyView
@@ -95,6 +96,9 @@ def serve(
             help="With --no-auth: another name this server answers to (besides its address and localhost).",
         ),
     ] = None,
+    max_plan_steps: Annotated[
+        int, typer.Option("--max-plan-steps", min=1, metavar="N", help="Refuse plans of more than N steps.")
+    ] = MAX_PLAN_STEPS,
 ) -> None:
     """Serve the REST API (under /api/v1, OpenAPI at /docs), with a worker in this process."""
     session = _Session(False, db)
@@ -113,6 +117,7 @@ def serve(
         from baton.api.nats import options_from_env as nats_options_from_env
 
         engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
+        engine.max_plan_steps = max_plan_steps
         if policy is not None:
             engine.policy = Policy.load(policy)
         config = uvicorn.Config(

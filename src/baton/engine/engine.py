@@ -31,7 +31,7 @@ from baton.llm.gateway import Gateway
 from baton.llm.tasks import make_llm_tasks
 from baton.plan.analysis import analyze
 from baton.plan.model import Plan, Step
-from baton.plan.validate import load_plan, parse_plan, validate_plan
+from baton.plan.validate import MAX_PLAN_STEPS, load_plan, parse_plan, validate_plan
 from baton.policy import Policy
 from baton.queue.cron import cron_problem, fire_due, next_tick
 from baton.secrets import Redactor
@@ -143,6 +143,7 @@ class Engine:
         retention_s: float | None = None,
         policy: Policy | str | Path | None = None,
         http_allow: Sequence[str] | None = None,
+        max_plan_steps: int = MAX_PLAN_STEPS,
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         self.registry = registry or Registry.default()
@@ -163,6 +164,8 @@ class Engine:
         self.queues = queues
         self.workdir = Path(workdir) if workdir is not None else Path.cwd()
         self.measure_latency = measure_latency
+        #: a plan with more steps is refused before any step is looked at
+        self.max_plan_steps = max_plan_steps
         #: what API callers may run, by the role of their key (local callers are not checked)
         self.policy = (
             policy if isinstance(policy, Policy) else Policy() if policy is None else Policy.load(policy)
@@ -265,17 +268,17 @@ class Engine:
         """A validated plan from a Plan, plain data, a file path or YAML/JSON text."""
         self.registry.refresh()
         if isinstance(source, Plan):
-            return validate_plan(source, self.registry)
+            return validate_plan(source, self.registry, max_steps=self.max_plan_steps)
         if isinstance(source, Path):
-            return load_plan(source, self.registry)
+            return load_plan(source, self.registry, max_steps=self.max_plan_steps)
         if isinstance(source, str):
             text = source.lstrip()
             if "\n" not in text and not text.startswith(("{", "name:")):
-                return load_plan(source, self.registry)
+                return load_plan(source, self.registry, max_steps=self.max_plan_steps)
             from baton.plan.validate import read_plan_text
 
-            return parse_plan(read_plan_text(source), self.registry)
-        return parse_plan(source, self.registry)
+            return parse_plan(read_plan_text(source), self.registry, max_steps=self.max_plan_steps)
+        return parse_plan(source, self.registry, max_steps=self.max_plan_steps)
 
     async def submit(
         self,

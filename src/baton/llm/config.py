@@ -24,13 +24,13 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from baton.errors import UsageError
 from baton.llm.prices import Price
 from baton.llm.rules import RuleConfig
 from baton.llm.rules import problems as rule_problems
+from baton.plan.reader import DocumentError, load_yaml, read_text
 
 HOSTED = {
     "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
@@ -129,10 +129,10 @@ class LLMConfig(BaseModel):
     def load(cls, path: str | Path) -> LLMConfig:
         p = Path(path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = load_yaml(read_text(p)) or {}
         except FileNotFoundError:
             raise UsageError(f"LLM config {p} does not exist") from None
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, DocumentError) as exc:
             raise UsageError(f"LLM config {p} cannot be read: {exc}") from None
         if not isinstance(data, dict):
             raise UsageError(f"LLM config {p}: expected a mapping with 'models'")

@@ -1,7 +1,9 @@
 """References between steps: ``${{ steps.<id>.output.field[0] }}`` inside step inputs.
 
 A string that is exactly one reference takes the referenced value as it is (any JSON
-type); a reference embedded in a longer string is interpolated as text.
+type); a reference embedded in a longer string is interpolated as text. A reference runs
+from ``${{`` to the first ``}}`` after it; strings are scanned once, in linear time (the
+regular expression this replaced took 30 s on ``${{`` and 4,000 spaces).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_EXPR = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
+_OPEN, _CLOSE = "${{", "}}"
 _REF = re.compile(r"^steps\.([a-z0-9_-]+)\.output((?:\.[A-Za-z0-9_-]+|\[\d+\])*)$")
 _SEGMENT = re.compile(r"\.([A-Za-z0-9_-]+)|\[(\d+)\]")
 
@@ -68,11 +70,24 @@ def iter_strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
             yield from iter_strings(item, f"{where}[{i}]")
 
 
+def _spans(text: str) -> list[tuple[int, int, str]]:
+    """Each reference in ``text``: where it starts, where it ends, its expression."""
+    out: list[tuple[int, int, str]] = []
+    start = text.find(_OPEN)
+    while start >= 0:
+        end = text.find(_CLOSE, start + len(_OPEN))
+        if end < 0:
+            break
+        out.append((start, end + len(_CLOSE), text[start + len(_OPEN) : end].strip()))
+        start = text.find(_OPEN, end + len(_CLOSE))
+    return out
+
+
 def find_refs(text: str) -> list[str]:
     """The expressions inside ``${{ }}`` in ``text``."""
-    if "${{" not in text:
+    if _OPEN not in text:
         return []
-    return _EXPR.findall(text)
+    return [expr for _, _, expr in _spans(text)]
 
 
 def referenced_steps(value: Any) -> set[str]:
@@ -87,12 +102,18 @@ def has_refs(value: Any) -> bool:
 def resolve(value: Any, lookup: Callable[[Ref], Any]) -> Any:
     """A copy of ``value`` with every reference replaced through ``lookup``."""
     if isinstance(value, str):
-        if "${{" not in value:
+        if _OPEN not in value:
             return value
-        whole = _EXPR.fullmatch(value)
-        if whole is not None and "${{" not in whole.group(1):
-            return lookup(parse_ref(whole.group(1)))
-        return _EXPR.sub(lambda m: _as_text(lookup(parse_ref(m.group(1)))), value)
+        spans = _spans(value)
+        if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] == len(value):
+            return lookup(parse_ref(spans[0][2]))
+        out: list[str] = []
+        done = 0
+        for start, end, expr in spans:
+            out += (value[done:start], _as_text(lookup(parse_ref(expr))))
+            done = end
+        out.append(value[done:])
+        return "".join(out)
     if isinstance(value, Mapping):
         return {k: resolve(v, lookup) for k, v in value.items()}
     if isinstance(value, list):

@@ -3,21 +3,24 @@
 Type problems come from the pydantic model (each step is checked on its own, so one bad
 step does not hide the others); graph and reference problems are checked on the steps
 that parsed. A plan with any problem raises :class:`PlanError` listing all of them.
+
+Text is read within the bounds of :mod:`baton.plan.reader`, and a plan has at most
+``max_steps`` steps (MAX_PLAN_STEPS unless the engine says otherwise), counted before any
+step is looked at.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from baton.errors import PlanError, Problem
-from baton.plan.dag import find_cycle, topo_order
+from baton.plan.dag import find_cycle, topo_order, transitive_needs
 from baton.plan.model import Plan, Step
+from baton.plan.reader import DocumentError, load_json, load_yaml, read_text
 from baton.plan.refs import RefSyntaxError, find_refs, iter_strings, parse_ref
 from baton.tasks.registry import Registry
 from baton.validators import option_problems
@@ -34,35 +37,44 @@ def _pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
     return [Problem(_where(e["loc"], prefix), e["msg"]) for e in exc.errors()]
 
 
+#: the most steps a plan may have unless the engine allows another number (max_plan_steps)
+MAX_PLAN_STEPS = 100_000
+
+
 def read_plan_text(text: str, source: str | None = None) -> Any:
-    """Parse YAML (JSON is YAML too, but is parsed by json for speed and exact errors)."""
-    stripped = text.lstrip()
+    """Parse YAML (JSON is YAML too, but is parsed by json for speed and exact errors),
+    within the reader's bounds: aliases, duplicate keys, NUL characters, deep nesting and
+    integers past 64 bits are refused."""
     try:
-        if stripped.startswith("{"):
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError([Problem("", f"not valid JSON: {exc}")], source) from None
-    except yaml.YAMLError as exc:
-        raise PlanError([Problem("", f"not valid YAML: {exc}")], source) from None
+        if text.lstrip().startswith("{"):
+            return load_json(text)
+        return load_yaml(text)
+    except DocumentError as exc:
+        raise PlanError([Problem("", str(exc))], source) from None
 
 
-def load_plan(path: str | Path, registry: Registry) -> Plan:
+def load_plan(path: str | Path, registry: Registry, *, max_steps: int = MAX_PLAN_STEPS) -> Plan:
     """Read, parse and validate a plan file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p)
     except FileNotFoundError:
         raise PlanError([Problem("", f"no such file: {p}")], str(p)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, DocumentError) as exc:
         raise PlanError([Problem("", f"cannot read {p}: {exc}")], str(p)) from None
-    return parse_plan(read_plan_text(text, str(p)), registry, source=str(p))
+    return parse_plan(read_plan_text(text, str(p)), registry, source=str(p), max_steps=max_steps)
 
 
-def parse_plan(raw: Any, registry: Registry, source: str | None = None) -> Plan:
+def _too_many(count: int, max_steps: int) -> Problem:
+    return Problem("steps", f"{count} steps; a plan may have at most {max_steps} (max_plan_steps)")
+
+
+def parse_plan(
+    raw: Any, registry: Registry, source: str | None = None, *, max_steps: int = MAX_PLAN_STEPS
+) -> Plan:
     """Validate a plan given as plain data (the parsed file); raise PlanError with all problems."""
     if isinstance(raw, Plan):
-        return validate_plan(raw, registry, source)
+        return validate_plan(raw, registry, source, max_steps=max_steps)
     if not isinstance(raw, Mapping):
         raise PlanError([Problem("", "a plan must be a mapping with 'name' and 'steps'")], source)
     problems: list[Problem] = []
@@ -73,6 +85,8 @@ def parse_plan(raw: Any, registry: Registry, source: str | None = None) -> Plan:
         problems.append(Problem("steps", "required: a list of steps"))
     elif not steps_raw:
         problems.append(Problem("steps", "a plan needs at least one step"))
+    elif len(steps_raw) > max_steps:  # before any step is looked at
+        raise PlanError([_too_many(len(steps_raw), max_steps)], source)
     else:
         for i, s in enumerate(steps_raw):
             try:
@@ -94,8 +108,12 @@ def parse_plan(raw: Any, registry: Registry, source: str | None = None) -> Plan:
     return plan.model_copy(update={"steps": steps})
 
 
-def validate_plan(plan: Plan, registry: Registry, source: str | None = None) -> Plan:
+def validate_plan(
+    plan: Plan, registry: Registry, source: str | None = None, *, max_steps: int = MAX_PLAN_STEPS
+) -> Plan:
     """Check a plan built in Python; the model already holds the types."""
+    if len(plan.steps) > max_steps:
+        raise PlanError([_too_many(len(plan.steps), max_steps)], source)
     problems = graph_problems(plan.steps, registry)
     if not plan.steps:
         problems.insert(0, Problem("steps", "a plan needs at least one step"))
@@ -152,14 +170,21 @@ def graph_problems(
                 mine.append(index[need])
         needs.append(mine)
 
-    _, leftover = topo_order(needs)  # Kahn leaves the nodes on (or behind) cycles
+    order, leftover = topo_order(needs)  # Kahn leaves the nodes on (or behind) cycles
     if leftover:
         cycle = find_cycle(needs, leftover)
         path = " -> ".join(steps[i].id for i in cycle)
         problems.append(Problem("steps", f"cycle: {path}"))
 
-    # Only references need the transitive closure; plans without inputs skip it.
-    ancestors = None if leftover or not any(s.inputs for s in steps) else _ancestors(needs)
+    # Every reference first (step, where, what is wrong or "", the step named or -1), so
+    # that whether each names a transitive need is answered for all of them at once.
+    refs: list[tuple[int, str, str, int]] = []
+    for i, step in enumerate(steps):
+        if step.inputs:
+            _references(refs, i, step, index)
+    asked = [(i, target) for i, _, _, target in refs if target >= 0]
+    reached = iter(transitive_needs(needs, asked, order) if asked else [])
+    ref_at = 0
     tasks = {name: registry.get(name) for name in {s.task for s in steps} if name in registry}
     hinted = False
     for i, step in enumerate(steps):
@@ -184,68 +209,30 @@ def graph_problems(
             for j, v in enumerate(step.validate_):
                 for message in option_problems(v.kind, v.model_dump()):
                     problems.append(Problem(f"{where}.validate[{j}]", message))
-        if step.inputs:
-            problems += _reference_problems(step, where, index, needs, ancestors)
+        while ref_at < len(refs) and refs[ref_at][0] == i:
+            _, loc, message, target = refs[ref_at]
+            ref_at += 1
+            if target < 0:
+                problems.append(Problem(loc, message))
+            elif not next(reached):
+                named = steps[target].id
+                unreached = f"step {step.id!r} references {named!r} but does not (transitively) need it"
+                problems.append(Problem(loc, unreached))
     return problems
 
 
-def _ancestors(needs: list[list[int]]) -> list[frozenset[int]] | None:
-    """Transitive needs of each node (for an acyclic graph), or None when too large to hold.
-
-    Reference checks only ask about steps named in references, so for big plans (and
-    cyclic ones) the check walks needs on demand instead (see _reaches).
-    """
-    if len(needs) > 2000:
-        return None
-    order, _ = topo_order(needs)
-    out: list[frozenset[int]] = [frozenset()] * len(needs)
-    for node in order:
-        acc: set[int] = set()
-        for j in needs[node]:
-            acc.add(j)
-            acc |= out[j]
-        out[node] = frozenset(acc)
-    return out
-
-
-def _reaches(needs: list[list[int]], start: int, target: int) -> bool:
-    seen = {start}
-    stack = [start]
-    while stack:
-        for j in needs[stack.pop()]:
-            if j == target:
-                return True
-            if j not in seen:
-                seen.add(j)
-                stack.append(j)
-    return False
-
-
-def _reference_problems(
-    step: Step,
-    where: str,
-    index: Mapping[str, int],
-    needs: list[list[int]],
-    ancestors: list[frozenset[int]] | None,
-) -> list[Problem]:
-    problems: list[Problem] = []
-    me = index.get(step.id)
-    for loc, text in iter_strings(step.inputs, f"{where}.with"):
+def _references(out: list[tuple[int, str, str, int]], i: int, step: Step, index: Mapping[str, int]) -> None:
+    """Add each reference in step ``i``'s inputs to ``out``: where it is, and either what
+    is wrong with it (and -1) or the index of the step it names."""
+    for loc, text in iter_strings(step.inputs, f"steps[{i}].with"):
         for expr in find_refs(text):
             try:
                 ref = parse_ref(expr)
             except RefSyntaxError as exc:
-                problems.append(Problem(loc, str(exc)))
+                out.append((i, loc, str(exc), -1))
                 continue
             target = index.get(ref.step)
             if target is None:
-                problems.append(Problem(loc, f"reference to unknown step {ref.step!r}"))
-            elif me is not None and not (
-                target in ancestors[me] if ancestors is not None else _reaches(needs, me, target)
-            ):
-                problems.append(
-                    Problem(
-                        loc, f"step {step.id!r} references {ref.step!r} but does not (transitively) need it"
-                    )
-                )
-    return problems
+                out.append((i, loc, f"reference to unknown step {ref.step!r}", -1))
+            else:
+                out.append((i, loc, "", target))

@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from croniter import CroniterBadCronError, croniter
+from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 
 from baton.store.base import NewJob, Schedule, Store
 
@@ -25,16 +25,21 @@ MAX_CATCH_UP_TICKS = 100
 
 
 def cron_problem(expr: str) -> str | None:
-    """Why ``expr`` is not a cron expression we accept, or None."""
+    """Why ``expr`` is not a cron expression we accept, or None: one that never fires
+    (``0 0 30 2 *``) is refused too, since its next tick cannot be set."""
     if not isinstance(expr, str) or not expr.strip():
         return "a cron expression is required, such as '*/5 * * * *'"
     fields = expr.split()
     if len(fields) not in (5, 6):
         return f"cron expression {expr!r} has {len(fields)} fields; it needs 5 (or 6 with seconds)"
     try:
-        croniter(expr, 0.0)
+        it = croniter(expr, datetime.fromtimestamp(time.time(), UTC))
     except (CroniterBadCronError, ValueError, KeyError) as exc:
         return f"cron expression {expr!r} is not valid: {exc}"
+    try:
+        it.get_next(float)
+    except CroniterBadDateError:  # croniter looks a bounded number of years ahead
+        return f"cron expression {expr!r} never fires: no date matches it"
     return None
 
 
