@@ -21,6 +21,7 @@ import hashlib
 import json
 import random
 import re
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -258,7 +259,7 @@ class PostgresStore:
         if self._pool is None:
             raise StoreError("store is not open")
         try:
-            async with self._pool.connection() as conn:
+            async with self._live_connection(self._pool) as conn:
                 yield conn
         except PoolTimeout as exc:
             # Every connection busy, or none could be opened (the pool keeps trying).
@@ -268,6 +269,29 @@ class PostgresStore:
         except psycopg.OperationalError as exc:
             error = StoreUnavailable if _unavailable(exc) else StoreError
             raise error(f"database error: {exc}") from None
+
+    @asynccontextmanager
+    async def _live_connection(self, pool: AsyncConnectionPool[Connection]) -> AsyncIterator[Connection]:
+        """A connection of the pool that the server has not closed while it sat idle.
+
+        A restart or a failover of the server closes every idle connection of the pool,
+        which the pool hands out unchecked: each would fail the call it serves, one after
+        the other (and a client that calls less often than the server restarts would be
+        handed nothing else, the pool being a queue). A closed connection has something to
+        read (the server's goodbye, or the end of the stream), which one poll of its socket
+        tells, with no round trip; only then is it tested, and when dead, closed (the pool
+        opens another in its place) and the next one taken, with no backoff in between
+        (the pool's own ``check=`` hook backs off a second and more between failed checks:
+        seconds lost after each restart with a pool of dead connections).
+        """
+        for _ in range(self.pool_size):
+            async with pool.connection() as conn:
+                if await _alive(conn):
+                    yield conn
+                    return
+        # as many dead ones in a row as the pool holds: what the pool gives now is new
+        async with pool.connection() as conn:
+            yield conn
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Cursor]:
@@ -1080,6 +1104,35 @@ def _one(row: Row | None) -> Row:
     if row is None:
         raise NotFound("the run vanished while it was being read")
     return row
+
+
+async def _alive(conn: Connection) -> bool:
+    """Whether an idle pooled connection still works; False after closing it.
+
+    An idle connection that has something to read was (almost surely) closed by the server;
+    a stray notice aside, which the empty query of the test reads away. One that has nothing
+    to read is taken as live: a server unreachable without a word (a partition, a machine
+    gone) shows only when a call times out, as before.
+    """
+    if conn.closed:
+        return False
+    try:
+        if not _readable(conn.pgconn.socket):
+            return True
+        await conn.execute("")
+        return True
+    except psycopg.Error:
+        await conn.close()
+        return False
+
+
+def _readable(fd: int) -> bool:
+    """Whether a socket has data (or its end) waiting, without waiting."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # (Windows: no poll; sockets select)
 
 
 def _unavailable(exc: Exception) -> bool:
