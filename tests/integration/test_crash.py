@@ -169,6 +169,25 @@ def test_a_later_baton_run_finishes_the_orphaned_run(
     _check_finished(db, log, run_id, ids, committed)
 
 
+def _freeze_outside_a_transaction(proc: subprocess.Popen[bytes], db: Path) -> None:
+    """SIGSTOP ``proc`` at a moment it holds no write lock on ``db``: a process frozen inside
+    a SQLite write transaction blocks every other writer of the file (what SQLite is), which
+    is not the fault under test here, a holder frozen past its lease."""
+    for _ in range(50):
+        os.kill(proc.pid, signal.SIGSTOP)
+        con = sqlite3.connect(db, timeout=0.05, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.02)
+        finally:
+            con.close()
+    raise AssertionError("the run held the database's write lock at every try")
+
+
 def test_a_frozen_holders_late_write_is_rejected(
     setup: tuple[Path, Path, Path, dict[str, str], list[str]], tmp_path: Path
 ) -> None:
@@ -191,7 +210,7 @@ def test_a_frozen_holders_late_write_is_rejected(
     )
     try:
         _wait_for_lines(log, 2, first)
-        os.kill(first.pid, signal.SIGSTOP)
+        _freeze_outside_a_transaction(first, db)
         con = sqlite3.connect(db)
         try:
             ((run_id,),) = con.execute("SELECT id FROM runs").fetchall()
