@@ -74,9 +74,8 @@ def start(db: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(
-                f"baton serve exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
-            )
+            _, err = proc.communicate()
+            raise AssertionError(f"baton serve exited {proc.returncode}: {err}")
         try:
             if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
                 return proc, url

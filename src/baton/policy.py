@@ -13,9 +13,16 @@ declare more), never ``shell``, ``python`` or those validators; an admin key gra
 ``admin`` too, which may use everything. A policy file changes that::
 
     roles:
-      tester: {capabilities: [pure, llm, http, shell]}   # tests may run programs
+      tester:                                 # tests may run these programs
+        capabilities: [pure, llm, http, shell]
+        programs: [pytest, make, git]         # by name, on PATH; "*": any
+        limits: {cpu_s: 1800, memory_mb: 8192}  # the most a step may ask for
     keys:
-      operator: [coder, tester, critic]                  # the first is the default
+      operator: [coder, tester, critic]       # the first is the default
+
+The steps of a key holder's run are confined (:mod:`baton.sandbox`): ``programs`` is what
+a role may start (without it: any program but shells and interpreters), ``limits`` the
+maxima of the resource limits its steps may ask for (default :data:`DEFAULT_LIMITS`).
 
 Callers on the local machine (the command line, the Python API) are not checked: they
 can already run anything as themselves.
@@ -31,7 +38,9 @@ from typing import Any
 import yaml
 
 from baton.errors import Problem, UsageError
-from baton.plan.model import Plan
+from baton.plan.model import Plan, Step
+from baton.plan.refs import has_refs
+from baton.sandbox import DEFAULT_LIMITS, DEFAULT_TIMEOUT_S, Confinement, limit_problems
 from baton.tasks.registry import CAPABILITIES, Registry
 
 #: the step roles a plan may name (baton.plan.model.Step.role)
@@ -41,6 +50,7 @@ KEY_ROLES = ("viewer", "operator", "admin")
 VALIDATOR_NEEDS = {"python": "python", "command": "shell"}
 
 _SAFE = frozenset({"pure", "llm", "http"})
+_NO_MAXIMA = {name: 1 << 40 for name in DEFAULT_LIMITS}
 DEFAULT_ROLES: dict[str, frozenset[str]] = {
     "coder": _SAFE,
     "tester": _SAFE,
@@ -54,12 +64,19 @@ DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the programs each role may start in a confined step (None: any but interpreters)
+DEFAULT_PROGRAMS: dict[str, tuple[str, ...] | None] = {"admin": ("*",)}
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Capabilities by step role, and the step roles each key role may grant."""
+    """Capabilities by step role, and the step roles each key role may grant; for
+    confined steps, the programs each role may start and its limits' maxima."""
 
     roles: Mapping[str, frozenset[str]] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     keys: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_KEYS))
+    programs: Mapping[str, tuple[str, ...] | None] = field(default_factory=lambda: dict(DEFAULT_PROGRAMS))
+    maxima: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -75,6 +92,8 @@ class Policy:
         if not isinstance(data, dict) or set(data) - {"roles", "keys"}:
             raise UsageError(f"{source}: a policy is a mapping with 'roles' and 'keys'")
         roles = dict(DEFAULT_ROLES)
+        programs = dict(DEFAULT_PROGRAMS)
+        maxima: dict[str, Mapping[str, int]] = {}
         for name, spec in (data.get("roles") or {}).items():
             caps = spec.get("capabilities") if isinstance(spec, dict) else None
             if name not in STEP_ROLES or not isinstance(caps, list):
@@ -82,10 +101,31 @@ class Policy:
                     f"{source}: roles.{name}: a role is one of {', '.join(STEP_ROLES)}"
                     " with a list of capabilities"
                 )
-            unknown = sorted(set(map(str, caps)) - set(CAPABILITIES))
+            assert isinstance(spec, dict)
+            unknown = sorted(set(map(str, caps)) - set(CAPABILITIES)) + sorted(
+                set(spec) - {"capabilities", "programs", "limits"}
+            )
             if unknown:
-                raise UsageError(f"{source}: roles.{name}: unknown capabilities {unknown}")
+                raise UsageError(f"{source}: roles.{name}: unknown capabilities or settings {unknown}")
             roles[name] = frozenset(map(str, caps))
+            if "programs" in spec:
+                listed = spec["programs"]
+                bad = (
+                    [p for p in listed if not isinstance(p, str) or not p]
+                    if isinstance(listed, list)
+                    else [listed]
+                )
+                if bad:
+                    raise UsageError(
+                        f"{source}: roles.{name}.programs: a list of program names or paths, which"
+                        f" {', '.join(map(repr, bad))} is not (quote a name YAML reads as something else)"
+                    )
+                programs[name] = tuple(listed)
+            if "limits" in spec:
+                problems = limit_problems(spec["limits"], _NO_MAXIMA)
+                if problems:
+                    raise UsageError(f"{source}: roles.{name}.limits: {'; '.join(problems)}")
+                maxima[name] = {**DEFAULT_LIMITS, **spec["limits"]}
         keys = dict(DEFAULT_KEYS)
         for name, grants in (data.get("keys") or {}).items():
             if name not in KEY_ROLES or not isinstance(grants, list) or not set(grants) <= set(STEP_ROLES):
@@ -94,7 +134,7 @@ class Policy:
                     f" step roles ({', '.join(STEP_ROLES)})"
                 )
             keys[name] = tuple(grants)
-        return cls(roles, keys)
+        return cls(roles, keys, programs, maxima)
 
     def check_plan(self, plan: Plan, registry: Registry, key_role: str) -> list[Problem]:
         """What in ``plan`` a caller with a ``key_role`` key may not run (empty: all of it)."""
@@ -118,7 +158,26 @@ class Policy:
                         f"{_validators(step.validate_)}), which role {role!r} may not use",
                     )
                 )
+                continue
+            confinement = self.confinement(role, Path("/"), None)
+            problems += [
+                Problem(where, f"step {step.id!r}: {p}") for p in _program_problems(step, confinement)
+            ]
         return problems
+
+    def confinement(
+        self,
+        role: str | None,
+        workspace: Path,
+        user: tuple[int, int] | None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> Confinement:
+        """What a confined step of ``role`` runs in (None: a local plan's, which may
+        start any program)."""
+        maxima = self.maxima.get(role, DEFAULT_LIMITS) if role else DEFAULT_LIMITS
+        limits = {name: min(value, maxima.get(name, value)) for name, value in DEFAULT_LIMITS.items()}
+        programs = self.programs.get(role) if role else ("*",)
+        return Confinement(workspace, user, programs, limits, maxima, timeout_s)
 
     def check_task(self, task: str, registry: Registry, key_role: str) -> list[Problem]:
         """Whether a caller with a ``key_role`` key may call ``task`` directly (as a job)."""
@@ -139,6 +198,22 @@ class Policy:
         return set(definition.needs) if definition is not None else {"pure"}
 
 
+def _program_problems(step: Step, confinement: Confinement) -> list[str]:
+    """What the programs a step names (when written out, not references) may not run."""
+    found: list[str] = []
+    if step.task == "shell":
+        argv, limits = step.inputs.get("argv"), step.inputs.get("limits")
+        if isinstance(argv, list) and argv and isinstance(argv[0], str) and not has_refs(argv[0]):
+            found += confinement.check(argv[0])
+        if limits is not None and not has_refs(limits):
+            found += limit_problems(limits, confinement.maxima)
+    for validator in step.validate_:
+        argv = (validator.model_extra or {}).get("argv")
+        if validator.kind == "command" and isinstance(argv, list) and argv and isinstance(argv[0], str):
+            found += [f"command validator: {p}" for p in confinement.check(argv[0])]
+    return found
+
+
 def _a(role: str) -> str:
     return f"an {role}" if role[:1] in "aeiou" else f"a {role}"
 
@@ -148,4 +223,4 @@ def _validators(validators: Any) -> str:
     return f", validators {', '.join(kinds)}" if kinds else ""
 
 
-__all__ = ["DEFAULT_KEYS", "DEFAULT_ROLES", "KEY_ROLES", "STEP_ROLES", "Policy"]
+__all__ = ["DEFAULT_KEYS", "DEFAULT_PROGRAMS", "DEFAULT_ROLES", "KEY_ROLES", "STEP_ROLES", "Policy"]

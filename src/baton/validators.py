@@ -16,7 +16,6 @@ a message, or True/False/None).
 from __future__ import annotations
 
 import ast
-import asyncio
 import importlib
 import inspect
 import json
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
+
+from baton.sandbox import Confinement
 
 Severity = Literal["critical", "error", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "error", "warning", "info")
@@ -49,7 +50,15 @@ class Issue:
         return {"severity": self.severity, "kind": self.kind, "message": self.message}
 
 
-Check = Callable[[Any, Mapping[str, Any], Path], Awaitable[list[str]]]
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Where a step's checks run: its working directory, its confinement if any."""
+
+    cwd: Path
+    confinement: Confinement | None = None
+
+
+Check = Callable[[Any, Mapping[str, Any], Where], Awaitable[list[str]]]
 
 
 def _text(value: Any, kind: str) -> str:
@@ -62,7 +71,7 @@ class _Wrong(Exception):
     """The value is not of a type the check can read."""
 
 
-async def _python_syntax(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+async def _python_syntax(value: Any, _opts: Mapping[str, Any], _where: Where) -> list[str]:
     try:
         ast.parse(_text(value, "python_syntax"))
     except SyntaxError as exc:
@@ -70,7 +79,7 @@ async def _python_syntax(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> li
     return []
 
 
-async def _json(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+async def _json(value: Any, _opts: Mapping[str, Any], _where: Where) -> list[str]:
     try:
         json.loads(_text(value, "json"))
     except json.JSONDecodeError as exc:
@@ -78,7 +87,7 @@ async def _json(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> list[str]:
     return []
 
 
-async def _json_schema(value: Any, opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+async def _json_schema(value: Any, opts: Mapping[str, Any], _where: Where) -> list[str]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -92,51 +101,67 @@ async def _json_schema(value: Any, opts: Mapping[str, Any], _cwd: Path) -> list[
     return problems[:10]
 
 
-async def _regex(value: Any, opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+async def _regex(value: Any, opts: Mapping[str, Any], _where: Where) -> list[str]:
     pattern = str(opts["pattern"])
     if re.search(pattern, _text(value, "regex")) is None:
         return [f"output does not match {pattern!r}"]
     return []
 
 
-async def _not_empty(value: Any, _opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+async def _not_empty(value: Any, _opts: Mapping[str, Any], _where: Where) -> list[str]:
     empty = value is None or (isinstance(value, str | list | dict) and not value)
     return ["output is empty"] if empty else []
 
 
-async def _command(value: Any, opts: Mapping[str, Any], cwd: Path) -> list[str]:
+async def _command(value: Any, opts: Mapping[str, Any], where: Where) -> list[str]:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     argv = [str(a) for a in opts["argv"]]
     timeout = float(opts.get("timeout_s", COMMAND_TIMEOUT_S))
-    with tempfile.TemporaryDirectory(prefix="baton-check-") as tmp:
-        path = Path(tmp) / str(opts.get("filename", "output.txt"))
+    name = str(opts.get("filename", "output.txt"))
+    problem = _filename_problem(name)
+    if problem:
+        return [problem]
+    confined = where.confinement
+    # a confined check's file is in its run's workspace, where its user may read it
+    with tempfile.TemporaryDirectory(
+        prefix=".baton-check-", dir=confined.workspace if confined else None
+    ) as tmp:
+        path = Path(tmp) / name
         uses_file = any("{file}" in a for a in argv)
         if uses_file:
             path.write_text(text, encoding="utf-8")
-            argv = [a.replace("{file}", str(path)) for a in argv]
-        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+            # relative to the workspace (its cwd) for a confined check: its user may not pass
+            # through the directories above it
+            given = f"{Path(tmp).name}/{name}" if confined else str(path)
+            argv = [a.replace("{file}", given) for a in argv]
+            if confined is not None and confined.user is not None:
+                os.chown(tmp, *confined.user)
+                os.chown(path, *confined.user)
+        env = (
+            confined.env()
+            if confined
+            else {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+        )
+        from baton.errors import TaskFailed
+        from baton.tasks.builtins import run_program
+
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL if uses_file else asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+            code, out, err = await run_program(
+                "command", argv, where.cwd, env, None if uses_file else text, timeout, confined
             )
-        except OSError as exc:
-            return [f"cannot run {argv[0]!r}: {exc.strerror or exc}"]
-        try:
-            async with asyncio.timeout(timeout):
-                out, _ = await proc.communicate(None if uses_file else text.encode())
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return [f"{argv[0]} ran past {timeout}s"]
-    if proc.returncode == 0:
+        except TaskFailed as exc:
+            return [exc.message.removeprefix("command: ")]
+    if code == 0:
         return []
-    tail = out.decode("utf-8", "replace").strip().splitlines()[-8:]
-    return [f"{argv[0]} exited with {proc.returncode}" + (": " + " / ".join(tail) if tail else "")]
+    tail = (out + err).strip().splitlines()[-8:]
+    return [f"{argv[0]} exited with {code}" + (": " + " / ".join(tail) if tail else "")]
+
+
+def _filename_problem(name: str) -> str | None:
+    """Why ``name`` may not be the command validator's file name (a plain name only)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return f"command validator 'filename' must be a plain file name, not {name!r}"
+    return None
 
 
 def _import(path: str) -> Callable[..., Any]:
@@ -149,7 +174,7 @@ def _import(path: str) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-async def _python(value: Any, opts: Mapping[str, Any], _cwd: Path) -> list[str]:
+async def _python(value: Any, opts: Mapping[str, Any], _where: Where) -> list[str]:
     verdict = _import(str(opts["function"]))(value)
     if inspect.isawaitable(verdict):
         verdict = await verdict
@@ -206,6 +231,14 @@ def option_problems(kind: str, opts: Mapping[str, Any]) -> list[str]:
         argv = opts.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             problems.append("command validator needs 'argv': a non-empty list of strings")
+        filename = opts.get("filename", "output.txt")
+        problem = (
+            _filename_problem(filename)
+            if isinstance(filename, str)
+            else "command validator 'filename' must be text"
+        )
+        if problem:
+            problems.append(problem)
     elif kind == "python":
         function = opts.get("function")
         if not isinstance(function, str):
@@ -226,14 +259,18 @@ def _pick(output: Any, field: Any) -> Any:
     return value
 
 
-async def run_checks(output: Any, validators: Sequence[Mapping[str, Any]], cwd: Path) -> list[Issue]:
-    """Every issue the validators find in ``output`` (empty when all pass)."""
+async def run_checks(
+    output: Any, validators: Sequence[Mapping[str, Any]], cwd: Path, confinement: Confinement | None = None
+) -> list[Issue]:
+    """Every issue the validators find in ``output`` (empty when all pass); programs
+    (the command validator) run in ``cwd``, confined like the step's when it is."""
+    where = Where(cwd, confinement)
     issues: list[Issue] = []
     for spec in validators:
         kind = str(spec["kind"])
         severity = str(spec.get("severity", "error"))
         try:
-            messages = await CHECKS[kind](_pick(output, spec.get("field")), spec, cwd)
+            messages = await CHECKS[kind](_pick(output, spec.get("field")), spec, where)
         except _Wrong as exc:
             messages = [str(exc)]
         except Exception as exc:  # a user's check that breaks is an issue, not a crash

@@ -67,6 +67,14 @@ def test_roles_a_key_may_not_grant_are_refused_and_a_policy_can_grant_more(tmp_p
     file = tmp_path / "policy.yaml"
     file.write_text("roles:\n  tester: {capabilities: [pure, llm, http, shell]}\n")
     granted = Policy.load(file)
+    # shell granted, but not shells and interpreters unless the policy lists them
+    assert check(plan({**SHELL, "role": "tester"}), "operator", granted) == [
+        "steps[0]: step 'sh': 'sh' runs whatever it is given;"
+        " the role may start it only if its policy names it"
+    ]
+    assert check(plan({**SHELL, "role": "tester", "with": {"argv": ["true"]}}), "operator", granted) == []
+    file.write_text("roles:\n  tester: {capabilities: [pure, llm, http, shell], programs: [sh]}\n")
+    granted = Policy.load(file)
     assert check(plan({**SHELL, "role": "tester"}), "operator", granted) == []
     assert check(plan(SHELL), "operator", granted) != []  # the default role is still coder
     file.write_text("roles:\n  tester: {capabilities: [rm-rf]}\n")

@@ -35,6 +35,7 @@ from baton.engine import DEFAULT_LEASE_S, Engine, RunHandle
 from baton.errors import BatonError, NotFound, UsageError, WorkerFailed
 from baton.plan import Policy, analyze
 from baton.runtime import tune_gc
+from baton.sandbox import Sandbox
 from baton.status import RunStatus, StepStatus
 from baton.store import DEFAULT_DB, AttemptRecord, LedgerEntry, RunRecord, SQLiteStore, StepRecord, store_for
 from baton.views import AttemptView, RunView, run_detail
@@ -98,6 +99,27 @@ PolicyOption = Annotated[
         metavar="FILE",
         help="What API and NATS callers may run, by role (YAML; see baton.policy). Default: "
         "operators run pure, llm and http tasks, never shell or python.",
+        show_default=False,
+    ),
+]
+WorkspacesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspaces",
+        envvar="BATON_WORKSPACES",
+        metavar="DIR",
+        help="Where API callers' runs get their workspaces (DIR/RUN_ID). Default: workspaces/ "
+        "beside the SQLite database, else .baton/workspaces.",
+        show_default=False,
+    ),
+]
+SandboxUserOption = Annotated[
+    str | None,
+    typer.Option(
+        "--sandbox-user",
+        envvar="BATON_SANDBOX_USER",
+        metavar="USER",
+        help="When run as root: the user API callers' programs run as (default nobody).",
         show_default=False,
     ),
 ]
@@ -215,11 +237,22 @@ def _engine(
     lease_s: float = DEFAULT_LEASE_S,
     llm: Path | None = None,
     pool: int | None = None,
+    workspaces: Path | None = None,
+    sandbox_user: str | None = None,
 ) -> Engine:
     """An engine on ``db``; with ``must_exist``, a missing SQLite file is NotFound, not created.
-    ``pool`` overrides the pool size of a PostgreSQL URL."""
-    engine = Engine(store_for(db, pool=pool), lease_s=lease_s, llm=llm)
-    store = engine.store
+    ``pool`` overrides the pool size of a PostgreSQL URL; ``workspaces`` and
+    ``sandbox_user``: where confined runs' steps run and as whom (baton.sandbox)."""
+    store = store_for(db, pool=pool)
+    if workspaces is None:
+        beside = isinstance(store, SQLiteStore) and str(store.path) != ":memory:"
+        workspaces = (
+            store.path.parent / "workspaces"
+            if isinstance(store, SQLiteStore) and beside
+            else Path(".baton") / "workspaces"
+        )
+    sandbox = Sandbox.of(workspaces, sandbox_user)
+    engine = Engine(store, lease_s=lease_s, llm=llm, sandbox=sandbox)
     if must_exist and isinstance(store, SQLiteStore) and not store.path.exists():
         raise NotFound(f"no database at {store.path} (set --db or BATON_DB)")
     return engine

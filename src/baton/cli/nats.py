@@ -17,6 +17,8 @@ from baton.cli import (
     LlmOption,
     PolicyOption,
     PoolOption,
+    SandboxUserOption,
+    WorkspacesOption,
     _engine,
     _err,
     _execute,
@@ -55,6 +57,8 @@ def nats_command(
     llm: LlmOption = None,
     pool: PoolOption = None,
     policy: PolicyOption = None,
+    workspaces: WorkspacesOption = None,
+    sandbox_user: SandboxUserOption = None,
     no_auth: Annotated[
         bool,
         typer.Option("--no-auth", help="No API keys in requests: every caller is an operator (local use)."),
@@ -94,7 +98,9 @@ def nats_command(
             creds=creds, nkey_seed=nkey, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
         )
         _import_modules(modules)
-        engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
+        engine = _engine(
+            db, lease_s=lease_s, llm=llm, pool=pool, workspaces=workspaces, sandbox_user=sandbox_user
+        )
         if policy is not None:
             engine.policy = Policy.load(policy)
         interface = NatsInterface(

@@ -26,6 +26,8 @@ from baton.cli import (
     LeaseOption,
     LlmOption,
     PoolOption,
+    SandboxUserOption,
+    WorkspacesOption,
     _emit_json,
     _engine,
     _err,
@@ -472,6 +474,8 @@ def worker(
     lease_s: LeaseOption = DEFAULT_LEASE_S,
     llm: LlmOption = None,
     pool: PoolOption = None,
+    workspaces: WorkspacesOption = None,
+    sandbox_user: SandboxUserOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Claim and run jobs (steps of any run, standalone jobs, cron ticks) until stopped.
@@ -486,7 +490,9 @@ def worker(
 
     async def body() -> int:
         _import_modules(imports)
-        engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
+        engine = _engine(
+            db, lease_s=lease_s, llm=llm, pool=pool, workspaces=workspaces, sandbox_user=sandbox_user
+        )
         engine.queues = wanted
         engine.retention_s = parse_duration(retention, "--retention") if retention is not None else None
         stop = asyncio.Event()

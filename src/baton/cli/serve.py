@@ -23,6 +23,8 @@ from baton.cli import (
     LlmOption,
     PolicyOption,
     PoolOption,
+    SandboxUserOption,
+    WorkspacesOption,
     _emit_json,
     _engine,
     _execute,
@@ -74,6 +76,8 @@ def serve(
     llm: LlmOption = None,
     pool: PoolOption = None,
     policy: PolicyOption = None,
+    workspaces: WorkspacesOption = None,
+    sandbox_user: SandboxUserOption = None,
     rate_limit: Annotated[
         str,
         typer.Option(
@@ -116,7 +120,9 @@ def serve(
         from baton.api.local import allowed_hosts as local_hosts
         from baton.api.nats import options_from_env as nats_options_from_env
 
-        engine = _engine(db, lease_s=lease_s, llm=llm, pool=pool)
+        engine = _engine(
+            db, lease_s=lease_s, llm=llm, pool=pool, workspaces=workspaces, sandbox_user=sandbox_user
+        )
         engine.max_plan_steps = max_plan_steps
         if policy is not None:
             engine.policy = Policy.load(policy)

@@ -34,6 +34,7 @@ from baton.plan.model import Plan, Step
 from baton.plan.validate import MAX_PLAN_STEPS, load_plan, parse_plan, validate_plan
 from baton.policy import Policy
 from baton.queue.cron import cron_problem, fire_due, next_tick
+from baton.sandbox import Sandbox
 from baton.secrets import Redactor
 from baton.status import RunStatus, StepStatus
 from baton.store import JobRecord, NewJob, RunRecord, Schedule, StepRecord, Store, WorkerRecord, store_for
@@ -144,6 +145,7 @@ class Engine:
         policy: Policy | str | Path | None = None,
         http_allow: Sequence[str] | None = None,
         max_plan_steps: int = MAX_PLAN_STEPS,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         self.registry = registry or Registry.default()
@@ -163,6 +165,8 @@ class Engine:
         self.concurrency = concurrency
         self.queues = queues
         self.workdir = Path(workdir) if workdir is not None else Path.cwd()
+        #: where confined runs' workspaces are, who their programs run as (baton.sandbox)
+        self.sandbox = sandbox or Sandbox.of(self.workdir / ".baton" / "workspaces")
         self.measure_latency = measure_latency
         #: a plan with more steps is refused before any step is looked at
         self.max_plan_steps = max_plan_steps
@@ -240,7 +244,11 @@ class Engine:
     def emit(self, event: Event) -> None:
         self.events.emit(event)
 
-    def workdir_path(self, recorded: str) -> Path:
+    def workdir_path(self, recorded: str, run_id: str | None = None, plan: Plan | None = None) -> Path:
+        """Where the steps of a run run: a confined run's workspace under this process's
+        sandbox root (made if missing), else the directory the run recorded."""
+        if run_id is not None and plan is not None and plan.policy.sandbox:
+            return self.sandbox.workspace(run_id)
         return Path(recorded) if recorded else self.workdir
 
     def runs_changed(self, run_ids: set[str]) -> None:
@@ -317,6 +325,7 @@ class Engine:
             problems = self.policy.check_plan(plan, self.registry, key_role)
             if problems:
                 await self._deny(actor, "run.start", plan.name, key_role, problems)
+            plan = self._confined(plan, key_role)
         dag = analyze(plan, self.registry)
         run_id = new_run_id()
         now = time.time()
@@ -327,7 +336,7 @@ class Engine:
             status=RunStatus.PENDING,
             plan=plan.to_dict(),
             created_at=now,
-            workdir=str(self.workdir),
+            workdir=str(self.sandbox.root / run_id if plan.policy.sandbox else self.workdir),
             total_steps=len(plan.steps),
             max_parallel=policy.effective_max_parallel(self.default_max_parallel),
             barrier=policy.barrier == "wave",
@@ -390,6 +399,7 @@ class Engine:
             problems = self.policy.check_plan(self.load(call), self.registry, key_role)
             if problems:
                 await self._deny(actor, "task.execute", task, key_role, problems)
+            call = self._confined(call, key_role)
         handle = await self._submit(call, True, None, None)
         record = await handle.wait()
         steps = await self.store.get_steps(record.id)
@@ -398,6 +408,15 @@ class Engine:
 
             raise TaskFailed(steps[0].error or f"{task} {record.status}")
         return steps[0].output
+
+    def _confined(self, plan: Plan, key_role: str) -> Plan:
+        """A key holder's plan as it runs: confined, each step under the role it named or
+        the first its key grants (what the policy checked)."""
+        grants = self.policy.keys.get(key_role, ())
+        default = grants[0] if grants else None
+        steps = [s if s.role else s.model_copy(update={"role": default}) for s in plan.steps]
+        policy = plan.policy.model_copy(update={"sandbox": True})
+        return plan.model_copy(update={"steps": steps, "policy": policy})
 
     async def _deny(
         self, actor: str | None, action: str, subject: str, role: str, problems: list[Problem]

@@ -38,7 +38,7 @@ from baton.status import StepStatus
 from baton.store.base import Claimed, Done, RunRecord, Turn, TurnResult, WorkerRecord
 from baton.tasks.registry import TaskContext, TaskDef
 from baton.tasks.threads import sync_threads
-from baton.validators import FAILING, run_checks
+from baton.validators import FAILING, Issue, run_checks
 
 if TYPE_CHECKING:
     from baton.engine.engine import Engine
@@ -104,6 +104,13 @@ class RunPlan:
         self.retries: list[RetryPolicy] = [s.retry or default_retry for s in plan.steps]
         self.templated = [bool(s.inputs) and has_refs(s.inputs) for s in plan.steps]
         self.validators = [[v.model_dump() for v in s.validate_] for s in plan.steps]
+        #: what the programs of each step run in when the run is confined (baton.sandbox)
+        self.confinements = [
+            engine.policy.confinement(s.role, workdir, engine.sandbox.user, engine.sandbox.timeout_s)
+            if policy.sandbox
+            else None
+            for s in plan.steps
+        ]
         self.index = {s.id: i for i, s in enumerate(plan.steps)}
         #: outputs of succeeded steps seen here (the store has them all).
         self.outputs: dict[int, Any] = {}
@@ -604,7 +611,7 @@ class Worker:
             run.id,
             plan,
             dag,
-            engine.workdir_path(run.workdir),
+            engine.workdir_path(run.workdir, run.id, plan),
             run_timeout_s=run.run_timeout_s,
             started_at=run.started_at,
         )
@@ -617,7 +624,12 @@ class Worker:
         if run.id not in self.plans:
             engine = self.engine
             self.plans[run.id] = RunPlan(
-                engine, run.id, plan, dag, engine.workdir_path(run.workdir), run_timeout_s=run.run_timeout_s
+                engine,
+                run.id,
+                plan,
+                dag,
+                engine.workdir_path(run.workdir, run.id, plan),
+                run_timeout_s=run.run_timeout_s,
             )
 
     def _arm_deadline(self, plan: RunPlan, claimed_at: float) -> None:
@@ -701,6 +713,7 @@ class Worker:
             step_id=plan.dag.ids[claim.idx],
             attempt=claim.attempt,
             workdir=plan.workdir,
+            confinement=plan.confinements[claim.idx],
             temperature=temps[min(claim.attempt, len(temps)) - 1] if temps else None,
             previous_error=None if first else claim.previous_error,
             previous_details=details,
@@ -732,26 +745,33 @@ class Worker:
             inputs = await self._inputs(attempt)
             ctx = await self._context(attempt) if task.context_param is not None else None
             timeout = plan.timeouts[claim.idx] if plan is not None else claim.timeout_s
-            if timeout is None:
+
+            async def run_and_check() -> tuple[Any, list[Issue]]:
                 value = await task.invoke(inputs, ctx)
+                result.output_json = _storable(_encode(value), "its output")
+                redactor = self.engine.redactor
+                if redactor:  # the server's secrets are not kept, nor passed on to dependents
+                    redacted = redactor.redact(result.output_json)
+                    if redacted != result.output_json:
+                        result.output_json, value = redacted, json.loads(redacted)
+                if plan is None or not plan.validators[claim.idx]:
+                    return value, []
+                checks = plan.validators[claim.idx]
+                return value, await run_checks(value, checks, plan.workdir, plan.confinements[claim.idx])
+
+            if timeout is None:
+                value, issues = await run_and_check()
             else:
+                # the step's time limit holds its checks too
                 deadline = asyncio.timeout(timeout)
                 try:
                     async with deadline:
-                        value = await task.invoke(inputs, ctx)
+                        value, issues = await run_and_check()
                 except TimeoutError:
                     if not deadline.expired():
                         raise  # the handler's own timeout, not the step's
                     result.outcome = "timeout"
                     raise StepTimeout(f"attempt {claim.attempt} timed out after {timeout}s") from None
-            result.output_json = _storable(_encode(value), "its output")
-            redactor = self.engine.redactor
-            if redactor:  # the server's secrets are not kept, nor passed on to dependents
-                redacted = redactor.redact(result.output_json)
-                if redacted != result.output_json:
-                    result.output_json, value = redacted, json.loads(redacted)
-            checks = plan.validators[claim.idx] if plan is not None else []
-            issues = await run_checks(value, checks, plan.workdir) if plan is not None and checks else []
             if issues:
                 if ctx is None:
                     ctx = await self._context(attempt)

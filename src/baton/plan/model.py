@@ -79,6 +79,8 @@ class Policy(_Model):
     run_timeout_s: float | None = Field(default=None, gt=0)
     retry: RetryPolicy | None = None
     barrier: Literal["none", "wave"] = "none"
+    #: confine the programs of its steps (baton.sandbox); always so for an API caller's run
+    sandbox: bool = False
 
     def effective_max_parallel(self, default: int = 8) -> int:
         if self.max_parallel is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.errors import TaskFailed
+from baton.sandbox import Confinement, limit_problems, rlimits
 from baton.tasks import procs
 from baton.tasks.registry import TaskContext, TaskDef
 from baton.tasks.threads import sync_threads
@@ -25,6 +26,14 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 #: once a program's supervisor has exited, how long its output may take to reach EOF: no
 #: process of its tree is left to hold the pipes, unless one escaped containment.
 DRAIN_S = 1.0
+#: a local step's limits (not confined) are its own: they have no maxima
+UNBOUNDED = {
+    "cpu_s": 1 << 40,
+    "memory_mb": 1 << 40,
+    "processes": 1 << 40,
+    "file_mb": 1 << 40,
+    "open_files": 1 << 40,
+}
 #: how long a supervisor told to stop may take to end the tree before it is killed
 STOP_S = 2.0
 
@@ -108,8 +117,11 @@ async def shell(
     stdin: str | None = None,
     timeout_s: float | None = None,
     check: bool = True,
+    limits: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run a program by argv (never through a shell) in the run's working directory.
+    """Run a program by argv (never through a shell) in the run's working directory (a
+    confined run's workspace, :mod:`baton.sandbox`), under ``limits`` when given (for a
+    confined run, within its role's maxima, and its defaults otherwise).
 
     The program and every process it starts, in whatever session, end with the attempt: when
     the program exits, at the timeout, at a cancel, and when the engine's process dies.
@@ -118,35 +130,80 @@ async def shell(
         raise TaskFailed("shell: argv must be a non-empty list of strings")
     directory = _confined_cwd(ctx.workdir, cwd)
     child_env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    if ctx.confinement is not None:
+        child_env = ctx.confinement.env()
     child_env.update({str(k): str(v) for k, v in (env or {}).items()})
     child_env["BATON_IDEMPOTENCY_KEY"] = ctx.idempotency_key
+    code, stdout, stderr = await run_program(
+        "shell", argv, directory, child_env, stdin, timeout_s, ctx.confinement, limits
+    )
+    if check and code != 0:
+        detail = stderr.strip().splitlines()[-5:]
+        raise TaskFailed(
+            f"shell: {argv[0]} {_exited(code, limits, ctx.confinement)}"
+            + (": " + " / ".join(detail) if detail else "")
+        )
+    return {"returncode": code, "stdout": stdout, "stderr": stderr}
+
+
+async def run_program(
+    who: str,
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    stdin: str | None,
+    timeout_s: float | None,
+    confinement: Confinement | None = None,
+    limits: Mapping[str, int] | None = None,
+) -> tuple[int, str, str]:
+    """Run one program with its whole process tree contained (the one way baton runs a
+    program: the shell task, the command validator); its exit code, stdout, stderr (their
+    last OUTPUT_LIMIT bytes). Confined: checked against its role, as its user, with its
+    limits and timeout. TaskFailed (``who`` says whose) when it cannot start or times out."""
+    user = None
+    if confinement is not None:
+        problems = confinement.check(argv[0], limits)
+        if problems:
+            raise TaskFailed(f"{who}: " + "; ".join(problems))
+        limits = {**confinement.limits, **(limits or {})}
+        timeout_s = timeout_s if timeout_s is not None else confinement.timeout_s
+        user = confinement.user
+    elif limits:
+        problems = limit_problems(limits, UNBOUNDED)
+        if problems:
+            raise TaskFailed(f"{who}: " + "; ".join(problems))
     try:
-        program = await _Supervised.start(argv, directory, child_env, stdin)
+        program = await _Supervised.start(procs.spec(argv, env, user, rlimits(limits or {})), cwd, stdin)
     except OSError as exc:
-        raise TaskFailed(f"shell: cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        raise TaskFailed(f"{who}: cannot start {argv[0]!r}: {exc.strerror or exc}") from None
     try:
         async with asyncio.timeout(timeout_s):
             await program.proc.wait()
     except TimeoutError:
         await program.stop()
-        raise TaskFailed(f"shell: {argv[0]} timed out after {timeout_s}s and was killed") from None
+        raise TaskFailed(f"{who}: {argv[0]} timed out after {timeout_s}s and was killed") from None
     except BaseException:
         # Cancellation: the whole tree goes, whichever session its processes are in.
         await program.stop()
         raise
     report, out, err = await program.finish()
     if "error" in report:
-        raise TaskFailed(f"shell: cannot start {argv[0]!r}: {os.strerror(int(report['error']))}")
+        raise TaskFailed(f"{who}: cannot start {argv[0]!r}: {os.strerror(int(report['error']))}")
     # Without an exit report the supervisor was stopped or killed from outside, and the
     # program with it: its own exit code (-15, -9) says so.
     returncode = int(report["exit"]) if "exit" in report else program.proc.returncode
-    stdout, stderr = _tail(out), _tail(err)
-    if check and returncode != 0:
-        detail = stderr.strip().splitlines()[-5:]
-        raise TaskFailed(
-            f"shell: {argv[0]} exited with {returncode}" + (": " + " / ".join(detail) if detail else "")
-        )
-    return {"returncode": returncode, "stdout": stdout, "stderr": stderr}
+    assert returncode is not None
+    return returncode, _tail(out), _tail(err)
+
+
+def _exited(code: int, limits: Mapping[str, int] | None, confinement: Confinement | None) -> str:
+    """How a program ended, in words: its limits say why a signal came."""
+    given = {**(confinement.limits if confinement else {}), **(limits or {})}
+    if code == -signal.SIGXCPU and "cpu_s" in given:
+        return f"was stopped at its CPU limit ({given['cpu_s']} s, limits.cpu_s)"
+    if code == -signal.SIGXFSZ and "file_mb" in given:
+        return f"was stopped writing a file past its limit ({given['file_mb']} MiB, limits.file_mb)"
+    return f"exited with {code}"
 
 
 def _file(fd: int, mode: str) -> Any:
@@ -183,8 +240,8 @@ class _Supervised:
         self.proc: asyncio.subprocess.Process
 
     @classmethod
-    async def start(cls, argv: list[str], cwd: Path, env: dict[str, str], stdin: str | None) -> _Supervised:
-        """Start the supervisor, its spec sent, its reports and the program's output read."""
+    async def start(cls, spec: bytes, cwd: Path, stdin: str | None) -> _Supervised:
+        """Start the supervisor, its ``spec`` sent, its reports and the program's output read."""
         self = cls()
         ours, theirs = socket.socketpair()
         given = [theirs.detach()]  # the supervisor's ends, closed here once it has them
@@ -192,7 +249,7 @@ class _Supervised:
             loop = asyncio.get_running_loop()
             transport, _ = await loop.create_connection(lambda: self.reports, sock=ours)
             self.transports.append(transport)
-            transport.write(procs.spec(argv, env))
+            transport.write(spec)
             transport.write_eof()
             stdout, stderr = await self._pipe(self.stdout, given), await self._pipe(self.stderr, given)
             if stdin is not None:

@@ -18,8 +18,12 @@ The program itself gets ``PR_SET_PDEATHSIG(SIGKILL)``: it dies with its supervis
 left uncovered: without cgroup v2, the other descendants of a supervisor that is itself
 killed by SIGKILL survive it.
 
+A confined step's program (:mod:`baton.sandbox`) takes its resource limits and drops to
+its user in the forked child, before its parent-death signal is set (a change of user
+clears it) and before exec; the supervisor stays the server's user, which can kill it.
+
 Over the socket it is given, the supervisor reads the program's spec (JSON: argv,
-environment, the engine's pid) until EOF, then writes lines: ``cgroup PATH``, ``error
+environment, the engine's pid, the user and limits) until EOF, then writes lines: ``cgroup PATH``, ``error
 ERRNO`` (the program could not be started), ``exit CODE`` (negative: killed by that signal).
 Stopped by SIGTERM, it dies of SIGTERM once the tree is gone. It imports only what it needs,
 which keeps its start near 20 ms: the engine's side is in :mod:`baton.tasks.builtins`.
@@ -32,9 +36,14 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import signal
 import sys
 import time
+
+TYPE_CHECKING = False  # not the typing module's: importing it would slow every start
+if TYPE_CHECKING:
+    from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -49,9 +58,16 @@ def supervisor_argv(fd: int) -> list[str]:
     return [sys.executable, "-I", "-S", __file__, str(fd)]
 
 
-def spec(argv: list[str], env: dict[str, str]) -> bytes:
-    """What the engine sends a supervisor: the program, its environment, who to follow."""
-    return json.dumps({"argv": argv, "env": env, "parent": os.getpid()}).encode()
+def spec(
+    argv: list[str],
+    env: dict[str, str],
+    user: tuple[int, int] | None = None,
+    rlimits: list[tuple[int, int, int]] | None = None,
+) -> bytes:
+    """What the engine sends a supervisor: the program, its environment, who to follow,
+    and for a confined step the user (uid, gid) to run it as and its ``setrlimit`` calls."""
+    program = {"argv": argv, "env": env, "parent": os.getpid(), "user": user, "rlimits": rlimits or []}
+    return json.dumps(program).encode()
 
 
 def read_report(data: bytes) -> dict[str, str]:
@@ -170,28 +186,58 @@ def _remove(path: str, until: float) -> None:
             time.sleep(0.01)
 
 
-def _exec(argv: list[str], env: dict[str, str], cgroup: str | None, supervisor: int, failed: int) -> None:
-    """In the forked child: tie it to the supervisor, enter the cgroup, become the program."""
+def _exec(program: dict[str, Any], cgroup: str | None, supervisor: int, failed: int) -> None:
+    """In the forked child: enter the cgroup, take the limits and the user it is given,
+    tie it to the supervisor, become the program."""
+    argv, env = program["argv"], program["env"]
+    candidates = _candidates(argv[0], env)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; programs expect them
         signal.signal(signum, signal.SIG_DFL)
     os.setpgid(0, 0)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != supervisor:
-        return  # the supervisor died before the line above
     if cgroup is not None:
         # Where it may not move there, the subreaper still holds the tree.
         with contextlib.suppress(OSError), open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     try:
-        os.execvpe(argv[0], argv, env)
-    except OSError as exc:
-        os.write(failed, str(exc.errno or errno.ENOEXEC).encode())
-    except ValueError:  # a NUL byte in argv or env
-        os.write(failed, str(errno.EINVAL).encode())
+        for which, soft, hard in program["rlimits"]:
+            resource.setrlimit(which, (soft, hard))
+        if program["user"] is not None:  # for good: no way back to the server's user
+            uid, gid = program["user"]
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+    except (OSError, ValueError) as exc:
+        os.write(failed, str(getattr(exc, "errno", None) or errno.EPERM).encode())
+        return
+    # After the user changed: a change of credentials clears the parent-death signal.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor:
+        return  # the supervisor died before the line above
+    code = errno.ENOENT
+    for path in candidates:  # os.execvpe imports a module, which its new user may not read
+        try:
+            os.execve(path, argv, env)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR) or code == errno.ENOENT:
+                code = exc.errno or errno.ENOEXEC
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                break
+        except ValueError:  # a NUL byte in argv or env
+            code = errno.EINVAL
+            break
+    os.write(failed, str(code).encode())
 
 
-def _start(argv: list[str], env: dict[str, str], cgroup: str | None) -> int:
+def _candidates(program: str, env: dict[str, str]) -> list[str]:
+    """The files ``program`` may be, in the order exec tries them (PATH, as execvp does)."""
+    if "/" in program:
+        return [program]
+    dirs = env.get("PATH", os.defpath).split(os.pathsep)
+    return [os.path.join(d or ".", program) for d in dirs]
+
+
+def _start(program: dict[str, Any], cgroup: str | None) -> int:
     """Fork and exec the program; its pid, or OSError when it could not be started."""
     failed_r, failed_w = os.pipe()  # close-on-exec: EOF with nothing in it means exec worked
     supervisor = os.getpid()
@@ -199,7 +245,7 @@ def _start(argv: list[str], env: dict[str, str], cgroup: str | None) -> int:
     if pid == 0:
         try:
             os.close(failed_r)
-            _exec(argv, env, cgroup, supervisor, failed_w)
+            _exec(program, cgroup, supervisor, failed_w)
         finally:
             os._exit(127)
     os.close(failed_w)
@@ -289,7 +335,7 @@ def main(argv: list[str]) -> None:
         if cgroup is not None:
             _say(channel, "cgroup", cgroup)
         try:
-            pid = _start(program["argv"], program["env"], cgroup)
+            pid = _start(program, cgroup)
         except OSError as exc:
             _say(channel, "error", exc.errno or 0)
             return

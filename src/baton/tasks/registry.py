@@ -16,6 +16,7 @@ from typing import Any, TypeVar, overload
 
 from baton.errors import UnknownTask
 from baton.plan.model import Budget
+from baton.sandbox import Confinement
 from baton.tasks.threads import sync_threads
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,6 +44,9 @@ class TaskContext:
     step_budget: Budget | None = None
     #: the plan's complexity (simple, medium, complex, crisis): model steps route by it
     complexity: str | None = None
+    #: a confined step's workspace, user, programs and limits (baton.sandbox); None: the
+    #: step runs as the server's user in ``workdir``
+    confinement: Confinement | None = None
     #: the steps this one needs, in the order of its ``needs``
     needs: tuple[str, ...] = ()
     #: reads the outputs of ``needs`` (set by the executor)
