@@ -65,6 +65,16 @@ async def test_an_enqueued_call_runs_on_the_worker_and_its_result_is_kept(engine
     assert [(a.attempt, a.status) for a in await engine.store.get_job_attempts(job.id)] == [(1, "succeeded")]
 
 
+async def test_a_key_holders_job_keeps_its_role_and_runs_confined(engine: Engine) -> None:
+    local = await engine.enqueue("shell", {"argv": ["pwd"]})
+    held = await engine.enqueue("shell", {"argv": ["pwd"]}, key_role="admin", actor="key:test")
+    await engine.start_worker()
+    done = [await engine.wait_job(job.id, timeout_s=10) for job in (local, held)]
+    assert [d.state for d in done] == ["completed", "completed"]
+    assert done[0].output["stdout"].strip() == str(engine.workdir)  # a local caller's: as before
+    assert done[1].output["stdout"].strip() == str(engine.sandbox.root / f"job-{held.id}")
+
+
 async def test_a_failing_job_retries_with_feedback_then_completes(engine: Engine) -> None:
     await engine.start_worker()
     job = await engine.enqueue("q.flaky", {"key": f"retry-{id(engine)}"}, max_attempts=3)

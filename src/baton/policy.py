@@ -192,6 +192,13 @@ class Policy:
             )
         ]
 
+    def job_role(self, task: str, registry: Registry, key_role: str) -> str | None:
+        """The step role a ``key_role`` key holder's job of ``task`` runs under: the first
+        its key grants that may run the task (None: none may)."""
+        needs = self._needs(task, registry)
+        grants = self.keys.get(key_role, ())
+        return next((role for role in grants if needs <= self.roles.get(role, frozenset())), None)
+
     @staticmethod
     def _needs(task: str, registry: Registry) -> set[str]:
         definition = registry.find(task)

@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,3 +235,19 @@ async def test_a_steps_time_limit_holds_its_validators(tmp_path: Path) -> None:
         record = await engine.run({"name": "p", "steps": [step]})
         (done,) = await engine.store.get_steps(record.id)
     assert record.status == "failed" and "timed out after 1" in (done.error or ""), done.error
+
+
+def test_a_key_holders_job_runs_confined_too(api: Server) -> None:
+    client = api.client("operator")
+    # the job runs under coder, the first role of the key that may run shell: not bash
+    refused = client.post("/jobs", json={"task": "shell", "input": {"argv": ["bash", "-c", "id"]}})
+    assert refused.status_code == 403 and "'bash' is not among the programs" in refused.text
+    made = client.post("/jobs", json={"task": "shell", "input": {"argv": ["pwd"]}})
+    assert made.status_code == 202, made.text
+    job_id = made.json()["id"]
+    deadline = time.monotonic() + 30
+    while (job := client.get(f"/jobs/{job_id}").json())["state"] not in ("completed", "discarded"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["state"] == "completed", job
+    assert job["output"]["stdout"].strip() == str(api.db.parent / "ws" / f"job-{job_id}")

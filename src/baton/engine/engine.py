@@ -537,8 +537,13 @@ class Engine:
         ``actor`` as for ``submit``."""
         args = dict(inputs or {})
         self._check_call(task, args)
-        if key_role is not None:
+        role = None
+        if key_role is not None:  # the job runs confined, under the first role that may run it
+            role = self.policy.job_role(task, self.registry, key_role)
             problems = self.policy.check_task(task, self.registry, key_role)
+            if role is not None:
+                step = Step.model_validate({"id": "job", "task": task, "with": args, "role": role})
+                problems = self.policy.check_plan(Plan(name=task, steps=[step]), self.registry, key_role)
             if problems:
                 await self._deny(actor, "job.enqueue", task, key_role, problems)
         if max_attempts < 1:
@@ -554,7 +559,7 @@ class Engine:
         await self.open()
         now = time.time()
         when = run_at if run_at is not None else (now + delay_s if delay_s else None)
-        job = NewJob(task, args, queue, priority, when, unique_key, max_attempts, timeout_s)
+        job = NewJob(task, args, queue, priority, when, unique_key, max_attempts, timeout_s, role)
         (record,) = await self.store.enqueue([job], now)
         if self.worker is not None:
             self.worker.poke()

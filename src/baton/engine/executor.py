@@ -692,11 +692,18 @@ class Worker:
             if details is None:
                 details = await self.engine.store.attempt_detail(claim.id, claim.attempt - 1)
         if plan is None:
+            engine = self.engine
+            workdir, confinement = engine.workdir, None
+            if claim.role is not None:  # an API key holder's job: confined, as a run's step
+                workdir = engine.sandbox.workspace(f"job-{claim.id}")
+                sandbox = engine.sandbox
+                confinement = engine.policy.confinement(claim.role, workdir, sandbox.user, sandbox.timeout_s)
             return TaskContext(
                 run_id=f"job-{claim.id}",
                 step_id=claim.task,
                 attempt=claim.attempt,
-                workdir=self.engine.workdir,
+                workdir=workdir,
+                confinement=confinement,
                 previous_error=None if first else claim.previous_error,
             )
         temps = attempt.retry.temperatures

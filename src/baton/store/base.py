@@ -124,6 +124,8 @@ class NewJob:
     unique_key: str | None = None
     max_attempts: int = 3
     timeout_s: float | None = None
+    #: the step role it runs under (baton.policy): an API key holder's job is confined
+    role: str | None = None
 
 
 @dataclass(slots=True)
@@ -144,6 +146,8 @@ class Claimed:
     previous_error: str | None = None
     #: since when it could have started: made, due, unblocked, requeued or its backoff over
     ready_at: float | None = None
+    #: a standalone job's step role, when an API key holder enqueued it (it runs confined)
+    role: str | None = None
 
 
 @dataclass(slots=True)

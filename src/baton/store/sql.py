@@ -188,6 +188,7 @@ def job_params(job: Any, now: float) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "timeout_s": job.timeout_s,
         "unique_key": job.unique_key,
+        "role": job.role,
         "run_at": job.run_at if scheduled else None,
         "now": now,
     }

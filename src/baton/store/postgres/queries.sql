@@ -149,7 +149,7 @@ fin AS (
 SELECT 'a' AS kind, id, NULL::text AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
        NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
        NULL::text AS status, NULL::float8 AS k1, NULL::float8 AS k2, NULL::int AS k3,
-       NULL::text AS queue, NULL::float8 AS ready_at
+       NULL::text AS queue, NULL::float8 AS ready_at, NULL::text AS role
 FROM fin
 
 -- name: finish_steps_ctes
@@ -239,7 +239,7 @@ ended AS (
 SELECT 'e' AS kind, 0::bigint AS id, id AS run_id, 0 AS idx, NULL::text AS task, 0 AS attempt,
        NULL::text AS args, 0 AS max_attempts, NULL::float8 AS timeout_s, NULL::text AS error,
        status, NULL::float8 AS k1, NULL::float8 AS k2, NULL::int AS k3, NULL::text AS queue,
-       NULL::float8 AS ready_at
+       NULL::float8 AS ready_at, NULL::text AS role
 FROM ended
 
 -- name: claim_ctes
@@ -355,7 +355,7 @@ live AS (
     WHERE s.id = ANY(ARRAY(SELECT id FROM picked_jobs))
       AND s.status IN ('ready', 'retrying', 'pending')
     RETURNING s.id, s.task, s.attempt, s.args, s.max_attempts + s.attempt_base AS max_attempts,
-              s.timeout_s, s.error, s.queue, s.priority, s.ready_at
+              s.timeout_s, s.error, s.queue, s.priority, s.ready_at, s.role
 ), promoted AS (
     -- due jobs this turn does not claim become available to others
     UPDATE steps s SET status = 'ready'
@@ -381,17 +381,17 @@ live AS (
 -- priority; k1/k2 carry what it needs.)
 SELECT 'c' AS kind, id, run_id, idx, task, attempt, NULL::text AS args, 1 AS max_attempts,
        NULL::float8 AS timeout_s, error, NULL::text AS status, created_at AS k1,
-       rank AS k2, priority AS k3, NULL::text AS queue, ready_at
+       rank AS k2, priority AS k3, NULL::text AS queue, ready_at, NULL::text AS role
 FROM claimed_steps
 UNION ALL
 SELECT 'c', id, NULL, 0, task, attempt, args, max_attempts, timeout_s, error, NULL, NULL, NULL,
-       priority, queue, ready_at
+       priority, queue, ready_at, role
 FROM claimed_jobs
 UNION ALL
-SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT 'n', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM claim_notified
 UNION ALL
-SELECT 'l', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT 'l', 0, NULL, 0, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM live WHERE NOT ok
 
 -- workers ---------------------------------------------------------------------------------
@@ -539,14 +539,14 @@ RETURNING error;
 -- name: insert_jobs
 WITH inserted AS (
     INSERT INTO steps (run_id, idx, step_id, task, status, queue, priority, args, max_attempts,
-                       timeout_s, unique_key, not_before, created_at)
+                       timeout_s, unique_key, not_before, created_at, role)
     SELECT NULL, 0, u.task, u.task, u.status, u.queue, u.priority, u.args, u.max_attempts,
-           u.timeout_s, u.unique_key, u.run_at, %(now)s
+           u.timeout_s, u.unique_key, u.run_at, %(now)s, u.role
     FROM unnest(%(task)s::text[], %(status)s::text[], %(queue)s::text[], %(priority)s::int[],
                 %(args)s::text[], %(max_attempts)s::int[], %(timeout_s)s::float8[],
-                %(unique_key)s::text[], %(run_at)s::float8[]) WITH ORDINALITY
+                %(unique_key)s::text[], %(run_at)s::float8[], %(role)s::text[]) WITH ORDINALITY
          AS u (task, status, queue, priority, args, max_attempts, timeout_s, unique_key, run_at,
-               ord)
+               role, ord)
     ORDER BY u.ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
     RETURNING *

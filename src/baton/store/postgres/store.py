@@ -723,6 +723,7 @@ class PostgresStore:
                 "timeout_s",
                 "unique_key",
                 "run_at",
+                "role",
             )
         }
         params.update(now=now, channel=self.channel)
@@ -1079,6 +1080,7 @@ def _claimed(r: Row, now: float) -> Claimed:
         timeout_s=r["timeout_s"],
         previous_error=r["error"],
         ready_at=r["ready_at"],
+        role=r["role"],
     )
 
 

@@ -150,7 +150,7 @@ UPDATE steps SET status = 'running', attempt = attempt + 1, lease_owner = ?, sta
 WHERE id = ? AND status IN ('ready', 'retrying');
 
 -- name: ready_jobs_of_queue
-SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error,
+SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error, role,
        CASE WHEN status = 'retrying' THEN COALESCE(not_before, finished_at)
             ELSE COALESCE(ready_at, not_before, created_at) END AS ready_at
 FROM steps
@@ -160,7 +160,7 @@ WHERE run_id IS NULL AND queue = :queue AND status IN ('ready', 'retrying')
 ORDER BY priority DESC, id LIMIT :n;
 
 -- name: ready_jobs
-SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error,
+SELECT id, task, attempt, args, max_attempts + attempt_base AS max_attempts, timeout_s, error, role,
        CASE WHEN status = 'retrying' THEN COALESCE(not_before, finished_at)
             ELSE COALESCE(ready_at, not_before, created_at) END AS ready_at
 FROM steps
@@ -250,9 +250,9 @@ SELECT detail FROM attempts WHERE step = ? AND attempt = ?;
 
 -- name: insert_job
 INSERT INTO steps (run_id, idx, step_id, task, status, queue, priority, args, max_attempts,
-                   timeout_s, unique_key, not_before, created_at)
+                   timeout_s, unique_key, not_before, created_at, role)
 VALUES (NULL, 0, :task, :task, :status, :queue, :priority, :args, :max_attempts, :timeout_s,
-        :unique_key, :run_at, :now)
+        :unique_key, :run_at, :now, :role)
 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING;
 
 -- name: job_by_key

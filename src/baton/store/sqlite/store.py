@@ -480,6 +480,7 @@ class SQLiteStore:
                     timeout_s=r["timeout_s"],
                     previous_error=r["error"],
                     ready_at=r["ready_at"],
+                    role=r["role"],
                 )
                 for r in rows
             )
