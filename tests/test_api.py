@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -418,6 +419,7 @@ def test_the_audit_trail_says_who_did_what_and_verifies(server: Server, tmp_path
     copy = tmp_path / "copy.db"
     with sqlite3.connect(server.db) as source, sqlite3.connect(copy) as target:
         source.backup(target)
+    shutil.copy(server.db.parent / "audit.key", tmp_path / "audit.key")  # its key with it
     with sqlite3.connect(copy) as db:
         seq = db.execute(
             "SELECT seq FROM audit WHERE action = 'run.pause' AND subject = ?", (run_id,)

@@ -85,6 +85,7 @@ async def _database(db: Path) -> dict[str, int]:
     them), runs under way made then (paused, running), a run and a job that ended now, an
     audit trail. The job ids by name."""
     store = SQLiteStore(db)
+    store.audit_key = audit.load_key(beside=db.parent)  # as an engine on it writes the trail
     await store.open()
     try:
         now = time.time()

@@ -114,6 +114,12 @@ class Metrics:
         self.workers = Gauge(
             "baton_workers_alive", "Workers whose lease holds, on this database.", registry=r
         )
+        # what a monitor compares with the last head it saw (baton audit head): a count that
+        # went down, or a last seq that did, is a trail that was cut
+        self.audit_entries = Gauge("baton_audit_entries", "Entries on the audit trail.", registry=r)
+        self.audit_last_seq = Gauge(
+            "baton_audit_last_seq", "The seq of the audit trail's newest entry (0: none).", registry=r
+        )
         self._run_started: dict[str, float] = {}
         self._run_spent: dict[str, float] = {}
         self.unsubscribe = engine.subscribe(self.on_event)
@@ -194,6 +200,9 @@ class Metrics:
             current = next(((s, f) for s, f in waves if f < s), None)
             self.wave_done_ratio.labels(run_id).set(1.0 if current is None else current[1] / current[0])
         self.workers.set(sum(1 for w in await store.list_workers() if w.expires_at >= now))
+        entries, newest = await store.audit_tail()
+        self.audit_entries.set(entries)
+        self.audit_last_seq.set(newest.seq if newest is not None else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

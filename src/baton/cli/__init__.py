@@ -239,11 +239,14 @@ def _engine(
     pool: int | None = None,
     workspaces: Path | None = None,
     sandbox_user: str | None = None,
+    audit_key: bytes | None = None,
 ) -> Engine:
     """An engine on ``db``; with ``must_exist``, a missing SQLite file is NotFound, not created.
     ``pool`` overrides the pool size of a PostgreSQL URL; ``workspaces`` and
     ``sandbox_user``: where confined runs' steps run and as whom (baton.sandbox)."""
     store = store_for(db, pool=pool)
+    if must_exist and isinstance(store, SQLiteStore) and not store.path.exists():
+        raise NotFound(f"no database at {store.path} (set --db or BATON_DB)")
     if workspaces is None:
         beside = isinstance(store, SQLiteStore) and str(store.path) != ":memory:"
         workspaces = (
@@ -252,9 +255,7 @@ def _engine(
             else Path(".baton") / "workspaces"
         )
     sandbox = Sandbox.of(workspaces, sandbox_user)
-    engine = Engine(store, lease_s=lease_s, llm=llm, sandbox=sandbox)
-    if must_exist and isinstance(store, SQLiteStore) and not store.path.exists():
-        raise NotFound(f"no database at {store.path} (set --db or BATON_DB)")
+    engine = Engine(store, lease_s=lease_s, llm=llm, sandbox=sandbox, audit_key=audit_key)
     return engine
 
 

@@ -37,7 +37,17 @@ from baton.queue.cron import cron_problem, fire_due, next_tick
 from baton.sandbox import Sandbox
 from baton.secrets import Redactor
 from baton.status import RunStatus, StepStatus
-from baton.store import JobRecord, NewJob, RunRecord, Schedule, StepRecord, Store, WorkerRecord, store_for
+from baton.store import (
+    JobRecord,
+    NewJob,
+    RunRecord,
+    Schedule,
+    SQLiteStore,
+    StepRecord,
+    Store,
+    WorkerRecord,
+    store_for,
+)
 from baton.store.base import PRUNABLE, PruneResult
 from baton.tasks.http import http_task
 from baton.tasks.registry import Registry, TaskDef
@@ -146,8 +156,22 @@ class Engine:
         http_allow: Sequence[str] | None = None,
         max_plan_steps: int = MAX_PLAN_STEPS,
         sandbox: Sandbox | None = None,
+        audit_key: bytes | None = None,
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
+        # the audit trail's key: given, or BATON_AUDIT_KEY(_FILE), or audit.key beside SQLite
+        #: the key was made now: a trail written before it had one takes it (audit.adopt_key)
+        self._adopt_audit_key = False
+        if audit_key is None:
+            store = self.store
+            beside = None
+            if isinstance(store, SQLiteStore) and str(store.path) != ":memory:":
+                beside = store.path.parent
+            made = beside is not None and not audit.key_configured()
+            made = made and beside is not None and not (beside / audit.DEFAULT_KEY_FILE).exists()
+            audit_key = audit.load_key(beside=beside)
+            self._adopt_audit_key = made
+        self.store.audit_key = audit_key
         self.registry = registry or Registry.default()
         config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
         self.gateway = Gateway(config, self.store)
@@ -200,6 +224,8 @@ class Engine:
         if not self._open:
             await self.store.open()
             self._open = True
+            if self._adopt_audit_key:
+                await audit.adopt_key(self.store, self.store.audit_key)
             # how the runs this process sees end goes on the audit trail, whoever started them
             self._endings = audit.RunEndings(self)
 

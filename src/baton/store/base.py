@@ -15,6 +15,7 @@ number) are rejected, never silently applied.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -412,22 +413,35 @@ GENESIS = "0" * 64
 
 
 def audit_hash(
-    prev_hash: str, ts: float, actor: str, action: str, subject: str, detail: dict[str, Any]
+    prev_hash: str,
+    ts: float,
+    actor: str,
+    action: str,
+    subject: str,
+    detail: dict[str, Any],
+    key: bytes | None = None,
 ) -> str:
-    """The hash that chains an entry to the one before it (``GENESIS`` for the first)."""
+    """The hash that chains an entry to the one before it (``GENESIS`` for the first):
+    HMAC-SHA256 under the trail's ``key``, so that no one without the key (kept outside
+    the database) can write a chain that verifies; plain SHA-256 without one."""
     canonical = json.dumps(
         [prev_hash, f"{ts:.6f}", actor, action, subject, detail],
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    ).encode("utf-8")
+    if key is not None:
+        return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    return hashlib.sha256(canonical).hexdigest()
 
 
 class Store(Protocol):
     """Persistence for runs, steps and attempts. Every method is one transaction."""
 
     url: str
+    #: the audit trail's HMAC key (baton.audit.load_key); None: entries are chained by
+    #: plain SHA-256, which anyone with write access to the database can recompute
+    audit_key: bytes | None
 
     async def open(self) -> None:
         """Connect and apply pending migrations."""
@@ -593,6 +607,9 @@ class Store(Protocol):
         self, *, subject: str | None = None, after: int = 0, limit: int = 1000
     ) -> list[AuditEntry]:
         """Entries with ``seq`` above ``after``, oldest first (only ``subject``'s, if given)."""
+
+    async def audit_tail(self) -> tuple[int, AuditEntry | None]:
+        """How many entries the trail holds, and its newest (None when empty)."""
 
     async def prune(
         self, before: float, statuses: Sequence[RunStatus], *, limit: int = 500, dry_run: bool = False

@@ -695,6 +695,10 @@ RETURNING seq;
 
 -- Two statements rather than one with "subject IS NULL OR": each keeps a plan that uses its
 -- index (the primary key, audit_by_subject) when psycopg prepares it.
+-- name: audit_tail
+SELECT (SELECT COUNT(*) FROM audit) AS entries, a.*
+FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT * FROM audit ORDER BY seq DESC LIMIT 1) a ON true;
+
 -- name: audit_entries
 SELECT * FROM audit WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 

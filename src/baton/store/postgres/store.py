@@ -183,6 +183,7 @@ class PostgresStore:
         if pool_size < 1:
             raise StoreError(f"the pool size must be at least 1 connection, not {pool_size}")
         self.url = url if schema is None else f"{url}{'&' if '?' in url else '?'}schema={schema}"
+        self.audit_key: bytes | None = None
         self._conninfo = url
         self._schema = schema
         #: connections in the pool at most (another one for ``watch``, while it runs)
@@ -933,7 +934,7 @@ class PostgresStore:
             await cur.execute(Q["audit_last_hash"])
             row = await cur.fetchone()
             prev = str(row["hash"]) if row is not None else GENESIS
-            digest = audit_hash(prev, ts, actor, action, subject, detail)
+            digest = audit_hash(prev, ts, actor, action, subject, detail, self.audit_key)
             params = {
                 "ts": ts,
                 "actor": actor,
@@ -950,6 +951,10 @@ class PostgresStore:
         return AuditEntry(int(inserted["seq"]), ts, actor, action, subject, detail, prev, digest)
 
     @_retried
+    async def audit_tail(self) -> tuple[int, AuditEntry | None]:
+        (row,) = await self._rows(Q["audit_tail"], {})
+        return int(row["entries"]), audit_from_row(row) if row["seq"] is not None else None
+
     async def audit_entries(
         self, *, subject: str | None = None, after: int = 0, limit: int = 1000
     ) -> list[AuditEntry]:

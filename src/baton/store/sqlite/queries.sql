@@ -361,6 +361,12 @@ SELECT hash FROM audit ORDER BY seq DESC LIMIT 1;
 -- name: audit_insert
 INSERT INTO audit (ts, actor, action, subject, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?);
 
+-- name: audit_count
+SELECT COUNT(*) FROM audit;
+
+-- name: audit_newest
+SELECT * FROM audit ORDER BY seq DESC LIMIT 1;
+
 -- name: audit_entries
 SELECT * FROM audit WHERE seq > :after AND (:subject IS NULL OR subject = :subject)
 ORDER BY seq LIMIT :limit;

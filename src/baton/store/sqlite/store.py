@@ -104,6 +104,7 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
+        self.audit_key: bytes | None = None
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._synchronous = synchronous
         self._db: sqlite3.Connection | None = None
@@ -775,7 +776,7 @@ class SQLiteStore:
         with self._write() as db:  # BEGIN IMMEDIATE: one writer at a time, so no fork
             row = db.execute(Q["audit_last_hash"]).fetchone()
             prev = row[0] if row is not None else GENESIS
-            digest = audit_hash(prev, ts, actor, action, subject, detail)
+            digest = audit_hash(prev, ts, actor, action, subject, detail, self.audit_key)
             cur = db.execute(
                 Q["audit_insert"], (ts, actor, action, subject, json.dumps(detail), prev, digest)
             )
@@ -787,6 +788,12 @@ class SQLiteStore:
     ) -> list[AuditEntry]:
         params = {"subject": subject, "after": after, "limit": limit}
         return [audit_from_row(r) for r in self.db.execute(Q["audit_entries"], params)]
+
+    async def audit_tail(self) -> tuple[int, AuditEntry | None]:
+        db = self.db
+        count = int(db.execute(Q["audit_count"]).fetchone()[0])
+        row = db.execute(Q["audit_newest"]).fetchone()
+        return count, audit_from_row(row) if row is not None else None
 
     # -- retention ---------------------------------------------------------------------
 
