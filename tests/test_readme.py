@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from baton.policy import Policy
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -42,3 +46,10 @@ def test_the_readme_python_example_runs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "completed"
+
+
+def test_the_readmes_policy_example_is_a_policy_that_confines() -> None:
+    (example,) = [b for b in _blocks("text") if b.lstrip().startswith("roles:")]
+    policy = Policy.of(yaml.safe_load(example), "README")
+    assert "shell" in policy.roles["tester"] and policy.programs["tester"] == ("pytest", "make", "git")
+    assert policy.maxima["tester"]["cpu_s"] == 1800
