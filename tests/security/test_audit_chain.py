@@ -179,3 +179,9 @@ def test_a_head_needs_a_key(tmp_path: Path) -> None:
     asyncio.run(make())
     # a key file of its own is made beside it: a head can be signed
     assert baton("audit", "head", "--db", str(tmp_path / "x.db")).returncode == 0
+
+
+def test_a_database_others_could_read_becomes_its_owners_alone(trail: Path) -> None:
+    trail.chmod(0o644)  # as an earlier version left it
+    assert baton("audit", "verify", "--db", str(trail)).returncode == 0
+    assert stat.S_IMODE(trail.stat().st_mode) == 0o600

@@ -96,6 +96,16 @@ def _entry(row: sqlite3.Row) -> LedgerEntry:
     )
 
 
+def _owner_only(path: Path) -> None:
+    """A database (and its -wal and -shm files) an earlier version made readable by others
+    becomes its owner's alone, when this process owns it."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):
+            info = file.stat()
+            if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+                file.chmod(info.st_mode & 0o700)
+
+
 class SQLiteStore:
     """Store on one SQLite file (``sqlite:///path`` or a plain path)."""
 
@@ -130,6 +140,7 @@ class SQLiteStore:
                 # only its owner may read it (SQLite gives its -wal and -shm files the same mode)
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                _owner_only(self.path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
