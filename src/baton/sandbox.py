@@ -196,13 +196,18 @@ class Sandbox:
             raise UsageError(f"cannot make the workspace {path}: {exc.strerror or exc}") from None
         return path
 
-    def remove(self, run_ids: list[str]) -> None:
-        """Delete the workspaces of these runs (pruned), where there are any."""
-        import shutil
-
-        for run_id in run_ids:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self.root / run_id)
+    def workspaces(self, before: float) -> list[tuple[str, int | None, Path]]:
+        """The workspaces not changed since ``before``: (run id, job id or None, path)."""
+        found: list[tuple[str, int | None, Path]] = []
+        with contextlib.suppress(OSError), os.scandir(self.root) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if not entry.is_dir(follow_symlinks=False) or entry.stat().st_mtime >= before:
+                        continue
+                    job = entry.name.removeprefix("job-")
+                    job_id = int(job) if entry.name.startswith("job-") and job.isdigit() else None
+                    found.append((entry.name, job_id, Path(entry.path)))
+        return found
 
 
 def _user(name: str) -> tuple[int, int]:

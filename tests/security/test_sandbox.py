@@ -251,3 +251,16 @@ def test_a_key_holders_job_runs_confined_too(api: Server) -> None:
         time.sleep(0.05)
     assert job["state"] == "completed", job
     assert job["output"]["stdout"].strip() == str(api.db.parent / "ws" / f"job-{job_id}")
+
+
+async def test_pruning_a_run_removes_its_workspace_and_no_other(tmp_path: Path) -> None:
+    sandbox = Sandbox.of(tmp_path / "ws")
+    async with Engine(str(tmp_path / "b.db"), workdir=tmp_path, sandbox=sandbox) as engine:
+        step = {"id": "s", "task": "shell", "with": {"argv": ["touch", "made"]}}
+        done = await engine.run({"name": "p", "policy": {"sandbox": True}, "steps": [step]})
+        kept = await engine.submit({"name": "q", "policy": {"sandbox": True}, "steps": [step]}, start=False)
+        (tmp_path / "ws" / kept.run_id).mkdir()  # a run not ended yet: its workspace stays
+        assert (tmp_path / "ws" / done.id / "made").exists()
+        pruned = await engine.prune(time.time() + 3600)
+    assert pruned.runs == 1
+    assert not (tmp_path / "ws" / done.id).exists() and (tmp_path / "ws" / kept.run_id).exists()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ import structlog
 from baton import audit
 from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import Worker
-from baton.errors import Conflict, PlanError, PolicyDenied, Problem, UsageError, WorkerFailed
+from baton.errors import Conflict, NotFound, PlanError, PolicyDenied, Problem, UsageError, WorkerFailed
 from baton.llm.config import LLMConfig
 from baton.llm.gateway import Gateway
 from baton.llm.tasks import make_llm_tasks
@@ -709,7 +710,21 @@ class Engine:
                     statuses=sorted(str(s) for s in statuses),
                     **total.counts(),
                 )
+        if total.removed:
+            await self._prune_workspaces(before)
         return total
+
+    async def _prune_workspaces(self, before: float) -> None:
+        """Delete the workspaces (baton.sandbox) of runs and jobs that are gone, untouched
+        since ``before``."""
+        for run_id, job_id, path in await asyncio.to_thread(self.sandbox.workspaces, before):
+            try:
+                if job_id is not None:
+                    await self.store.get_job(job_id)
+                else:
+                    await self.store.get_run(run_id, with_plan=False)
+            except NotFound:
+                await asyncio.to_thread(shutil.rmtree, path, True)
 
     async def apply_retention(self, now: float) -> PruneResult | None:
         """The worker's retention (``retention_s``), from its heartbeat: at most every
