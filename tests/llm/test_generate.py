@@ -210,6 +210,54 @@ async def test_the_same_question_is_answered_from_the_cache_in_a_later_run(
     assert done.output["text"] == "Asked again." and len(fake.received()) == 1
 
 
+async def test_a_rejected_answer_is_never_served_from_the_cache(fake: FakeServer, tmp_path: Path) -> None:
+    """A validator or the extraction rejects the answer: it is not cached, so a re-run (or
+    a retry asking the same) calls the model again instead of replaying the rejection."""
+    config = http_config(fake)
+    checked = {
+        "id": "ask",
+        "task": "llm.generate",
+        "with": {"prompt": "Say a number."},
+        "validate": [{"kind": "regex", "field": "text", "pattern": "^[0-9]+$"}],
+    }
+    as_json = {"id": "js", "task": "llm.generate", "with": {"prompt": "Give JSON.", "extract": "json"}}
+    fake.program({"text": "seven"}, {"text": "{not json"})
+    async with Engine(str(tmp_path / "shared.db"), llm=config) as engine:
+        failed = await engine.run({"name": "first", "steps": [checked, as_json]})
+    assert failed.status is RunStatus.FAILED and len(fake.received()) == 2
+    fake.program({"text": "7"}, {"text": '{"ok": true}'})
+    async with Engine(str(tmp_path / "shared.db"), llm=config) as engine:
+        again = await engine.run({"name": "again", "steps": [checked, as_json]})
+        steps = {s.step_id: s for s in await engine.store.get_steps(again.id)}
+    assert again.status is RunStatus.COMPLETED, [s.error for s in steps.values()]
+    assert len(fake.received()) == 2, "both asked the model again"
+    assert steps["ask"].output["text"] == "7" and steps["js"].output["value"] == {"ok": True}
+    # the accepted answers are cached: a third run asks nothing
+    fake.program()
+    async with Engine(str(tmp_path / "shared.db"), llm=config) as engine:
+        third = await engine.run({"name": "third", "steps": [checked, as_json]})
+        sources = {s.step_id: s.output["source"] for s in await engine.store.get_steps(third.id)}
+    assert third.status is RunStatus.COMPLETED and fake.received() == []
+    assert sources == {"ask": "cached", "js": "cached"}
+
+
+async def test_cache_entries_from_before_acceptance_are_ignored(fake: FakeServer, tmp_path: Path) -> None:
+    config = http_config(fake)
+    step = {"id": "ask", "task": "llm.generate", "with": {"prompt": "What is baton?"}}
+    fake.program({"text": "fresh"})
+    async with Engine(str(tmp_path / "b.db"), llm=config) as engine:
+        # an entry as an earlier version wrote it (no "v"), under the key this step asks by
+        from baton.llm.gateway import cache_key
+        from baton.llm.types import ChatRequest, Message
+
+        request = ChatRequest(messages=(Message("user", "What is baton?"),), temperature=0.7)
+        old = json.dumps({"text": "stale, maybe rejected", "model": "local", "provider": "openai"})
+        await engine.store.cache_put(cache_key("local", request), old, 0.0, None)
+        record = await engine.run({"name": "p", "steps": [step]})
+        (done,) = await engine.store.get_steps(record.id)
+    assert done.output["text"] == "fresh" and len(fake.received()) == 1
+
+
 DDL = "CREATE TABLE invoices (customer text, total int)"
 
 

@@ -788,6 +788,8 @@ class Worker:
                 result.error = "validation failed: " + "; ".join(failing)
             else:
                 result.outcome, result.output = "succeeded", value
+                if ctx is not None:
+                    await _accepted(ctx)
         except asyncio.CancelledError:
             result.outcome, result.error = "cancelled", "cancelled"
         except (TypeError, ValueError) as exc:
@@ -940,6 +942,15 @@ def _storable(text: str, what: str) -> str:
                 f"(a lone surrogate {text[exc.start]!a} at character {exc.start})"
             ) from None
     return text
+
+
+async def _accepted(ctx: TaskContext) -> None:
+    """What the task asked to do once its attempt is accepted (an answer into the cache)."""
+    for action in ctx.on_accepted:
+        try:
+            await action()
+        except Exception as exc:  # the attempt stands: what it accepted is recorded anyway
+            log.warning("an action on acceptance failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def _mended(text: str) -> str:

@@ -72,6 +72,21 @@ class _Reservation:
     settles: list[tuple[str, int, float]]
 
 
+#: what a cache entry's ``v`` says: the answer was accepted (a step's passed its validators)
+#: before it went in. Entries without it, from before, may be rejected answers: never served.
+CACHE_VERSION = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CacheWrite:
+    """A model's answer to put in the cache once it is accepted (Gateway.remember)."""
+
+    key: str
+    response: ChatResponse
+    #: the semantic index's (scope, embedding) of the request, when it has one
+    probe: tuple[str, Embedded] | None = None
+
+
 def cache_key(model: str, request: ChatRequest) -> str:
     """The exact-cache key: the model asked, the messages and the sampling parameters."""
     canonical = {
@@ -155,9 +170,14 @@ class Gateway:
         *,
         tier: str | None = None,
         complexity: str | None = None,
+        deferred: list[CacheWrite] | None = None,
     ) -> ChatResponse:
         """Answer ``request``: by a rule, from the cache, or from a model (named, or routed)
         within budget.
+
+        A model's answer goes into the cache at once, or, given ``deferred``, is added to
+        it for the caller to :meth:`remember` once the answer is accepted (a step's: once it
+        passed the step's validators), so that a rejected answer never answers again.
 
         Routing: a named ``model`` (then its fallbacks); else the models of ``tier``, or of
         the tier the config routes ``complexity`` to, one tier cheaper once the run has
@@ -200,11 +220,20 @@ class Gateway:
             decision = "downgraded" if tightened or order[0] != first else "within"
             response = replace(response, raw={**response.raw, "budget": decision})
         if key is not None:
-            await self._remember(key, response)
-            if probe is not None:
-                assert self._semantic is not None
-                await self._semantic.add(probe[0], probe[1], key)
+            write = CacheWrite(key, response, probe)
+            if deferred is not None:
+                deferred.append(write)
+            else:
+                await self.remember([write])
         return response
+
+    async def remember(self, writes: list[CacheWrite]) -> None:
+        """Put accepted answers in the exact cache, and index them for the semantic one."""
+        for write in writes:
+            await self._remember(write.key, write.response)
+            if write.probe is not None:
+                assert self._semantic is not None
+                await self._semantic.add(write.probe[0], write.probe[1], write.key)
 
     async def _semantic_lookup(
         self, first: str, request: ChatRequest
@@ -389,6 +418,8 @@ class Gateway:
         if text is None:
             return None
         data = json.loads(text)
+        if data.get("v") != CACHE_VERSION:
+            return None  # written before answers were cached only once accepted: maybe rejected
         usage = data.get("usage")
         return ChatResponse(
             text=data["text"],
@@ -403,6 +434,7 @@ class Gateway:
     async def _remember(self, key: str, response: ChatResponse) -> None:
         assert self.store is not None
         value = {
+            "v": CACHE_VERSION,
             "text": response.text,
             "model": response.model,
             "provider": response.provider,

@@ -16,7 +16,7 @@ from typing import Any
 from baton.errors import TaskFailed
 from baton.llm.context import DEFAULT_TOKENS, needs_context
 from baton.llm.extract import extract_code
-from baton.llm.gateway import BudgetGuard, Gateway
+from baton.llm.gateway import BudgetGuard, CacheWrite, Gateway
 from baton.llm.types import ChatRequest, Message
 from baton.plan.refs import has_refs
 from baton.tasks.registry import TaskContext, TaskDef
@@ -76,7 +76,10 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         )
         ctx.details.update(prompt=content, temperature=temperature)
         budget = BudgetGuard(ctx.run_id, ctx.step_id, ctx.run_budget, ctx.step_budget)
-        response = await gateway.complete(request, model, budget, tier=tier, complexity=ctx.complexity)
+        writes: list[CacheWrite] = []  # the answer is cached once the step accepts it
+        response = await gateway.complete(
+            request, model, budget, tier=tier, complexity=ctx.complexity, deferred=writes
+        )
         usage = response.usage.to_dict() if response.usage is not None else None
         ctx.details.update(
             answer=response.text,
@@ -112,6 +115,8 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             result["text"] = raw
         else:
             result["text"] = response.text
+        if writes:
+            ctx.on_accepted.append(lambda: gateway.remember(writes))
         return result
 
     def check(inputs: Mapping[str, Any]) -> list[str]:

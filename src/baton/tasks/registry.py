@@ -47,6 +47,9 @@ class TaskContext:
     #: a confined step's workspace, user, programs and limits (baton.sandbox); None: the
     #: step runs as the server's user in ``workdir``
     confinement: Confinement | None = None
+    #: what to do once the attempt is accepted (its output passed the step's validators):
+    #: run by the executor, in order; a failure of one is logged, never the attempt's
+    on_accepted: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
     #: the steps this one needs, in the order of its ``needs``
     needs: tuple[str, ...] = ()
     #: reads the outputs of ``needs`` (set by the executor)
