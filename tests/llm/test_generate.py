@@ -219,6 +219,7 @@ async def test_a_rejected_answer_is_never_served_from_the_cache(fake: FakeServer
         "task": "llm.generate",
         "with": {"prompt": "Say a number."},
         "validate": [{"kind": "regex", "field": "text", "pattern": "^[0-9]+$"}],
+        "retry": {"attempts": 1},
     }
     as_json = {"id": "js", "task": "llm.generate", "with": {"prompt": "Give JSON.", "extract": "json"}}
     fake.program({"text": "seven"}, {"text": "{not json"})
@@ -256,6 +257,34 @@ async def test_cache_entries_from_before_acceptance_are_ignored(fake: FakeServer
         record = await engine.run({"name": "p", "steps": [step]})
         (done,) = await engine.store.get_steps(record.id)
     assert done.output["text"] == "fresh" and len(fake.received()) == 1
+
+
+async def test_a_checked_step_reads_the_answer_and_gets_the_schedules_attempts(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    """No ``field``: the validator reads the answer's text; no retry policy: with
+    validators, an attempt per temperature of the schedule (4), each fed the last reason."""
+    step = {
+        "id": "code",
+        "task": "llm.generate",
+        "with": {"prompt": "Write f().", "extract": "code", "language": "python"},
+        "validate": [{"kind": "python_syntax"}],
+    }
+    broken = {"text": "```python\ndef f(:\n```"}
+    fake.program(broken, broken, broken, {"text": "```python\ndef f():\n    return 1\n```"})
+    async with Engine(str(tmp_path / "b.db"), llm=http_config(fake)) as engine:
+        record = await engine.run({"name": "p", "steps": [step]})
+        attempts = await engine.store.get_attempts(record.id)
+    assert record.status is RunStatus.COMPLETED
+    assert [a.status for a in attempts] == ["failed", "failed", "failed", "succeeded"]
+    assert "python_syntax: line 1" in (attempts[0].error or "")
+    temperatures = [r["body"]["temperature"] for r in fake.received()]
+    assert temperatures == [0.7, 0.5, 0.3, 0.3]
+    # a retry policy of its own still rules
+    fake.program(broken)
+    async with Engine(str(tmp_path / "c.db"), llm=http_config(fake)) as engine:
+        once = await engine.run({"name": "p", "steps": [{**step, "retry": {"attempts": 1}}]})
+    assert once.status is RunStatus.FAILED and len(fake.received()) == 1
 
 
 DDL = "CREATE TABLE invoices (customer text, total int)"

@@ -32,7 +32,7 @@ from baton.engine.events import Event
 from baton.errors import BatonError, StepTimeout, StoreError, TaskFailed, WorkerFailed
 from baton.plan.analysis import analyze
 from baton.plan.dag import Dag
-from baton.plan.model import Plan, RetryPolicy
+from baton.plan.model import Plan, RetryPolicy, Step
 from baton.plan.refs import Ref, has_refs, referenced_steps, resolve
 from baton.status import StepStatus
 from baton.store.base import Claimed, Done, RunRecord, Turn, TurnResult, WorkerRecord
@@ -101,9 +101,11 @@ class RunPlan:
         self.timeouts: list[float | None] = [
             s.timeout_s if s.timeout_s is not None else default_timeout for s in plan.steps
         ]
-        self.retries: list[RetryPolicy] = [s.retry or default_retry for s in plan.steps]
+        self.retries = [
+            _retry(s, t, policy.retry, default_retry) for s, t in zip(plan.steps, self.tasks, strict=True)
+        ]
         self.templated = [bool(s.inputs) and has_refs(s.inputs) for s in plan.steps]
-        self.validators = [[v.model_dump() for v in s.validate_] for s in plan.steps]
+        self.validators = [_checks(s, t) for s, t in zip(plan.steps, self.tasks, strict=True)]
         #: what the programs of each step run in when the run is confined (baton.sandbox)
         self.confinements = [
             engine.policy.confinement(s.role, workdir, engine.sandbox.user, engine.sandbox.timeout_s)
@@ -942,6 +944,25 @@ def _storable(text: str, what: str) -> str:
                 f"(a lone surrogate {text[exc.start]!a} at character {exc.start})"
             ) from None
     return text
+
+
+def _retry(step: Step, task: TaskDef | None, plans: RetryPolicy | None, default: RetryPolicy) -> RetryPolicy:
+    """A step's retry policy: its own, the plan's, or, for a checked step of a task that
+    retries with feedback (llm.generate), that task's number of attempts."""
+    if step.retry is not None:
+        return step.retry
+    if plans is None and step.validate_ and task is not None and task.checked_attempts > 1:
+        return RetryPolicy(attempts=task.checked_attempts)
+    return default
+
+
+def _checks(step: Step, task: TaskDef | None) -> list[dict[str, Any]]:
+    """A step's validators as run: reading the task's answer (``text`` of llm.generate)
+    when they name no ``field``."""
+    checks = [v.model_dump() for v in step.validate_]
+    if task is not None and task.answer_field is not None:
+        checks = [c if c.get("field") is not None else {**c, "field": task.answer_field} for c in checks]
+    return checks
 
 
 async def _accepted(ctx: TaskContext) -> None:

@@ -138,4 +138,14 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             problems.append(f"extract must be one of {', '.join(EXTRACTS)}, not {extract!r}")
         return problems
 
-    return [TaskDef.of("llm.generate", generate, check=check, needs=("llm",))]
+    # Its validators read the answer's text unless they say otherwise, and with validators
+    # it gets an attempt per temperature of the schedule: a rejected answer is fed back.
+    task = TaskDef.of(
+        "llm.generate",
+        generate,
+        check=check,
+        needs=("llm",),
+        answer_field="text",
+        checked_attempts=len(DEFAULT_TEMPERATURES),
+    )
+    return [task]

@@ -98,6 +98,10 @@ class TaskDef:
     check: Checker | None = None
     #: what it needs (see CAPABILITIES); a task that declares nothing is ``pure``
     needs: frozenset[str] = frozenset({"pure"})
+    #: the part of its output that validators read when they name no ``field`` (None: all)
+    answer_field: str | None = None
+    #: how many attempts a step of it with validators gets when it sets no retry policy
+    checked_attempts: int = 1
 
     @classmethod
     def of(
@@ -107,6 +111,8 @@ class TaskDef:
         estimate: Estimator | None = None,
         check: Checker | None = None,
         needs: Iterable[str] = ("pure",),
+        answer_field: str | None = None,
+        checked_attempts: int = 1,
     ) -> TaskDef:
         sig = inspect.signature(fn)
         context_param = None
@@ -138,6 +144,8 @@ class TaskDef:
             description=doc.splitlines()[0] if doc else "",
             check=check,
             needs=_needs(name, needs),
+            answer_field=answer_field,
+            checked_attempts=checked_attempts,
         )
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> list[str]:
