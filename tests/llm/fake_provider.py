@@ -2,7 +2,9 @@
 
 It speaks the OpenAI chat-completions and Anthropic Messages wire formats. Tests program
 its next answers (``POST /program`` with a list of {status, text, headers, delay_s,
-body}) and read what it received (``GET /requests``). Unprogrammed calls get a 200 whose
+body, usage, output_share}: ``usage`` the provider's usage object as sent, or
+``output_share`` of the request's max_tokens as the output tokens) and read what it
+received (``GET /requests``). Unprogrammed calls get a 200 whose
 text says which turn it is.
 
     python tests/llm/fake_provider.py      # prints the port it listens on
@@ -68,22 +70,27 @@ class Handler(BaseHTTPRequestHandler):
             )
             return
         text = step.get("text", f"answer {turn}")
+        output = None
+        if "output_share" in step:
+            output = int(float(step["output_share"]) * int(body.get("max_tokens") or 0))
         if self.path == "/v1/messages":
+            usage = {"input_tokens": 11, "output_tokens": 7 if output is None else output}
             self._send(
                 200,
                 {
                     "model": body.get("model"),
                     "content": [{"type": "text", "text": text}],
-                    "usage": {"input_tokens": 11, "output_tokens": 7},
+                    "usage": step.get("usage", usage),
                 },
             )
         else:
+            usage = {"prompt_tokens": 13, "completion_tokens": 5 if output is None else output}
             self._send(
                 200,
                 {
                     "model": body.get("model"),
                     "choices": [{"message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 13, "completion_tokens": 5},
+                    "usage": step.get("usage", usage),
                 },
             )
 

@@ -176,6 +176,7 @@ class Engine:
         self.registry = registry or Registry.default()
         config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
         self.gateway = Gateway(config, self.store)
+        self.gateway.on_overrun = lambda run_id, data: self.emit(Event("budget.overrun", run_id, data=data))
         #: the values of this process's secrets, kept out of outputs, errors and details
         keys = [m.key_env() for m in config.models.values()] if config is not None else []
         self.redactor = Redactor.from_environ(extra=[k for k in keys if k])

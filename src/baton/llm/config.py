@@ -112,6 +112,10 @@ class LLMConfig(BaseModel):
     routing: dict[Complexity, str] = Field(default_factory=dict)
     #: when the run has spent this share of a budget, steps move one tier down
     downgrade_at: float = Field(default=0.8, gt=0, le=1)
+    #: a call whose budget reservation does not fit while other calls' reservations are in
+    #: flight waits at most this long for them to settle (they usually use less) before the
+    #: budget's on_exhausted applies
+    budget_wait_s: float = Field(default=30.0, ge=0)
     #: a model that keeps failing is left alone this long
     cooldown_s: float = Field(default=30.0, ge=0)
     #: tries of one model on a transient error (429, 5xx, timeout) before its fallbacks

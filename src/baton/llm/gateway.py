@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -128,6 +129,9 @@ class Gateway:
         self._cooling: dict[str, float] = {}  # model -> monotonic time it may be tried again
         self._semantic: SemanticIndex | None = None
         self._rules = Rules(self.config.rules)
+        #: told (run id, what) when a call used more than it reserved (the engine emits a
+        #: ``budget.overrun`` event)
+        self.on_overrun: Callable[[str, dict[str, object]], None] | None = None
 
     def problems(self, model: str | None, tier: str | None = None) -> list[str]:
         return self.config.problems(model, tier)
@@ -313,7 +317,7 @@ class Gateway:
                     )
                 claims.append(BudgetClaim(scope, total_tokens, usd or 0.0, budget.tokens, budget.usd))
             try:
-                await self.store.budget_reserve(guard.run_id, claims)
+                await self._reserve_waiting(guard.run_id, claims)
             except BudgetExceeded as exc:
                 refusal = refusal or exc
                 continue
@@ -322,6 +326,38 @@ class Gateway:
         if guard.on_exhausted == "cache":
             raise BudgetExceeded(f"{refusal.message}; and no cached answer to this request") from None
         raise refusal
+
+    async def _reserve_waiting(self, run_id: str, claims: list[BudgetClaim]) -> None:
+        """Reserve ``claims``; when they do not fit only because of other calls'
+        reservations in flight, wait (at most ``budget_wait_s``) for those to settle."""
+        assert self.store is not None
+        deadline, pause = time.monotonic() + self.config.budget_wait_s, 0.02
+        while True:
+            try:
+                await self.store.budget_reserve(run_id, claims)
+                return
+            except BudgetExceeded:
+                if time.monotonic() + pause > deadline or not await self._fits_once_settled(run_id, claims):
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.5)
+
+    async def _fits_once_settled(self, run_id: str, claims: list[BudgetClaim]) -> bool:
+        """Whether ``claims`` would fit if the reservations in flight used nothing: there are
+        some, and what is spent leaves room."""
+        assert self.store is not None
+        ledger = {e.scope: e for e in await self.store.budget_ledger(run_id)}
+        in_flight = False
+        for claim in claims:
+            entry = ledger.get(claim.scope)
+            if entry is None:
+                continue
+            in_flight |= entry.reserved_tokens > 0 or entry.reserved_usd > 0
+            if claim.limit_tokens is not None and entry.spent_tokens + claim.tokens > claim.limit_tokens:
+                return False
+            if claim.limit_usd is not None and entry.spent_usd + claim.usd > claim.limit_usd + 1e-12:
+                return False
+        return in_flight
 
     async def _settle(
         self, guard: BudgetGuard | None, reservation: _Reservation, response: ChatResponse | None
@@ -333,6 +369,19 @@ class Gateway:
             usd = response.cost_usd or 0.0
         settles = [BudgetSettle(scope, rt, ru, used, usd) for scope, rt, ru in reservation.settles]
         await self.store.budget_settle(guard.run_id, settles)
+        over = [s for s in settles if s.tokens > s.reserved_tokens or s.usd > s.reserved_usd + 1e-12]
+        if over and self.on_overrun is not None:  # booked as used; later calls must fit what is left
+            self.on_overrun(
+                guard.run_id,
+                {
+                    "step_id": guard.step_id,
+                    "scopes": [s.scope for s in over],
+                    "reserved_tokens": over[0].reserved_tokens,
+                    "used_tokens": used,
+                    "reserved_usd": round(over[0].reserved_usd, 8),
+                    "used_usd": round(usd, 8),
+                },
+            )
 
     async def _route(
         self, model: str | None, tier: str | None, complexity: str | None, guard: BudgetGuard | None
