@@ -229,3 +229,75 @@ async def test_calls_are_priced_from_the_maintained_table_or_the_config(tmp_path
     assert mini.cost_usd == pytest.approx(0.15 + 0.60)  # genai-prices: $0.15 / $0.60 per MTok
     assert house.cost_usd == pytest.approx(3.0)
     assert mystery.cost_usd is None
+
+
+async def test_prompt_cache_tokens_are_priced_as_the_providers_bill_them(fake: FakeServer) -> None:
+    """OpenAI counts cached tokens inside prompt_tokens (billed at half on gpt-4o-mini);
+    Anthropic counts cache reads and writes apart from input_tokens (a tenth, and 1.25x)."""
+    gateway = Gateway(
+        config(
+            fake,
+            mini={"provider": "openai", "base_url": f"{fake.url}/v1", "model": "gpt-4o-mini"},
+            haiku={"provider": "anthropic", "base_url": fake.url, "model": "claude-3-5-haiku-latest"},
+        )
+    )
+    cached = {
+        "prompt_tokens": 10_000,
+        "completion_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 8_000},
+    }
+    anthropic = {
+        "input_tokens": 1_000,
+        "cache_read_input_tokens": 8_000,
+        "cache_creation_input_tokens": 1_000,
+        "output_tokens": 0,
+    }
+    fake.program(
+        {"usage": cached}, {"usage": {"prompt_tokens": 10_000, "completion_tokens": 0}}, {"usage": anthropic}
+    )
+    try:
+        with_cache = await gateway.complete(ask(), "mini")
+        without = await gateway.complete(ask("Again"), "mini")
+        claude = await gateway.complete(ask(), "haiku")
+    finally:
+        await gateway.aclose()
+    assert with_cache.usage is not None and with_cache.usage.to_dict() == {
+        "input_tokens": 10_000,
+        "output_tokens": 0,
+        "cache_read_tokens": 8_000,
+    }
+    # gpt-4o-mini: $0.15 per million input tokens, cached ones $0.075
+    assert without.cost_usd == pytest.approx(10_000 * 0.15e-6)
+    assert with_cache.cost_usd == pytest.approx(2_000 * 0.15e-6 + 8_000 * 0.075e-6)
+    assert with_cache.raw["prompt_cache_saved_usd"] == pytest.approx(8_000 * 0.075e-6)
+    # claude-3-5-haiku: $0.80 input, $0.08 cache reads, $1.00 cache writes
+    assert claude.usage is not None and (claude.usage.input_tokens, claude.usage.cache_write_tokens) == (
+        10_000,
+        1_000,
+    )
+    assert claude.cost_usd == pytest.approx(1_000 * 0.8e-6 + 8_000 * 0.08e-6 + 1_000 * 1.0e-6)
+
+
+async def test_anthropic_prompt_cache_marks_long_system_prompts_when_asked(fake: FakeServer) -> None:
+    models = {
+        "cached": {
+            "provider": "anthropic",
+            "base_url": fake.url,
+            "model": "claude-3-5-haiku-latest",
+            "prompt_cache": True,
+        },
+        "plain": {"provider": "anthropic", "base_url": fake.url, "model": "claude-3-5-haiku-latest"},
+    }
+    gateway = Gateway(config(fake, **models))
+    long_system = "You review code for a bank. " * 300  # well over 1,024 tokens
+    request = ChatRequest(messages=(Message("system", long_system), Message("user", "Review this.")))
+    fake.program({}, {}, {})
+    try:
+        await gateway.complete(request, "cached")
+        await gateway.complete(request, "plain")
+        await gateway.complete(ask(), "cached")  # a short system prompt: sent as it is
+    finally:
+        await gateway.aclose()
+    marked, plain, short = (r["body"]["system"] for r in fake.received())
+    assert marked == [{"type": "text", "text": long_system, "cache_control": {"type": "ephemeral"}}]
+    assert plain == long_system and short == "Be brief."

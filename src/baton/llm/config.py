@@ -52,6 +52,9 @@ class ModelConfig(BaseModel):
     record_from: str | None = None
     #: models to try, in order, when this one keeps failing
     fallbacks: list[str] = Field(default_factory=list)
+    #: anthropic: mark system prompts of 1,024 tokens or more for the provider's prompt
+    #: cache (cache_control), which bills reading them again at a tenth of the input price
+    prompt_cache: bool = False
 
     def key_env(self) -> str | None:
         if self.api_key_env is not None:

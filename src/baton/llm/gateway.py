@@ -163,7 +163,12 @@ class Gateway:
                 name=name, base_url=base_url, model=model, api_key=key, timeout_s=spec.timeout_s
             )
         return AnthropicMessages(
-            name=name, base_url=base_url, model=model, api_key=key, timeout_s=spec.timeout_s
+            name=name,
+            base_url=base_url,
+            model=model,
+            api_key=key,
+            timeout_s=spec.timeout_s,
+            prompt_cache=spec.prompt_cache,
         )
 
     async def complete(
@@ -459,7 +464,11 @@ class Gateway:
             return response
         spec = self.config.models.get(name)
         hint = spec.provider if spec is not None and spec.provider != "scripted" else None
-        return replace(response, cost_usd=self.prices.cost_usd(response.model, response.usage, hint))
+        cost = self.prices.cost_usd(response.model, response.usage, hint)
+        saved = self.prices.cache_saving_usd(response.model, response.usage, hint)
+        if saved is not None:  # the provider's prompt cache: what it saved, for the record
+            return replace(response, cost_usd=cost, raw={**response.raw, "prompt_cache_saved_usd": saved})
+        return replace(response, cost_usd=cost)
 
     async def _cached(self, key: str, kind: str) -> ChatResponse | None:
         assert self.store is not None

@@ -21,6 +21,10 @@ class Price(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
+    #: input tokens read from the provider's prompt cache, and written to it (default: the
+    #: input price)
+    cache_read_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
 
 
 class PriceBook:
@@ -31,16 +35,33 @@ class PriceBook:
         self._known: dict[tuple[str, str | None], bool] = {}
 
     def cost_usd(self, model: str, usage: Usage, provider: str | None = None) -> float | None:
+        """What ``usage`` costs on ``model``: cache reads and writes at their own prices."""
         price = self.overrides.get(model)
         if price is not None:
+            read, written = usage.cache_read_tokens, usage.cache_write_tokens
+            fresh = max(0, usage.input_tokens - read - written)
+            read_price = (
+                price.cache_read_per_mtok if price.cache_read_per_mtok is not None else price.input_per_mtok
+            )
+            write_price = (
+                price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+            )
             return (
-                usage.input_tokens * price.input_per_mtok + usage.output_tokens * price.output_per_mtok
+                fresh * price.input_per_mtok
+                + read * read_price
+                + written * write_price
+                + usage.output_tokens * price.output_per_mtok
             ) / 1e6
         if self._known.get((model, provider)) is False:
             return None
         try:
             calc = calc_price(
-                PriceUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens),
+                PriceUsage(
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cache_read_tokens=usage.cache_read_tokens or None,
+                    cache_write_tokens=usage.cache_write_tokens or None,
+                ),
                 model_ref=model,
                 provider_id=provider,
             )
@@ -49,3 +70,12 @@ class PriceBook:
             return None
         self._known[(model, provider)] = True
         return float(calc.total_price)
+
+    def cache_saving_usd(self, model: str, usage: Usage, provider: str | None = None) -> float | None:
+        """What the provider's prompt cache saved on ``usage``: its cost with every input
+        token at the full input price, less its cost (None: no cache tokens, or no price)."""
+        if not usage.cache_read_tokens and not usage.cache_write_tokens:
+            return None
+        actual = self.cost_usd(model, usage, provider)
+        full = self.cost_usd(model, Usage(usage.input_tokens, usage.output_tokens), provider)
+        return None if actual is None or full is None else full - actual

@@ -90,6 +90,8 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             source=response.source,
             latency_s=round(response.latency_s, 4),
         )
+        if "prompt_cache_saved_usd" in response.raw:  # the provider's own prompt cache
+            ctx.details["prompt_cache_saved_usd"] = response.raw["prompt_cache_saved_usd"]
         if "budget" in response.raw:  # "within", or "downgraded" to a cheaper model
             ctx.details["budget"] = response.raw["budget"]
         if response.source == "cached":

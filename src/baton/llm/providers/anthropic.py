@@ -7,10 +7,14 @@ from typing import Any
 
 import httpx
 
+from baton.llm import tokens
 from baton.llm.providers.base import post_json
 from baton.llm.types import ChatRequest, ChatResponse, ProviderUnavailable, Usage
 
 API_VERSION = "2023-06-01"
+#: Anthropic caches prompts from this many tokens (1,024 for most models; shorter ones
+#: are sent as they are)
+CACHE_MIN_TOKENS = 1024
 DEFAULT_MAX_TOKENS = 4096
 
 
@@ -18,10 +22,19 @@ class AnthropicMessages:
     """Speaks the Messages wire format; system turns go to the ``system`` field."""
 
     def __init__(
-        self, *, name: str, base_url: str, model: str, api_key: str | None, timeout_s: float = 60.0
+        self,
+        *,
+        name: str,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        timeout_s: float = 60.0,
+        prompt_cache: bool = False,
     ) -> None:
         self.name = name
         self.model = model
+        #: mark long system prompts for Anthropic's prompt cache (cache_control)
+        self.prompt_cache = prompt_cache
         self._url = base_url.rstrip("/") + "/v1/messages"
         self._headers = {"anthropic-version": API_VERSION}
         if api_key:
@@ -37,7 +50,10 @@ class AnthropicMessages:
                 {"role": m.role, "content": m.content} for m in request.messages if m.role != "system"
             ],
         }
-        if system:
+        if system and self.prompt_cache and tokens.count(system) >= CACHE_MIN_TOKENS:
+            # a long system prompt, asked again and again: read from the provider's cache
+            body["system"] = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+        elif system:
             body["system"] = system
         if request.temperature is not None:
             body["temperature"] = request.temperature
@@ -47,13 +63,10 @@ class AnthropicMessages:
         if not isinstance(blocks, list):
             raise ProviderUnavailable(f"{self.name}: an answer without content blocks")
         text = "".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
-        usage = data.get("usage") or {}
         return ChatResponse(
             text=text,
             model=str(data.get("model") or self.model),
-            usage=Usage(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)))
-            if usage
-            else None,
+            usage=_usage(data.get("usage")),
             latency_s=time.perf_counter() - started,
             provider=self.name,
             raw=data,
@@ -61,3 +74,14 @@ class AnthropicMessages:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _usage(usage: Any) -> Usage | None:
+    """Anthropic's usage: input_tokens counts neither the tokens read from the prompt cache
+    nor those written to it; Usage's input_tokens counts them all."""
+    if not isinstance(usage, dict) or not usage:
+        return None
+    read = int(usage.get("cache_read_input_tokens") or 0)
+    written = int(usage.get("cache_creation_input_tokens") or 0)
+    fresh = int(usage.get("input_tokens") or 0)
+    return Usage(fresh + read + written, int(usage.get("output_tokens") or 0), read, written)

@@ -39,13 +39,10 @@ class OpenAIChat:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise ProviderUnavailable(f"{self.name}: an answer without choices[0].message.content") from None
-        usage = data.get("usage") or {}
         return ChatResponse(
             text=str(text),
             model=str(data.get("model") or self.model),
-            usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
-            if usage
-            else None,
+            usage=_usage(data.get("usage")),
             latency_s=time.perf_counter() - started,
             provider=self.name,
             raw=data,
@@ -53,3 +50,14 @@ class OpenAIChat:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _usage(usage: Any) -> Usage | None:
+    """OpenAI's usage: prompt_tokens counts the cached ones (prompt_tokens_details)."""
+    if not isinstance(usage, dict) or not usage:
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(
+        int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), int(cached or 0)
+    )
