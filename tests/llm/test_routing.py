@@ -85,8 +85,8 @@ async def test_when_every_model_cools_down_the_call_waits_rather_than_fails(fake
         fake.program({"status": 500})
         with pytest.raises(Exception, match="HTTP 500"):
             await gateway.complete(ask(), model="big")
+        started = time.monotonic()  # the cool-down began a moment ago (programming takes time)
         fake.program({"text": "recovered"})
-        started = time.monotonic()
         answer = await gateway.complete(ask(), model="big")
     finally:
         await gateway.aclose()
