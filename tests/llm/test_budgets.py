@@ -155,3 +155,29 @@ async def test_a_usd_budget_needs_known_prices(fake: FakeServer, tmp_path: Path)
     assert record.status is RunStatus.FAILED
     assert step.error is not None and "the price of model 'mystery' (or a fallback) is unknown" in step.error
     assert fake.received() == []
+
+
+async def test_cheaper_walks_the_configured_tiers_not_only_fallbacks(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    """premium (gpt-4o) has no fallbacks; the cheap tier below it does fit the budget."""
+    config = {
+        "tiers": {"cheap": ["mini"], "premium": ["solo"]},
+        "models": {"solo": {"provider": "openai", "base_url": f"{fake.url}/v1", "model": "gpt-4o"}},
+    }
+    llm = engine_config(fake).model_dump()
+    llm["models"].update(config["models"])
+    llm["tiers"] = config["tiers"]
+    fake.program({"text": "cheap answer"})
+    step = {
+        "id": "ask",
+        "task": "llm.generate",
+        "with": {"prompt": "Explain baton.", "tier": "premium"},
+        "budget": {"usd": 0.005, "on_exhausted": "cheaper"},
+    }
+    async with Engine(str(tmp_path / "b.db"), llm=LLMConfig.model_validate(llm)) as engine:
+        record = await engine.run({"name": "tiers", "steps": [step]})
+        (done,) = await engine.store.get_steps(record.id)
+    assert record.status is RunStatus.COMPLETED, done.error
+    assert done.output["model"] == "gpt-4o-mini"
+    assert [r["body"]["model"] for r in fake.received()] == ["gpt-4o-mini"]

@@ -300,16 +300,18 @@ class Gateway:
     ) -> tuple[list[str], _Reservation]:
         """Reserve the call's estimate; the models to try (cheaper ones if the policy says so)."""
         assert self.store is not None, "budgets need a store"
-        # Counted by a real tokenizer, with the margin of the model family that counts most.
-        prompt_tokens = max(tokens.estimate_messages(request.messages, self._model_id(m)) for m in order)
         output_tokens = request.max_tokens or BUDGET_OUTPUT_TOKENS
-        estimate = Usage(prompt_tokens, output_tokens)
-        total_tokens = prompt_tokens + output_tokens
         candidates = [order]
         if guard.on_exhausted == "cheaper":
-            candidates += [order[at:] for at in range(1, len(order))]
+            candidates += self._cheaper(order)
         refusal: BudgetExceeded | None = None
         for candidate in candidates:
+            # Counted by a real tokenizer, with the margin of the model family that counts most.
+            prompt_tokens = max(
+                tokens.estimate_messages(request.messages, self._model_id(m)) for m in candidate
+            )
+            estimate = Usage(prompt_tokens, output_tokens)
+            total_tokens = prompt_tokens + output_tokens
             # A call may end on any model it may try: reserve the dearest of them.
             costs = [self._estimate_usd(m, estimate) for m in candidate]
             usd = None if any(c is None for c in costs) else max(c for c in costs if c is not None)
@@ -331,6 +333,22 @@ class Gateway:
         if guard.on_exhausted == "cache":
             raise BudgetExceeded(f"{refusal.message}; and no cached answer to this request") from None
         raise refusal
+
+    def _cheaper(self, order: list[str]) -> list[list[str]]:
+        """What ``on_exhausted: cheaper`` tries after ``order``: its later models (its
+        fallbacks), then each configured tier cheaper than the one its first model is in."""
+        found = [order[at:] for at in range(1, len(order))]
+        names = list(self.config.tiers)
+        start = next((t for t in names if order[0] in self.config.tiers[t]), None)
+        if start is None:
+            return found
+        for lower in reversed(names[: names.index(start)]):
+            chain: list[str] = []
+            for name in self.config.tiers[lower]:
+                chain += [m for m in self._chain(name) if m not in chain]
+            if chain and chain not in found and chain != order:
+                found.append(chain)
+        return found
 
     async def _reserve_waiting(self, run_id: str, claims: list[BudgetClaim]) -> None:
         """Reserve ``claims``; when they do not fit only because of other calls'
