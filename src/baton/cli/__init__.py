@@ -9,6 +9,7 @@ its ``exit_code``, anything else is an internal error; no traceback reaches the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import shlex
@@ -32,7 +33,8 @@ from baton import logs
 from baton.audit import cli_actor
 from baton.cli.progress import WAVES_SHOWN, Progress, human_s, styled
 from baton.engine import DEFAULT_LEASE_S, Engine, RunHandle
-from baton.errors import BatonError, NotFound, UsageError, WorkerFailed
+from baton.errors import BatonError, NotFound, PlanError, UsageError, WorkerFailed
+from baton.llm.forecast import Forecast, over_budget
 from baton.plan import Policy, analyze
 from baton.runtime import tune_gc
 from baton.sandbox import Sandbox
@@ -603,18 +605,32 @@ def validate(
 
     async def body() -> int:
         _import_modules(imports)
-        engine = _engine(db, llm=llm)  # never opened: validating touches no database
+        engine = _engine(db, llm=llm)
         try:
             loaded = engine.load(plan)
             dag = analyze(loaded, engine.registry)
             parallel = loaded.policy.effective_max_parallel(engine.default_max_parallel)
+            store = engine.store
+            if not isinstance(store, SQLiteStore) or store.path.exists():
+                # the history's cache hit rate, where there is a database to read it from
+                with contextlib.suppress(BatonError):
+                    await engine.open()
+            costs, total, hit_rate = await engine.forecast(loaded)
         finally:
             await engine.close()
+        cost = {
+            "steps": {step_id: c.to_dict() for step_id, c in costs.items()},
+            "total": total.to_dict(),
+            "cache_hit_rate": hit_rate,
+            "over_budget": [p.to_dict() for p in over_budget(loaded, costs, total)],
+        }
+        # a plan whose least cost is over its budget would be refused by `baton run`
+        verdict = EXIT_OK if not cost["over_budget"] else PlanError([]).exit_code
         waves, path = dag.waves, dag.critical_path()
         if json_out:
             _emit_json(
                 {
-                    "valid": True,
+                    "valid": verdict == EXIT_OK,
                     "plan": str(plan),
                     "name": loaded.name,
                     "steps": len(loaded.steps),
@@ -625,9 +641,10 @@ def validate(
                         "estimate_s": dag.critical_path_weight(),
                     },
                     "max_parallel": parallel,
+                    "cost": cost,
                 }
             )
-            return EXIT_OK
+            return verdict
         _out.print(Text.assemble(f"plan {loaded.name} ({plan}): ", ("valid", "green")))
         _out.print(Text(f"  steps: {len(loaded.steps)}, waves: {len(waves)}, max_parallel: {parallel}"))
         _out.print(Text("  waves:"))
@@ -641,9 +658,26 @@ def validate(
         _out.print(
             Text(f"  critical path: {' -> '.join(path)} ({len(path)} step{plural}, ~{estimate} estimated)")
         )
-        return EXIT_OK
+        if costs:
+            rate = (
+                "no history" if hit_rate is None else f"{hit_rate:.0%} of recent calls answered by the caches"
+            )
+            _out.print(Text(f"  cost of its {len(costs)} model step(s), min / expected / max ({rate}):"))
+            for step_id, c in [*costs.items(), ("total", total)]:
+                counts = f"{c.tokens_min:,} / {c.tokens_expected:,} / {c.tokens_max:,} tokens"
+                _out.print(Text(f"    {step_id}: {_usd_range(c)}, {counts}"))
+            for problem in over_budget(loaded, costs, total):
+                _out.print(Text(f"  {problem}: it cannot finish within its budget", style="red"))
+        return verdict
 
     _execute(session, body)
+
+
+def _usd_range(c: Forecast) -> str:
+    def usd(value: float | None) -> str:
+        return "?" if value is None else f"${value:.6f}"
+
+    return f"{usd(c.usd_min)} / {usd(c.usd_expected)} / {usd(c.usd_max)}"
 
 
 @app.command()

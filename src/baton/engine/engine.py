@@ -28,8 +28,10 @@ from baton.engine.events import Event, EventBus, Subscriber
 from baton.engine.executor import Worker
 from baton.errors import Conflict, NotFound, PlanError, PolicyDenied, Problem, UsageError, WorkerFailed
 from baton.llm.config import LLMConfig
+from baton.llm.forecast import Forecast, forecast_plan, over_budget
 from baton.llm.gateway import Gateway
 from baton.llm.tasks import make_llm_tasks
+from baton.llm.types import ProviderError
 from baton.plan.analysis import analyze
 from baton.plan.model import Plan, Step
 from baton.plan.validate import MAX_PLAN_STEPS, load_plan, parse_plan, validate_plan
@@ -161,18 +163,8 @@ class Engine:
     ) -> None:
         self.store: Store = db if db is not None and not isinstance(db, str) else store_for(db)
         # the audit trail's key: given, or BATON_AUDIT_KEY(_FILE), or audit.key beside SQLite
-        #: the key was made now: a trail written before it had one takes it (audit.adopt_key)
-        self._adopt_audit_key = False
-        if audit_key is None:
-            store = self.store
-            beside = None
-            if isinstance(store, SQLiteStore) and str(store.path) != ":memory:":
-                beside = store.path.parent
-            made = beside is not None and not audit.key_configured()
-            made = made and beside is not None and not (beside / audit.DEFAULT_KEY_FILE).exists()
-            audit_key = audit.load_key(beside=beside)
-            self._adopt_audit_key = made
-        self.store.audit_key = audit_key
+        #: the audit trail's key as given (else found when the engine opens: audit.load_key)
+        self._audit_key = audit_key
         self.registry = registry or Registry.default()
         config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
         self.gateway = Gateway(config, self.store)
@@ -224,12 +216,28 @@ class Engine:
 
     async def open(self) -> None:
         if not self._open:
+            made = self._find_audit_key()
             await self.store.open()
             self._open = True
-            if self._adopt_audit_key:
+            if made:  # the key was made now: a trail written before it had one takes it
                 await audit.adopt_key(self.store, self.store.audit_key)
             # how the runs this process sees end goes on the audit trail, whoever started them
             self._endings = audit.RunEndings(self)
+
+    def _find_audit_key(self) -> bool:
+        """Give the store the trail's key: as given, BATON_AUDIT_KEY(_FILE), or audit.key
+        beside a SQLite database (made if missing). Whether it was made now."""
+        store = self.store
+        if self._audit_key is not None:
+            store.audit_key = self._audit_key
+            return False
+        beside = None
+        if isinstance(store, SQLiteStore) and str(store.path) != ":memory:":
+            beside = store.path.parent
+        made = beside is not None and not audit.key_configured()
+        made = made and beside is not None and not (beside / audit.DEFAULT_KEY_FILE).exists()
+        store.audit_key = audit.load_key(beside=beside)
+        return made
 
     async def close(self, grace_s: float | None = None) -> None:
         """Stop this process's worker (what it still runs goes back to the queue) and close."""
@@ -355,6 +363,14 @@ class Engine:
                 await self._deny(actor, "run.start", plan.name, key_role, problems)
             plan = self._confined(plan, key_role)
         dag = analyze(plan, self.registry)
+        if plan.budget is not None or any(s.budget is not None for s in plan.steps):
+            try:
+                costs, total = await forecast_plan(self.gateway, plan)
+            except ProviderError:  # a model that cannot be called: its steps say so when they run
+                costs, total = {}, Forecast()
+            problems = over_budget(plan, costs, total)
+            if problems:  # it cannot finish within its budget: said now, not after spending
+                raise PlanError(problems)
         run_id = new_run_id()
         now = time.time()
         policy = plan.policy
@@ -445,6 +461,18 @@ class Engine:
         steps = [s if s.role else s.model_copy(update={"role": default}) for s in plan.steps]
         policy = plan.policy.model_copy(update={"sandbox": True})
         return plan.model_copy(update={"steps": steps, "policy": policy})
+
+    async def forecast(self, source: PlanSource) -> tuple[dict[str, Forecast], Forecast, float | None]:
+        """What the plan's model calls will cost (baton.llm.forecast): by step, in all, and
+        the share of recent calls the caches answered (None: no history to tell)."""
+        plan = self.load(source)
+        hit_rate = None
+        if self._open:
+            sources = await self.store.llm_sources()
+            if sources:
+                hit_rate = sum(1 for s in sources if s == "cached") / len(sources)
+        steps, total = await forecast_plan(self.gateway, plan, hit_rate or 0.0)
+        return steps, total, hit_rate
 
     async def _deny(
         self, actor: str | None, action: str, subject: str, role: str, problems: list[Problem]

@@ -285,6 +285,21 @@ class Gateway:
                     order.append(fallback)
         return order
 
+    async def routes(
+        self, model: str | None, tier: str | None, complexity: str | None, *, cheaper: bool = False
+    ) -> list[list[str]]:
+        """The orders of models a call may try (with ``cheaper``: and those on_exhausted:
+        cheaper would try next), as routed without a budget's say."""
+        order, _ = await self._route(model, tier, complexity, None)
+        return [order, *self._cheaper(order)] if cheaper else [order]
+
+    def price(self, name: str, usage: Usage) -> float | None:
+        """What ``usage`` costs on the configured model ``name`` (None: price unknown)."""
+        return self._estimate_usd(name, usage)
+
+    def model_id(self, name: str) -> str:
+        return self._model_id(name)
+
     def _model_id(self, name: str) -> str:
         """The provider's name of a configured model (what its tokenizer family is known by)."""
         spec = self.config.models.get(name)

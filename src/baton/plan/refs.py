@@ -95,6 +95,18 @@ def referenced_steps(value: Any) -> set[str]:
     return {parse_ref(expr).step for _, text in iter_strings(value, "") for expr in find_refs(text)}
 
 
+def without_refs(text: object) -> str:
+    """``text`` with its references left out (what is known of it before the run)."""
+    if not isinstance(text, str):
+        return ""
+    kept, at = [], 0
+    for start, end, _ in _spans(text):
+        kept.append(text[at:start])
+        at = end
+    kept.append(text[at:])
+    return "".join(kept)
+
+
 def has_refs(value: Any) -> bool:
     return any("${{" in text for _, text in iter_strings(value, ""))
 

@@ -571,6 +571,10 @@ class Store(Protocol):
     async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
         """Spent and reserved, per budget scope of the run."""
 
+    async def llm_sources(self, limit: int = 1000) -> list[str]:
+        """Where the answers of the latest ``limit`` model calls came from (``llm``,
+        ``cached``, ``fallback``, ``autonomous``), newest first: the caches' hit rate."""
+
     async def cache_get(self, key: str, now: float) -> str | None:
         """A cached value that has not expired, or None."""
 

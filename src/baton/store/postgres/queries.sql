@@ -695,6 +695,12 @@ RETURNING seq;
 
 -- Two statements rather than one with "subject IS NULL OR": each keeps a plan that uses its
 -- index (the primary key, audit_by_subject) when psycopg prepares it.
+-- name: llm_sources
+SELECT a.detail::jsonb ->> 'source' AS source
+FROM attempts a JOIN steps s ON s.id = a.step
+WHERE s.task = 'llm.generate' AND a.detail IS NOT NULL
+ORDER BY a.step DESC, a.attempt DESC LIMIT %(limit)s;
+
 -- name: audit_tail
 SELECT (SELECT COUNT(*) FROM audit) AS entries, a.*
 FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT * FROM audit ORDER BY seq DESC LIMIT 1) a ON true;

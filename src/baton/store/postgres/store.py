@@ -875,6 +875,10 @@ class PostgresStore:
                 )
 
     @_retried
+    async def llm_sources(self, limit: int = 1000) -> list[str]:
+        rows = await self._rows(Q["llm_sources"], {"limit": limit})
+        return [str(r["source"]) for r in rows if r["source"] is not None]
+
     async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
         return [_entry(r) for r in await self._rows(Q["ledger_of_run"], {"run_id": run_id})]
 

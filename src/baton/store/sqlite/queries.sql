@@ -315,6 +315,13 @@ UPDATE schedules SET next_at = ? WHERE name = ? AND next_at = ?;
 -- name: cache_get
 SELECT value FROM llm_cache WHERE key = ? AND (expires_at IS NULL OR expires_at >= ?);
 
+-- name: llm_sources
+-- (newest first by the attempts' primary key: no scan of the rest)
+SELECT json_extract(a.detail, '$.source') AS source
+FROM attempts a JOIN steps s ON s.id = a.step
+WHERE s.task = 'llm.generate' AND a.detail IS NOT NULL
+ORDER BY a.step DESC, a.attempt DESC LIMIT :limit;
+
 -- name: cache_put
 INSERT OR REPLACE INTO llm_cache (key, value, created_at, expires_at) VALUES (?, ?, ?, ?);
 

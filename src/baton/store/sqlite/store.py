@@ -743,6 +743,10 @@ class SQLiteStore:
     async def budget_ledger(self, run_id: str) -> list[LedgerEntry]:
         return [_entry(r) for r in self.db.execute(Q["ledger_of_run"], (run_id,))]
 
+    async def llm_sources(self, limit: int = 1000) -> list[str]:
+        rows = self.db.execute(Q["llm_sources"], {"limit": limit})
+        return [str(r["source"]) for r in rows if r["source"] is not None]
+
     async def cache_get(self, key: str, now: float) -> str | None:
         row = self.db.execute(Q["cache_get"], (key, now)).fetchone()
         return None if row is None else str(row["value"])
