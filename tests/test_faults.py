@@ -113,6 +113,42 @@ async def test_a_turn_the_store_refuses_loses_no_finished_attempt(
     assert record.status is R.COMPLETED
 
 
+class LosesAnswers(_Wrapped):
+    """A turn that claims commits, and then the connection drops before its answer comes
+    back (a database restarting at that moment): ``times`` of them."""
+
+    def __init__(self, inner: Store, times: int = 1) -> None:
+        super().__init__(inner)
+        self.times = times
+
+    async def turn(self, turn: Turn) -> TurnResult:
+        outcome = await self.inner.turn(turn)
+        if outcome.claimed and self.times > 0:
+            self.times -= 1
+            raise StoreError("consuming input failed: server closed the connection unexpectedly")
+        return outcome
+
+
+async def test_claims_of_a_turn_whose_answer_was_lost_are_given_back(
+    stores: StoreFactory, tmp_path: Path
+) -> None:
+    """The long chaos run found them: running for good under a live, heartbeating worker."""
+    store = LosesAnswers(stores(), times=2)
+    async with Engine(cast(Store, store), poll_s=0.05, workdir=tmp_path) as engine:
+        job = await engine.enqueue("echo", {"text": "claimed twice"})
+        run = await engine.submit(
+            {"name": "r", "steps": [{"id": "a", "task": "echo", "with": {"x": 1}}]}, start=False
+        )
+        await engine.start_worker()
+        done = await engine.wait_job(job.id, timeout_s=20)
+        record = await run.wait(timeout_s=20)
+        assert await engine.store.held(engine.worker.id if engine.worker else "") == []
+    assert store.times == 0
+    # given back uncounted: the lost claims were never attempts
+    assert (done.state, done.attempt) == ("completed", 1)
+    assert record.status is R.COMPLETED
+
+
 async def test_output_that_cannot_be_stored_fails_the_attempt_not_the_worker(engine: Engine) -> None:
     bad = await engine.enqueue("fx.surrogate", max_attempts=1)
     good = await engine.enqueue("echo", {"after": "it"})

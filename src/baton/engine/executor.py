@@ -175,6 +175,8 @@ class Worker:
         self._store_errors = 0
         self.wake = asyncio.Event()
         self.hungry = True  # something may be claimable that the last turn did not see
+        #: a turn that claimed failed: it may have committed, its claims held here unknown
+        self._unsure = False
         self.completed = 0  # attempts this worker finished and recorded
         self.accepting = True
         self.lost = False
@@ -341,8 +343,11 @@ class Worker:
                 except BatonError as exc:
                     # A busy, restarting or vanished database: keep what finished (it is
                     # recorded by the next turn that goes through) and try again shortly.
+                    # The turn may have committed all the same (its answer lost): what it
+                    # claimed is then held here unknown, until reconciled.
                     self.pending = done
                     self.hungry = self.hungry or want > 0
+                    self._unsure = self._unsure or want > 0
                     if self._give_up_on_store(exc):
                         return
                     await asyncio.sleep(min(STORE_RETRY_S * 2 ** (self._store_errors - 1), STORE_RETRY_MAX_S))
@@ -358,6 +363,8 @@ class Worker:
                 if want and len(claimed) >= want:
                     self.hungry = True  # there may be more
                 await self._start_all(claimed, now)
+                if self._unsure:
+                    await self._reconcile()
             if not self.running and not self.results and not self.pending:
                 self.solo = False
                 self._idle.set()
@@ -489,6 +496,23 @@ class Worker:
             if plan.deadline is not None:
                 plan.deadline.cancel()
             del self.plans[run_id]
+
+    async def _reconcile(self) -> None:
+        """Give back what the store says this worker holds and it does not run: claims of a
+        turn that committed though its answer was lost (a database restarting at that
+        moment). Left alone they would stay running for good under a live lease."""
+        store = self.engine.store
+        try:
+            held = await store.held(self.id)
+            known = set(self.running) | {r.id for r in self.results} | {d.id for d in self.pending}
+            unknown = [i for i in held if i not in known]
+            if unknown:
+                await store.release(self.id, unknown, time.time())
+                log.warning("gave back attempts claimed by a turn whose answer was lost", count=len(unknown))
+                self.hungry = True
+        except BatonError:
+            return  # still unsure: the next turn that goes through tries again
+        self._unsure = False
 
     # -- starting attempts -------------------------------------------------------------
 

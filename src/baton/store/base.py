@@ -496,6 +496,9 @@ class Store(Protocol):
     async def release(self, owner: str, ids: list[int], now: float) -> None:
         """Give jobs back unfinished (shutdown): ready again, the attempt not counted."""
 
+    async def held(self, owner: str) -> list[int]:
+        """The ids of the attempts ``owner`` holds (running under its lease)."""
+
     async def sweep(self, now: float, dead: list[str] | None = None) -> list[int]:
         """Rescue jobs whose worker's lease expired (or that is in ``dead``): a ``lost``
         attempt, then ready again (cancelled if their run was). Fail runs past their

@@ -556,6 +556,9 @@ class PostgresStore:
         async with self._tx() as cur:
             await self._release(cur, owner, ids, now)
 
+    async def held(self, owner: str) -> list[int]:
+        return [int(r["id"]) for r in await self._rows(Q["held_by"], {"owner": owner, "ids": None})]
+
     async def _release(self, cur: Cursor, owner: str, ids: list[int] | None, now: float) -> None:
         """Give back (uncounted) what ``owner`` holds, of ``ids`` or all of it."""
         await cur.execute(Q["held_by"], {"owner": owner, "ids": ids})

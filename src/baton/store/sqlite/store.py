@@ -537,6 +537,9 @@ class SQLiteStore:
             rows = [r for r in db.execute(Q["held_by"], (owner,)).fetchall() if r["id"] in set(ids)]
             self._requeue(db, rows, now, lost=False, owner=owner)
 
+    async def held(self, owner: str) -> list[int]:
+        return [int(r["id"]) for r in self.db.execute(Q["held_by"], (owner,))]
+
     async def sweep(self, now: float, dead: list[str] | None = None) -> list[int]:
         with self._write() as db:
             rescued = self._rescue(db, now, list(dead or []))
