@@ -149,6 +149,38 @@ async def test_claims_of_a_turn_whose_answer_was_lost_are_given_back(
     assert record.status is R.COMPLETED
 
 
+class LosesFinishAnswers(_Wrapped):
+    """The first turn that records finished attempts commits, and its answer is lost."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.lost = False
+
+    async def turn(self, turn: Turn) -> TurnResult:
+        outcome = await self.inner.turn(turn)
+        if turn.done and not self.lost:
+            self.lost = True
+            raise StoreError("consuming input failed: server closed the connection unexpectedly")
+        return outcome
+
+
+async def test_a_run_ended_by_a_turn_whose_answer_was_lost_is_on_the_audit_trail(
+    stores: StoreFactory, tmp_path: Path
+) -> None:
+    store = LosesFinishAnswers(stores())
+    async with Engine(cast(Store, store), poll_s=0.05, workdir=tmp_path) as engine:
+        await engine.start_worker()
+        run = await engine.submit({"name": "r", "steps": [{"id": "a", "task": "echo", "with": {"x": 1}}]})
+        record = await run.wait(timeout_s=20)
+        deadline = time.monotonic() + 10
+        while not any(
+            e.action == "run.completed" for e in await engine.store.audit_entries(subject=run.run_id)
+        ):
+            assert time.monotonic() < deadline, "the run's ending never reached the audit trail"
+            await asyncio.sleep(0.05)
+    assert store.lost and record.status is R.COMPLETED
+
+
 async def test_output_that_cannot_be_stored_fails_the_attempt_not_the_worker(engine: Engine) -> None:
     bad = await engine.enqueue("fx.surrogate", max_attempts=1)
     good = await engine.enqueue("echo", {"after": "it"})

@@ -356,6 +356,8 @@ class Worker:
                 self._committed_at = time.perf_counter()
                 self.completed += len(done) - len(outcome.rejected)
                 self._after(done, outcome)
+                if outcome.rejected:
+                    await self._ended_unseen(done, outcome)
                 if outcome.lost:
                     await self._lose()
                     continue
@@ -496,6 +498,22 @@ class Worker:
             if plan.deadline is not None:
                 plan.deadline.cancel()
             del self.plans[run_id]
+
+    async def _ended_unseen(self, done: list[Done], outcome: TurnResult) -> None:
+        """Runs of refused finishes that ended: a turn that committed with its answer lost
+        (a database restarting) ended them unseen. Their ending is said now (the event, so
+        the audit trail has it, and whoever waits)."""
+        rejected = set(outcome.rejected)
+        runs = {d.run_id for d in done if d.id in rejected and d.run_id is not None} - set(outcome.ended)
+        for run_id in sorted(r for r in runs if r is not None):
+            try:
+                run = await self.engine.store.get_run(run_id, with_plan=False)
+            except BatonError:
+                continue  # gone (pruned), or the store away again: nothing more to say
+            if run.status.terminal:
+                self._forget(run_id)
+                self.engine.emit(Event(f"run.{run.status}", run_id))
+                self.engine.runs_changed({run_id})
 
     async def _reconcile(self) -> None:
         """Give back what the store says this worker holds and it does not run: claims of a
