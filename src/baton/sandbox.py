@@ -42,7 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from baton.errors import UsageError
+
+log = structlog.get_logger("baton.sandbox")
 
 #: a step's limits by name: the resource, and the unit a value is in
 LIMITS: dict[str, tuple[int, int]] = {
@@ -179,7 +183,15 @@ class Sandbox:
             raise UsageError(
                 f"--sandbox-user {user}: only a server running as root can run steps as another user"
             )
-        ids = _user(user or "nobody") if os.geteuid() == 0 else None
+        ids = None
+        if os.geteuid() == 0:
+            try:
+                ids = _user(user or "nobody")
+            except UsageError:
+                if user is not None:
+                    raise
+                # no nobody on this machine: said, and the programs run as root
+                log.warning("no user nobody here: confined programs run as root (set --sandbox-user)")
         return cls(Path(root).absolute(), ids, timeout_s)
 
     def workspace(self, run_id: str) -> Path:
