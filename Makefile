@@ -35,7 +35,7 @@ test: lint typecheck unit
 
 bench: install
 	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/queue.py
+	$(BIN)/python bench/jobs.py
 	$(BIN)/python bench/semantic.py
 	$(BIN)/python bench/llm.py --no-pairs
 

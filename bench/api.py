@@ -22,21 +22,16 @@ work. Figures are medians over ``--repeat`` rounds, each on a fresh database.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where bench/queue.py would
-# shadow the standard library's `queue` for everything imported below.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import asyncio
 import gc
 import json
+import os
 import platform
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime

@@ -63,8 +63,14 @@ class Pairs:
         # The guard without its last rule (content words), then that rule per setting.
         self.rule = [guard(b, a, max_unmatched=10**9) for a, b in zip(earlier, new, strict=True)]
         self.rules_pass: Mask = np.array([r is None for r in self.rule])
+        # (both ways, as the guard reads them: a word only the earlier question has counts)
         self.unmatched = {
-            ws: np.array([len(unmatched(b, a, ws)) for a, b in zip(earlier, new, strict=True)])
+            ws: np.array(
+                [
+                    max(len(unmatched(b, a, ws)), len(unmatched(a, b, ws)))
+                    for a, b in zip(earlier, new, strict=True)
+                ]
+            )
             for ws in sorted({*WORD_SIMILARITIES, WORD_SIMILARITY})
         }
 

@@ -245,3 +245,64 @@ def test_a_run_without_the_semantic_cache_never_loads_the_model(tmp_path: Path) 
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+NEAR_MISSES = Path(__file__).with_name("llm") / "data" / "near_misses.jsonl"
+
+
+def test_no_near_miss_is_ever_a_hit_either_way(embedder: Embedder) -> None:
+    """The near-miss set (tests/llm/data/near_misses.jsonl): requests that differ by a
+    negating prefix, an opposite, the order of what they name, a unit, a qualifier only
+    one of them has, a number or an identifier. None may take the other's answer, whichever
+    was asked first; the paraphrases beside them should (their share is reported)."""
+    import json
+
+    rows = [json.loads(line) for line in NEAR_MISSES.read_text().splitlines() if line.strip()]
+    assert sum(not r["same"] for r in rows) >= 100
+    embedded = embedder.embed([t for r in rows for t in (r["a"], r["b"])])
+    false_hits, reused_paraphrases, paraphrases = [], 0, 0
+    for i, row in enumerate(rows):
+        a, b = embedded[2 * i], embedded[2 * i + 1]
+        for new, earlier in ((b, a), (a, b)):
+            hit = new.similarity(earlier) >= THRESHOLD and guard(new, earlier) is None
+            if row["same"]:
+                paraphrases += 1
+                reused_paraphrases += hit
+            elif hit:
+                false_hits.append((row["class"], earlier.text, new.text))
+    assert false_hits == []
+    print(f"paraphrases reused: {reused_paraphrases} of {paraphrases}")
+    assert reused_paraphrases >= paraphrases // 2  # the cache still earns its keep
+
+
+@pytest.mark.parametrize(
+    ("earlier", "new", "because"),
+    [
+        (
+            "Is it safe to run this migration?",
+            "Is it unsafe to run this migration?",
+            "one negates a word of the other: safe / unsafe",
+        ),
+        (
+            "Sort the list in ascending order.",
+            "Sort the list in descending order.",
+            "opposite words: descending / ascending",
+        ),
+        ("Convert 100 EUR to USD.", "Convert 100 USD to EUR.", "the same things in another order"),
+        (
+            "Why did the cat chase the dog?",
+            "Why did the dog chase the cat?",
+            "the same things in another order",
+        ),
+        ("Set the timeout to 30 seconds.", "Set the timeout to 30 minutes.", "the units differ"),
+        (
+            "Find the cheapest flight to Rome on a weekday.",
+            "Find the cheapest flight to Rome.",
+            "no counterpart for: weekday",
+        ),
+    ],
+)
+def test_the_guard_names_each_new_class(embedder: Embedder, earlier: str, new: str, because: str) -> None:
+    a, b = pair(embedder, earlier, new)
+    assert guard(b, a) == because
+    assert guard(a, b) is not None  # and the other way round

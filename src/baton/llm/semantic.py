@@ -66,7 +66,9 @@ STOP_WORDS = frozenset(
         """
     )
 )
-NEGATIONS = frozenset(_listed("not no never none nobody nothing neither nor cannot without"))
+NEGATIONS = frozenset(_listed("not no never none nobody nothing neither nor cannot without non"))
+#: prefixes that turn a word into its negation (safe / unsafe, valid / invalid, like / dislike)
+NEGATING_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "a")
 # "one" is left out: it is more often a pronoun than a number.
 NUMBER_WORDS = {
     word: str(value)
@@ -94,10 +96,61 @@ OPPOSITES = [
         rich/poor male/female man/woman men/women boy/girl boys/girls guy/girl gay/straight
         love/hate happy/sad hot/cold light/dark long/short up/down left/right right/wrong
         top/bottom inside/outside north/south east/west public/private legal/illegal
-        success/failure past/future same/different
+        success/failure past/future same/different ascend/descend ascending/descending
+        encrypt/decrypt encode/decode serialize/deserialize compress/decompress pass/fail
+        push/pop grant/revoke expand/collapse uppercase/lowercase greater/less greater/smaller
+        rise/fall earliest/latest early/late merge/split won/lost win/lost send/receive
+        read/write above/below higher/lower plus/minus add/subtract multiply/divide
+        inner/outer sync/async forward/backward allow/block whitelist/blacklist
+        healthy/sick pass/reject success/error valid/broken visible/hidden show/hide
+        include/omit join/leave enter/exit before/since min/max minimum/maximum
         """
     )
 ]
+#: units, by what they measure; two requests in different units differ
+UNITS = {
+    unit: canonical
+    for canonical, spellings in {
+        "millisecond": "ms msec msecs millisecond milliseconds",
+        "second": "sec secs second seconds",
+        "minute": "min mins minute minutes",
+        "hour": "h hr hrs hour hours",
+        "day": "day days daily",
+        "week": "week weeks weekly",
+        "month": "month months monthly",
+        "year": "year years yearly annual",
+        "byte": "b byte bytes",
+        "kb": "kb kib kilobyte kilobytes",
+        "mb": "mb mib megabyte megabytes",
+        "gb": "gb gib gigabyte gigabytes",
+        "tb": "tb tib terabyte terabytes",
+        "kbps": "kbps",
+        "mbps": "mbps",
+        "gbps": "gbps",
+        "mg": "mg milligram milligrams",
+        "g": "g gram grams",
+        "kg": "kg kilogram kilograms",
+        "mm": "mm millimetre millimetres millimeter millimeters",
+        "cm": "cm centimetre centimetres centimeter centimeters",
+        "m": "metre metres meter meters",
+        "km": "km kilometre kilometres kilometer kilometers",
+        "mile": "mi mile miles",
+        "celsius": "celsius",
+        "fahrenheit": "fahrenheit",
+        "kelvin": "kelvin",
+        "degree": "degree degrees",
+        "radian": "rad radian radians",
+        "usd": "usd dollar dollars",
+        "eur": "eur euro euros",
+        "gbp": "gbp pound pounds sterling",
+        "jpy": "jpy yen",
+        "percent": "percent percentage",
+    }.items()
+    for unit in spellings.split()
+}
+#: units written as one letter count only after a number (10 s, 5 m, 2 h, 500 g)
+_SHORT_UNITS = frozenset({"s", "m", "h", "g", "b"})
+_AFTER_NUMBER = re.compile(r"\d\s*([A-Za-z]{1,2})\b")
 
 _WORD = re.compile("[A-Za-z][A-Za-z'\u2019]*")
 _NUMBER = re.compile(r"(\d+(?:[.,]\d+)*)\s*([kKmM]\b)?")
@@ -290,6 +343,64 @@ def _opposite(a: str, b: str) -> tuple[str, str] | None:
     return None
 
 
+def _prefix_negated(a: str, b: str) -> tuple[str, str] | None:
+    """A word of one that is a word of the other with a negating prefix (safe / unsafe)."""
+    wa = {_bare(w) for w in _WORD.findall(a)}
+    wb = {_bare(w) for w in _WORD.findall(b)}
+    for x in wa - wb:
+        for y in wb - wa:
+            for plain, negated in ((x, y), (y, x)):
+                if len(plain) >= 3 and any(negated == p + plain for p in NEGATING_PREFIXES):
+                    return plain, negated
+    return None
+
+
+def _stemmed_opposite(a: str, b: str) -> tuple[str, str] | None:
+    """Opposite words (OPPOSITES), an ending apart: "passes" / "fails"."""
+    sa = {stem(_bare(w)) for w in _WORD.findall(a)}
+    sb = {stem(_bare(w)) for w in _WORD.findall(b)}
+    for x, y in OPPOSITES:
+        for p, q in ((stem(x), stem(y)), (stem(y), stem(x))):
+            if p in sa and q in sb and q not in sa and p not in sb:
+                return p, q
+    return None
+
+
+def _units(text: str) -> set[str]:
+    words = (_bare(m) for m in _WORD.findall(text))
+    found = {UNITS[w] for w in words if w in UNITS and w not in _SHORT_UNITS}
+    found |= {UNITS[u.lower()] for u in _AFTER_NUMBER.findall(text) if u.lower() in UNITS}
+    return found
+
+
+def _tokens(text: str) -> list[str]:
+    """Its words and numbers, in order, lower case."""
+    return [t.lower() for t in re.findall(r"[A-Za-z][A-Za-z'\u2019]*|\d+(?:[.,]\d+)*", text)]
+
+
+def _entities(text: str) -> list[str]:
+    """What a request is about that has an order: names, numbers, units, in order."""
+    names = {n.lower() for n in _names(text)}
+    out = []
+    for token in _tokens(text):
+        if token in names or token[0].isdigit() or (token in UNITS and token not in _SHORT_UNITS):
+            out.append(UNITS.get(token, token))
+    return out
+
+
+def _reordered(a: str, b: str) -> bool:
+    """The same words in another order (the dog chased the cat), or the things it names in
+    another order (from Paris to Berlin, 7 from 20)."""
+    ta, tb = _tokens(a), _tokens(b)
+    if ta != tb and sorted(ta) == sorted(tb):
+        return True
+    ea, eb = _entities(a), _entities(b)
+    common = set(ea) & set(eb)
+    order_a = [e for e in dict.fromkeys(ea) if e in common]
+    order_b = [e for e in dict.fromkeys(eb) if e in common]
+    return len(common) >= 2 and order_a != order_b
+
+
 def unmatched(new: Embedded, earlier: Embedded, word_similarity: float = WORD_SIMILARITY) -> list[str]:
     """Content words of ``new`` with no counterpart in ``earlier``."""
     if not new.words:
@@ -317,6 +428,9 @@ def guard(
     a, b = new.text, earlier.text
     if _negated(a) != _negated(b):
         return "one is negated, the other not"
+    negated = _prefix_negated(a, b)
+    if negated is not None:
+        return f"one negates a word of the other: {negated[0]} / {negated[1]}"
     if _numbers(a) != _numbers(b):
         return "the numbers differ"
     if _identifiers(a) != _identifiers(b):
@@ -325,12 +439,18 @@ def guard(
         missing = [n for n in _names(text) if not _found_in(n, other)]
         if missing:
             return f"a name is only in one: {missing[0]}"
-    opposite = _opposite(a, b)
+    opposite = _opposite(a, b) or _stemmed_opposite(a, b)
     if opposite is not None:
         return f"opposite words: {opposite[0]} / {opposite[1]}"
-    missing = unmatched(new, earlier, word_similarity)
-    if len(missing) > max_unmatched:
-        return f"no counterpart for: {', '.join(missing)}"
+    if _units(a) != _units(b):
+        return "the units differ"
+    if _reordered(a, b):
+        return "the same things in another order"
+    # both ways: a qualifier only the earlier request has matters as much as a new one
+    for this, that in ((new, earlier), (earlier, new)):
+        missing = unmatched(this, that, word_similarity)
+        if len(missing) > max_unmatched:
+            return f"no counterpart for: {', '.join(missing)}"
     return None
 
 

@@ -1,6 +1,6 @@
 """The queue on PostgreSQL: worker processes, jobs/s, latency, a plan, and the raw limit.
 
-    python bench/queue.py [--repeat 3] [--quick] [--db postgresql://...]
+    python bench/jobs.py [--repeat 3] [--quick] [--db postgresql://...]
 
 Prints one JSON document. Every figure is a median over ``--repeat`` rounds, each on a
 fresh schema of the database (default ``$BATON_BENCH_PG``, else the local server):
@@ -17,21 +17,16 @@ fresh schema of the database (default ``$BATON_BENCH_PG``, else the local server
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, where this file would shadow
-# the standard library's `queue` for everything imported below.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import signal
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
