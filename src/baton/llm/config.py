@@ -90,6 +90,10 @@ class SemanticCacheConfig(BaseModel):
     guard: bool = True
     #: earlier requests kept per scope (model, parameters, conversation), newest first
     max_entries: int = Field(default=1000, ge=1)
+    #: a configured model or tier (say ``cheap``) asked, for each semantic match, whether
+    #: the two requests ask the same: a cheap call instead of any risk of a wrong answer
+    #: (its cost is the step's, within its budget); none by default
+    verify: str | None = None
 
 
 class CacheConfig(BaseModel):
@@ -191,6 +195,9 @@ class LLMConfig(BaseModel):
         problems: list[str] = []
         if self.cache.semantic is not None and not semantic_extra_installed():
             problems.append(f"cache.semantic: {SEMANTIC_EXTRA}")
+        verify = self.cache.semantic.verify if self.cache.semantic is not None else None
+        if verify is not None and verify not in self.models and verify not in self.tiers:
+            problems.append(f"cache.semantic.verify: {verify!r} is neither a configured model nor a tier")
         problems += rule_problems(self.rules)
         todo = [name]
         while todo:

@@ -32,7 +32,7 @@ from baton.llm.providers.base import Provider
 from baton.llm.providers.openai import OpenAIChat
 from baton.llm.providers.scripted import RecordingProvider, ScriptedProvider
 from baton.llm.rules import Rules
-from baton.llm.types import ChatRequest, ChatResponse, ProviderError, Usage
+from baton.llm.types import ChatRequest, ChatResponse, Message, ProviderError, Usage
 from baton.plan.model import Budget
 from baton.store.base import BudgetClaim, BudgetSettle, Store
 
@@ -86,6 +86,11 @@ class CacheWrite:
     response: ChatResponse
     #: the semantic index's (scope, embedding) of the request, when it has one
     probe: tuple[str, Embedded] | None = None
+
+
+def _total_cost(responses: list[ChatResponse]) -> float | None:
+    costs = [r.cost_usd for r in responses]
+    return None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
 
 
 def cache_key(model: str, request: ChatRequest) -> str:
@@ -201,13 +206,14 @@ class Gateway:
         first = order[0]
         key = None
         probe: tuple[str, Embedded] | None = None
+        verified: list[ChatResponse] = []  # semantic matches the verifier refused
         consult = request.use_cache or (guard is not None and guard.on_exhausted == "cache")
         cache = self.config.cache
         if self.store is not None and (cache.exact or cache.semantic is not None) and consult:
             key = cache_key(first, request)
             hit = await self._cached(key, "exact") if cache.exact else None
             if hit is None and cache.semantic is not None:
-                hit, probe = await self._semantic_lookup(first, request)
+                hit, probe, verified = await self._semantic_lookup(first, request, guard)
             if hit is not None:
                 return hit
         reservation = None
@@ -234,6 +240,10 @@ class Gateway:
                 deferred.append(write)
             else:
                 await self.remember([write])
+        if verified:  # what asking the verifier cost is this call's too
+            spent = _total_cost([response, *verified])
+            raw = {**response.raw, "verify_cost_usd": _total_cost(verified), "refused_matches": len(verified)}
+            response = replace(response, cost_usd=spent, raw=raw)
         return response
 
     async def remember(self, writes: list[CacheWrite]) -> None:
@@ -245,13 +255,13 @@ class Gateway:
                 await self._semantic.add(write.probe[0], write.probe[1], write.key)
 
     async def _semantic_lookup(
-        self, first: str, request: ChatRequest
-    ) -> tuple[ChatResponse | None, tuple[str, Embedded] | None]:
+        self, first: str, request: ChatRequest, guard: BudgetGuard | None = None
+    ) -> tuple[ChatResponse | None, tuple[str, Embedded] | None, list[ChatResponse]]:
         """An answer to an earlier request that asks the same; else what to index this one by."""
         assert self.store is not None and self.config.cache.semantic is not None
         scoped = semantic_scope(first, request)
         if scoped is None:
-            return None, None
+            return None, None, []
         if self._semantic is None:
             if not semantic_extra_installed():
                 raise UsageError(f"cache.semantic: {SEMANTIC_EXTRA}")
@@ -268,13 +278,48 @@ class Gateway:
         scope, text = scoped
         embedded = await self._semantic.probe(text)
         if embedded is None:  # too long for the model to read whole
-            return None, None
+            return None, None, []
+        verify = self.config.cache.semantic.verify
+        checks: list[ChatResponse] = []  # the verifier's answers, whatever they said
         for match in await self._semantic.matches(scope, embedded):
             hit = await self._cached(match.key, "semantic")
-            if hit is not None:
-                raw = {**hit.raw, "similarity": match.similarity, "matched_prompt": match.prompt}
-                return replace(hit, raw=raw), None
-        return None, (scope, embedded)
+            if hit is None:
+                continue
+            raw = {**hit.raw, "similarity": match.similarity, "matched_prompt": match.prompt}
+            if verify is not None:
+                same, check = await self._verify(verify, text, match.prompt, guard)
+                checks.append(check)
+                if not same:
+                    continue
+                raw.update(verified_by=check.model, verify_cost_usd=_total_cost(checks))
+                return replace(hit, raw=raw, cost_usd=_total_cost(checks)), None, checks
+            return replace(hit, raw=raw), None, checks
+        return None, (scope, embedded), checks
+
+    async def _verify(
+        self, verify: str, new: str, earlier: str, guard: BudgetGuard | None
+    ) -> tuple[bool, ChatResponse]:
+        """Ask the ``verify`` model (or tier) whether ``new`` asks what ``earlier`` did; its
+        call is held to the step's budget like any other."""
+        question = (
+            "Do these two requests ask for exactly the same thing, so that one answer serves "
+            f"both? Answer yes or no.\n\nRequest A: {earlier}\n\nRequest B: {new}"
+        )
+        request = ChatRequest(messages=(Message("user", question),), temperature=0.0, max_tokens=3)
+        model, tier = (verify, None) if verify in self.config.models else (None, verify)
+        order, _ = await self._route(model, tier, None, None)
+        reservation = None
+        if guard is not None:
+            order, reservation = await self._reserve(guard, order, request)
+        try:
+            answer = await self._call(order, request)
+        except BaseException:
+            if reservation is not None:
+                await self._settle(guard, reservation, None)
+            raise
+        if reservation is not None:
+            await self._settle(guard, reservation, answer)
+        return answer.text.strip().lower().startswith("yes"), answer
 
     def _chain(self, first: str) -> list[str]:
         order = [first]

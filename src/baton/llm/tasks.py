@@ -90,6 +90,9 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             source=response.source,
             latency_s=round(response.latency_s, 4),
         )
+        if "refused_matches" in response.raw:  # semantic matches the verifier said differ
+            ctx.details["refused_matches"] = response.raw["refused_matches"]
+            ctx.details["verify_cost_usd"] = response.raw["verify_cost_usd"]
         if "prompt_cache_saved_usd" in response.raw:  # the provider's own prompt cache
             ctx.details["prompt_cache_saved_usd"] = response.raw["prompt_cache_saved_usd"]
         if "budget" in response.raw:  # "within", or "downgraded" to a cheaper model
@@ -100,6 +103,9 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
             if response.raw.get("cache") == "semantic":  # the request it was taken for, how close
                 ctx.details["similarity"] = response.raw.get("similarity")
                 ctx.details["matched_prompt"] = response.raw.get("matched_prompt")
+                if "verified_by" in response.raw:  # and the model that said they are the same
+                    ctx.details["verified_by"] = response.raw["verified_by"]
+                    ctx.details["verify_cost_usd"] = response.raw["verify_cost_usd"]
         result: dict[str, Any] = {
             "model": response.model,
             "usage": usage,
