@@ -181,6 +181,36 @@ async def test_a_run_ended_by_a_turn_whose_answer_was_lost_is_on_the_audit_trail
     assert store.lost and record.status is R.COMPLETED
 
 
+class RefusesReads(_Wrapped):
+    """What an attempt reads before its task runs (its last attempt's details) fails
+    ``times`` times: the database restarting."""
+
+    def __init__(self, inner: Store, times: int) -> None:
+        super().__init__(inner)
+        self.times = times
+
+    async def attempt_detail(self, step: int, attempt: int) -> Any:
+        if self.times > 0:
+            self.times -= 1
+            raise StoreError("consuming input failed: server closed the connection unexpectedly")
+        return await self.inner.attempt_detail(step, attempt)
+
+
+async def test_an_attempt_that_cannot_read_what_it_needs_for_a_moment_waits_instead_of_failing(
+    stores: StoreFactory, tmp_path: Path
+) -> None:
+    """Found by the chaos test under PostgreSQL restarts: a step failed its attempt when
+    reading what it needed to start (its needs' outputs) met the restart."""
+    store = RefusesReads(stores(), times=3)
+    step = {"id": "a", "task": "fail", "with": {"times": 1}, "retry": {"attempts": 2, "backoff_s": 0.01}}
+    async with Engine(cast(Store, store), poll_s=0.05, workdir=tmp_path) as engine:
+        record = await engine.run({"name": "r", "steps": [step]})
+        (done,) = await engine.store.get_steps(record.id)
+    assert store.times == 0  # the second attempt's read was refused three times
+    assert record.status is R.COMPLETED, done.error
+    assert done.output == {"attempt": 2}
+
+
 async def test_output_that_cannot_be_stored_fails_the_attempt_not_the_worker(engine: Engine) -> None:
     bad = await engine.enqueue("fx.surrogate", max_attempts=1)
     good = await engine.enqueue("echo", {"after": "it"})

@@ -21,9 +21,10 @@ import contextlib
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from structlog.contextvars import bind_contextvars
@@ -43,6 +44,7 @@ from baton.validators import FAILING, Issue, run_checks
 if TYPE_CHECKING:
     from baton.engine.engine import Engine
 
+T = TypeVar("T")
 log = structlog.get_logger("baton.worker")
 
 S = StepStatus
@@ -55,6 +57,8 @@ STORE_RETRY_MAX_S = 5.0
 #: a store error that trying again will not mend (a full disk) stops the worker after
 #: this many turns in a row
 STORE_GIVE_UP = 3
+#: how long an attempt waits for a database that restarts to read what it needs to start
+READ_WAIT_S = 60.0
 #: the error of a lost attempt, as the stores write it
 LOST = "lost:"
 
@@ -724,8 +728,23 @@ class Worker:
             plan.index[ref] for ref in referenced_steps(step.inputs) if plan.index[ref] not in plan.outputs
         ]
         if missing:
-            plan.outputs.update(await self.engine.store.outputs(plan.run_id, missing))
+            outputs = await self._read(lambda: self.engine.store.outputs(plan.run_id, missing))
+            plan.outputs.update(outputs)
         return resolve(step.inputs, self._lookup(plan))
+
+    async def _read(self, read: Callable[[], Awaitable[T]]) -> T:
+        """A read an attempt needs before its task runs (its needs' outputs, its last
+        attempt's details): a database restarting is waited out, with backoff, for up to
+        READ_WAIT_S, rather than failing the attempt."""
+        deadline, pause = time.monotonic() + READ_WAIT_S, STORE_RETRY_S
+        while True:
+            try:
+                return await read()
+            except StoreError as exc:
+                if not exc.transient or time.monotonic() + pause > deadline or self._stopped.is_set():
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, STORE_RETRY_MAX_S)
 
     async def _context(self, attempt: _Attempt) -> TaskContext:
         claim, plan = attempt.claim, attempt.plan
@@ -734,7 +753,9 @@ class Worker:
         if not first and plan is not None:
             details = plan.last_details.get(claim.idx)
             if details is None:
-                details = await self.engine.store.attempt_detail(claim.id, claim.attempt - 1)
+                details = await self._read(
+                    lambda: self.engine.store.attempt_detail(claim.id, claim.attempt - 1)
+                )
         if plan is None:
             engine = self.engine
             workdir, confinement = engine.workdir, None
@@ -756,7 +777,7 @@ class Worker:
         async def load_needs() -> dict[str, Any]:
             missing = [i for i in needs if i not in plan.outputs]
             if missing:
-                plan.outputs.update(await self.engine.store.outputs(plan.run_id, missing))
+                plan.outputs.update(await self._read(lambda: self.engine.store.outputs(plan.run_id, missing)))
             return {plan.dag.ids[i]: plan.outputs.get(i) for i in needs}
 
         return TaskContext(
