@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Server:
     keys: dict[str, str]  # role -> token
     db: Path
     made: list[httpx.Client] = field(default_factory=list)
+    pid: int = 0  # the server's process
 
     def client(self, role: str | None = "operator", token: str | None = None) -> httpx.Client:
         """A client with the key of ``role`` (or ``token``; none with both None), closed after
@@ -85,6 +87,21 @@ def start(db: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc.kill()
     proc.communicate()
     raise AssertionError("baton serve did not answer within 30 s")
+
+
+@contextlib.contextmanager
+def keyed_server(db: Path, roles: Iterable[str], *extra: str) -> Iterator[Server]:
+    """`baton serve` on ``db`` (its extra options ``extra``) with a key of each role."""
+    keys = {}
+    for role in roles:
+        made = baton("keys", "create", "--role", role, "--db", str(db), "--json")
+        assert made.returncode == 0, made.stderr
+        keys[role] = json.loads(made.stdout)["token"]
+    proc, url = start(db, *extra)
+    try:
+        yield Server(url, keys, db, pid=proc.pid)
+    finally:
+        stop(proc)
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

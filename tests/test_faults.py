@@ -13,7 +13,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -114,16 +114,17 @@ async def test_a_turn_the_store_refuses_loses_no_finished_attempt(
 
 
 class LosesAnswers(_Wrapped):
-    """A turn that claims commits, and then the connection drops before its answer comes
-    back (a database restarting at that moment): ``times`` of them."""
+    """A turn commits, and then the connection drops before its answer comes back (a
+    database restarting at that moment): ``times`` of the turns ``which`` picks."""
 
-    def __init__(self, inner: Store, times: int = 1) -> None:
+    def __init__(self, inner: Store, which: Callable[[Turn, TurnResult], bool], times: int = 1) -> None:
         super().__init__(inner)
+        self.which = which
         self.times = times
 
     async def turn(self, turn: Turn) -> TurnResult:
         outcome = await self.inner.turn(turn)
-        if outcome.claimed and self.times > 0:
+        if self.times > 0 and self.which(turn, outcome):
             self.times -= 1
             raise StoreError("consuming input failed: server closed the connection unexpectedly")
         return outcome
@@ -133,7 +134,7 @@ async def test_claims_of_a_turn_whose_answer_was_lost_are_given_back(
     stores: StoreFactory, tmp_path: Path
 ) -> None:
     """The long chaos run found them: running for good under a live, heartbeating worker."""
-    store = LosesAnswers(stores(), times=2)
+    store = LosesAnswers(stores(), lambda _, outcome: bool(outcome.claimed), times=2)
     async with Engine(cast(Store, store), poll_s=0.05, workdir=tmp_path) as engine:
         job = await engine.enqueue("echo", {"text": "claimed twice"})
         run = await engine.submit(
@@ -149,25 +150,10 @@ async def test_claims_of_a_turn_whose_answer_was_lost_are_given_back(
     assert record.status is R.COMPLETED
 
 
-class LosesFinishAnswers(_Wrapped):
-    """The first turn that records finished attempts commits, and its answer is lost."""
-
-    def __init__(self, inner: Store) -> None:
-        super().__init__(inner)
-        self.lost = False
-
-    async def turn(self, turn: Turn) -> TurnResult:
-        outcome = await self.inner.turn(turn)
-        if turn.done and not self.lost:
-            self.lost = True
-            raise StoreError("consuming input failed: server closed the connection unexpectedly")
-        return outcome
-
-
 async def test_a_run_ended_by_a_turn_whose_answer_was_lost_is_on_the_audit_trail(
     stores: StoreFactory, tmp_path: Path
 ) -> None:
-    store = LosesFinishAnswers(stores())
+    store = LosesAnswers(stores(), lambda turn, _: bool(turn.done))
     async with Engine(cast(Store, store), poll_s=0.05, workdir=tmp_path) as engine:
         await engine.start_worker()
         run = await engine.submit({"name": "r", "steps": [{"id": "a", "task": "echo", "with": {"x": 1}}]})
@@ -178,7 +164,7 @@ async def test_a_run_ended_by_a_turn_whose_answer_was_lost_is_on_the_audit_trail
         ):
             assert time.monotonic() < deadline, "the run's ending never reached the audit trail"
             await asyncio.sleep(0.05)
-    assert store.lost and record.status is R.COMPLETED
+    assert store.times == 0 and record.status is R.COMPLETED
 
 
 class RefusesReads(_Wrapped):

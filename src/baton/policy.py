@@ -40,7 +40,7 @@ import yaml
 from baton.errors import Problem, UsageError
 from baton.plan.model import Plan, Step
 from baton.plan.refs import has_refs
-from baton.sandbox import DEFAULT_LIMITS, DEFAULT_TIMEOUT_S, Confinement, limit_problems
+from baton.sandbox import DEFAULT_LIMITS, DEFAULT_TIMEOUT_S, NO_MAXIMA, Confinement, limit_problems
 from baton.tasks.registry import CAPABILITIES, Registry
 
 #: the step roles a plan may name (baton.plan.model.Step.role)
@@ -50,7 +50,6 @@ KEY_ROLES = ("viewer", "operator", "admin")
 VALIDATOR_NEEDS = {"python": "python", "command": "shell"}
 
 _SAFE = frozenset({"pure", "llm", "http"})
-_NO_MAXIMA = {name: 1 << 40 for name in DEFAULT_LIMITS}
 DEFAULT_ROLES: dict[str, frozenset[str]] = {
     "coder": _SAFE,
     "tester": _SAFE,
@@ -122,7 +121,7 @@ class Policy:
                     )
                 programs[name] = tuple(listed)
             if "limits" in spec:
-                problems = limit_problems(spec["limits"], _NO_MAXIMA)
+                problems = limit_problems(spec["limits"], NO_MAXIMA)
                 if problems:
                     raise UsageError(f"{source}: roles.{name}.limits: {'; '.join(problems)}")
                 maxima[name] = {**DEFAULT_LIMITS, **spec["limits"]}

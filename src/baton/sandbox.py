@@ -65,6 +65,8 @@ DEFAULT_LIMITS: dict[str, int] = {
     "file_mb": 1024,
     "open_files": 1024,
 }
+#: the maxima of limits that have none (a local step's own, a policy's own maxima)
+NO_MAXIMA: dict[str, int] = {name: 1 << 40 for name in DEFAULT_LIMITS}
 #: how long a confined program may run when its step gives no timeout
 DEFAULT_TIMEOUT_S = 900.0
 #: a confined program given more CPU seconds than its limit gets SIGXCPU, then after
@@ -237,6 +239,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "INTERPRETERS",
     "LIMITS",
+    "NO_MAXIMA",
     "Confinement",
     "Sandbox",
     "is_interpreter",

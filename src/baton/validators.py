@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import jsonschema
 
+from baton.errors import TaskFailed
 from baton.sandbox import Confinement
 
 Severity = Literal["critical", "error", "warning", "info"]
@@ -121,6 +122,9 @@ async def _command(value: Any, opts: Mapping[str, Any], where: Where) -> list[st
     problem = _filename_problem(name)
     if problem:
         return [problem]
+    # here, not at the top: the tasks import the plan model, which imports this module
+    from baton.tasks.builtins import INHERITED_ENV, run_program
+
     confined = where.confinement
     # a confined check's file is in its run's workspace, where its user may read it
     with tempfile.TemporaryDirectory(
@@ -137,14 +141,7 @@ async def _command(value: Any, opts: Mapping[str, Any], where: Where) -> list[st
             if confined is not None and confined.user is not None:
                 os.chown(tmp, *confined.user)
                 os.chown(path, *confined.user)
-        env = (
-            confined.env()
-            if confined
-            else {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-        )
-        from baton.errors import TaskFailed
-        from baton.tasks.builtins import run_program
-
+        env = confined.env() if confined else {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         try:
             code, out, err = await run_program(
                 "command", argv, where.cwd, env, None if uses_file else text, timeout, confined

@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
-
-import pytest
 
 from tests.test_api import Server, baton, schemathesis_run, server
 
 __all__ = ["server"]  # the fixture
-
-
-@pytest.fixture(autouse=True)
-def _close_clients(server: Server) -> Iterator[None]:
-    yield
-    server.close_clients()
 
 
 def test_schemathesis_with_a_garbage_key_finds_no_5xx(server: Server) -> None:

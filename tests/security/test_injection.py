@@ -6,7 +6,6 @@ keys and its runs."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import urllib.parse
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_api import Server, baton, start, stop, wait_run
+from tests.test_api import Server, keyed_server, wait_run
 
 CORPUS = [
     "' OR '1'='1",
@@ -43,21 +42,10 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     db = tmp_path_factory.mktemp("injection") / "baton.db"
-    keys = {}
-    for role in ("operator", "admin"):
-        made = baton("keys", "create", "--role", role, "--db", str(db), "--json")
-        keys[role] = json.loads(made.stdout)["token"]
-    proc, url = start(db, "--rate-limit", "none", "--rate-limit-address", "none")
-    try:
-        yield Server(url, keys, db)
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(autouse=True)
-def _close_clients(api: Server) -> Iterator[None]:
-    yield
-    api.close_clients()
+    with keyed_server(
+        db, ("operator", "admin"), "--rate-limit", "none", "--rate-limit-address", "none"
+    ) as server:
+        yield server
 
 
 def _state(api: Server) -> tuple[set[str], int, int]:

@@ -22,7 +22,7 @@ import pytest
 from baton import Engine
 from baton.api.auth import create_key
 from baton.api.nats import NatsInterface
-from tests.test_api import Server, baton, start, stop
+from tests.test_api import Server, baton, keyed_server
 from tests.test_nats import Names, ask, error_code, names, nats_url
 
 __all__ = ["names", "nats_url"]  # fixtures
@@ -58,23 +58,8 @@ def cell_name(interface: str, caller: str, kind: str) -> str:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    db = tmp_path_factory.mktemp("matrix") / "baton.db"
-    keys = {}
-    for role in CALLERS:
-        made = baton("keys", "create", "--role", role, "--db", str(db), "--json")
-        keys[role] = json.loads(made.stdout)["token"]
-    proc, url = start(db)
-    try:
-        yield Server(url, keys, db)
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(autouse=True)
-def _close_clients(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    if "api" in request.fixturenames:
-        request.getfixturevalue("api").close_clients()
+    with keyed_server(tmp_path_factory.mktemp("matrix") / "baton.db", CALLERS) as server:
+        yield server
 
 
 def _denied(db: Path, actor: str) -> list[tuple[str, dict[str, Any]]]:

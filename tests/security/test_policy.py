@@ -25,7 +25,7 @@ from baton.errors import PolicyDenied, UsageError
 from baton.plan.model import Plan
 from baton.policy import Policy
 from baton.tasks.registry import Registry
-from tests.test_api import Server, baton, start, stop, wait_run
+from tests.test_api import Server, baton, keyed_server, start, stop, wait_run
 from tests.test_nats import Names, ask, error_code, names, nats_url
 
 __all__ = ["names", "nats_url"]  # fixtures
@@ -108,23 +108,10 @@ async def test_the_engine_refuses_before_writing_and_audits_the_denial(tmp_path:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    db = tmp_path_factory.mktemp("policy") / "baton.db"
-    keys = {}
-    for role in ("viewer", "operator", "admin"):
-        made = baton("keys", "create", "--role", role, "--db", str(db), "--json")
-        keys[role] = json.loads(made.stdout)["token"]
-    proc, url = start(db)
-    try:
-        yield Server(url, keys, db)
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(autouse=True)
-def _close_clients(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    if "api" in request.fixturenames:
-        request.getfixturevalue("api").close_clients()
+    with keyed_server(
+        tmp_path_factory.mktemp("policy") / "baton.db", ("viewer", "operator", "admin")
+    ) as server:
+        yield server
 
 
 def _runs(db: Path) -> int:

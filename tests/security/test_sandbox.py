@@ -11,7 +11,6 @@ so a limit that failed would not put the host at risk.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import sqlite3
@@ -24,7 +23,7 @@ import pytest
 
 from baton import Engine
 from baton.sandbox import Sandbox
-from tests.test_api import Server, baton, start, stop, wait_run
+from tests.test_api import Server, keyed_server, wait_run
 
 ROOT = os.geteuid() == 0
 POLICY = """
@@ -53,20 +52,10 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     (home / "policy.yaml").write_text(POLICY)
     (home / "server-secret.txt").write_text("the server's own file\n")
     (home / "server-secret.txt").chmod(0o600)
-    made = baton("keys", "create", "--role", "operator", "--db", str(db), "--json")
-    token = json.loads(made.stdout)["token"]
-    proc, url = start(db, "--policy", str(home / "policy.yaml"), "--workspaces", str(home / "ws"))
-    try:
-        yield Server(url, {"operator": token, "pid": str(proc.pid)}, db)
-    finally:
-        stop(proc)
-
-
-@pytest.fixture(autouse=True)
-def _close_clients(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    if "api" in request.fixturenames:
-        request.getfixturevalue("api").close_clients()
+    with keyed_server(
+        db, ("operator",), "--policy", str(home / "policy.yaml"), "--workspaces", str(home / "ws")
+    ) as server:
+        yield server
 
 
 def run(api: Server, *steps: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -96,7 +85,7 @@ def test_a_step_runs_in_a_workspace_of_its_run_as_nobody(api: Server) -> None:
 @pytest.mark.skipif(not ROOT, reason="steps run as another user only when the server is root")
 def test_the_servers_database_environment_and_files_are_out_of_reach(api: Server) -> None:
     home = api.db.parent
-    pid = api.keys["pid"]
+    pid = api.pid
     steps = run(
         api,
         sh("db", f"cat {api.db} > /dev/null", check=False),

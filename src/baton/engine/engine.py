@@ -234,8 +234,11 @@ class Engine:
         beside = None
         if isinstance(store, SQLiteStore) and str(store.path) != ":memory:":
             beside = store.path.parent
-        made = beside is not None and not audit.key_configured()
-        made = made and beside is not None and not (beside / audit.DEFAULT_KEY_FILE).exists()
+        made = (
+            beside is not None
+            and not audit.key_configured()
+            and not (beside / audit.DEFAULT_KEY_FILE).exists()
+        )
         store.audit_key = audit.load_key(beside=beside)
         return made
 
@@ -365,7 +368,7 @@ class Engine:
         dag = analyze(plan, self.registry)
         if plan.budget is not None or any(s.budget is not None for s in plan.steps):
             try:
-                costs, total = await forecast_plan(self.gateway, plan)
+                costs, total = await forecast_plan(self.gateway, self.registry, plan)
             except ProviderError:  # a model that cannot be called: its steps say so when they run
                 costs, total = {}, Forecast()
             problems = over_budget(plan, costs, total)
@@ -471,7 +474,7 @@ class Engine:
             sources = await self.store.llm_sources()
             if sources:
                 hit_rate = sum(1 for s in sources if s == "cached") / len(sources)
-        steps, total = await forecast_plan(self.gateway, plan, hit_rate or 0.0)
+        steps, total = await forecast_plan(self.gateway, self.registry, plan, hit_rate or 0.0)
         return steps, total, hit_rate
 
     async def _deny(
@@ -596,8 +599,9 @@ class Engine:
         role = None
         if key_role is not None:  # the job runs confined, under the first role that may run it
             role = self.policy.job_role(task, self.registry, key_role)
-            problems = self.policy.check_task(task, self.registry, key_role)
-            if role is not None:
+            if role is None:
+                problems = self.policy.check_task(task, self.registry, key_role)
+            else:
                 step = Step.model_validate({"id": "job", "task": task, "with": args, "role": role})
                 problems = self.policy.check_plan(Plan(name=task, steps=[step]), self.registry, key_role)
             if problems:

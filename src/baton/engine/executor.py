@@ -37,7 +37,7 @@ from baton.plan.model import Plan, RetryPolicy, Step
 from baton.plan.refs import Ref, has_refs, referenced_steps, resolve
 from baton.status import StepStatus
 from baton.store.base import Claimed, Done, RunRecord, Turn, TurnResult, WorkerRecord
-from baton.tasks.registry import TaskContext, TaskDef
+from baton.tasks.registry import TaskContext, TaskDef, retry_policy
 from baton.tasks.threads import sync_threads
 from baton.validators import FAILING, Issue, run_checks
 
@@ -48,7 +48,6 @@ T = TypeVar("T")
 log = structlog.get_logger("baton.worker")
 
 S = StepStatus
-_NO_RETRY = RetryPolicy()
 #: standalone jobs retry with exponential backoff and jitter, from 1 s up to 5 minutes.
 JOB_RETRY = RetryPolicy(attempts=100, backoff_s=1.0, max_backoff_s=300.0, jitter=0.2)
 #: a turn the store refused is tried again after this, doubling up to STORE_RETRY_MAX_S
@@ -99,15 +98,12 @@ class RunPlan:
         self.workdir = workdir
         policy = plan.policy
         default_timeout = policy.effective_timeout_s()
-        default_retry = policy.retry or _NO_RETRY
         registry = engine.registry
         self.tasks: list[TaskDef | None] = [registry.find(s.task) for s in plan.steps]
         self.timeouts: list[float | None] = [
             s.timeout_s if s.timeout_s is not None else default_timeout for s in plan.steps
         ]
-        self.retries = [
-            _retry(s, t, policy.retry, default_retry) for s, t in zip(plan.steps, self.tasks, strict=True)
-        ]
+        self.retries = [retry_policy(s, t, policy.retry) for s, t in zip(plan.steps, self.tasks, strict=True)]
         self.templated = [bool(s.inputs) and has_refs(s.inputs) for s in plan.steps]
         self.validators = [_checks(s, t) for s, t in zip(plan.steps, self.tasks, strict=True)]
         #: what the programs of each step run in when the run is confined (baton.sandbox)
@@ -1007,16 +1003,6 @@ def _storable(text: str, what: str) -> str:
                 f"(a lone surrogate {text[exc.start]!a} at character {exc.start})"
             ) from None
     return text
-
-
-def _retry(step: Step, task: TaskDef | None, plans: RetryPolicy | None, default: RetryPolicy) -> RetryPolicy:
-    """A step's retry policy: its own, the plan's, or, for a checked step of a task that
-    retries with feedback (llm.generate), that task's number of attempts."""
-    if step.retry is not None:
-        return step.retry
-    if plans is None and step.validate_ and task is not None and task.checked_attempts > 1:
-        return RetryPolicy(attempts=task.checked_attempts)
-    return default
 
 
 def _checks(step: Step, task: TaskDef | None) -> list[dict[str, Any]]:

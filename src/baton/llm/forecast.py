@@ -21,10 +21,9 @@ from baton.llm.gateway import BUDGET_OUTPUT_TOKENS, Gateway
 from baton.llm.types import Message, Usage
 from baton.plan.model import Budget, Plan, Step
 from baton.plan.refs import without_refs
+from baton.tasks.registry import Registry, retry_policy
 
 TASK = "llm.generate"
-#: llm.generate's attempts when it has validators and no retry policy (the schedule's)
-CHECKED_ATTEMPTS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +65,9 @@ class Forecast:
         return out
 
 
-async def forecast_step(gateway: Gateway, plan: Plan, step: Step, hit_rate: float = 0.0) -> Forecast | None:
+async def forecast_step(
+    gateway: Gateway, registry: Registry, plan: Plan, step: Step, hit_rate: float = 0.0
+) -> Forecast | None:
     """The forecast of one step (None: not a model call)."""
     if step.task != TASK:
         return None
@@ -89,8 +90,7 @@ async def forecast_step(gateway: Gateway, plan: Plan, step: Step, hit_rate: floa
     )
     given = inputs.get("max_tokens")
     max_tokens = given if isinstance(given, int) and given > 0 else BUDGET_OUTPUT_TOKENS
-    retry = step.retry or plan.policy.retry
-    attempts = retry.attempts if retry is not None else (CHECKED_ATTEMPTS if step.validate_ else 1)
+    attempts = retry_policy(step, registry.find(step.task), plan.policy.retry).attempts
     expected_out = max(1, max_tokens // 2)
     least = Usage(prompt, 1)
     likely = Usage(prompt, expected_out)
@@ -111,12 +111,12 @@ async def forecast_step(gateway: Gateway, plan: Plan, step: Step, hit_rate: floa
 
 
 async def forecast_plan(
-    gateway: Gateway, plan: Plan, hit_rate: float = 0.0
+    gateway: Gateway, registry: Registry, plan: Plan, hit_rate: float = 0.0
 ) -> tuple[dict[str, Forecast], Forecast]:
     """Each model step's forecast by id, and the plan's total."""
     steps: dict[str, Forecast] = {}
     for step in plan.steps:
-        found = await forecast_step(gateway, plan, step, hit_rate)
+        found = await forecast_step(gateway, registry, plan, step, hit_rate)
         if found is not None:
             steps[step.id] = found
     total = Forecast()

@@ -216,19 +216,9 @@ class Gateway:
                 hit, probe, verified = await self._semantic_lookup(first, request, guard)
             if hit is not None:
                 return hit
-        reservation = None
-        if guard is not None:
-            if request.max_tokens is None:
-                request = replace(request, max_tokens=BUDGET_OUTPUT_TOKENS)
-            order, reservation = await self._reserve(guard, order, request)
-        try:
-            response = await self._call(order, request)
-        except BaseException:
-            if reservation is not None:
-                await self._settle(guard, reservation, None)
-            raise
-        if reservation is not None:
-            await self._settle(guard, reservation, response)
+        if guard is not None and request.max_tokens is None:
+            request = replace(request, max_tokens=BUDGET_OUTPUT_TOKENS)
+        order, response = await self._within_budget(guard, order, request)
         if order[0] != first:  # the budget sent it to a cheaper model
             response = replace(response, source="fallback")
         if guard is not None:  # what the budget decided, for the step's record and its event
@@ -308,18 +298,26 @@ class Gateway:
         request = ChatRequest(messages=(Message("user", question),), temperature=0.0, max_tokens=3)
         model, tier = (verify, None) if verify in self.config.models else (None, verify)
         order, _ = await self._route(model, tier, None, None)
+        _, answer = await self._within_budget(guard, order, request)
+        return answer.text.strip().lower().startswith("yes"), answer
+
+    async def _within_budget(
+        self, guard: BudgetGuard | None, order: list[str], request: ChatRequest
+    ) -> tuple[list[str], ChatResponse]:
+        """Call the models of ``order`` (or cheaper ones, as the budget says) with the call
+        reserved before and settled after; the models tried, and the answer."""
         reservation = None
         if guard is not None:
             order, reservation = await self._reserve(guard, order, request)
         try:
-            answer = await self._call(order, request)
+            response = await self._call(order, request)
         except BaseException:
             if reservation is not None:
                 await self._settle(guard, reservation, None)
             raise
         if reservation is not None:
-            await self._settle(guard, reservation, answer)
-        return answer.text.strip().lower().startswith("yes"), answer
+            await self._settle(guard, reservation, response)
+        return order, response
 
     def _chain(self, first: str) -> list[str]:
         order = [first]

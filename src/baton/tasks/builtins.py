@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.errors import TaskFailed
-from baton.sandbox import Confinement, limit_problems, rlimits
+from baton.sandbox import NO_MAXIMA, Confinement, limit_problems, rlimits
 from baton.tasks import procs
 from baton.tasks.registry import TaskContext, TaskDef
 from baton.tasks.threads import sync_threads
@@ -26,14 +26,6 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 #: once a program's supervisor has exited, how long its output may take to reach EOF: no
 #: process of its tree is left to hold the pipes, unless one escaped containment.
 DRAIN_S = 1.0
-#: a local step's limits (not confined) are its own: they have no maxima
-UNBOUNDED = {
-    "cpu_s": 1 << 40,
-    "memory_mb": 1 << 40,
-    "processes": 1 << 40,
-    "file_mb": 1 << 40,
-    "open_files": 1 << 40,
-}
 #: how long a supervisor told to stop may take to end the tree before it is killed
 STOP_S = 2.0
 
@@ -169,7 +161,7 @@ async def run_program(
         timeout_s = timeout_s if timeout_s is not None else confinement.timeout_s
         user = confinement.user
     elif limits:
-        problems = limit_problems(limits, UNBOUNDED)
+        problems = limit_problems(limits, NO_MAXIMA)  # a local step's limits are its own
         if problems:
             raise TaskFailed(f"{who}: " + "; ".join(problems))
     try:

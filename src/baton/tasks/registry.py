@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from baton.errors import UnknownTask
-from baton.plan.model import Budget
+from baton.plan.model import Budget, RetryPolicy, Step
 from baton.sandbox import Confinement
 from baton.tasks.threads import sync_threads
 
@@ -268,3 +268,13 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._tasks)
+
+
+def retry_policy(step: Step, task: TaskDef | None, plans: RetryPolicy | None) -> RetryPolicy:
+    """A step's retry policy: its own, the plan's, or, for a checked step of a task that
+    retries with feedback (llm.generate), that task's number of attempts; else one try."""
+    if step.retry is not None:
+        return step.retry
+    if plans is None and step.validate_ and task is not None and task.checked_attempts > 1:
+        return RetryPolicy(attempts=task.checked_attempts)
+    return plans or RetryPolicy()
