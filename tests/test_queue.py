@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -77,7 +78,7 @@ async def test_a_key_holders_job_keeps_its_role_and_runs_confined(engine: Engine
 
 async def test_a_failing_job_retries_with_feedback_then_completes(engine: Engine) -> None:
     await engine.start_worker()
-    job = await engine.enqueue("q.flaky", {"key": f"retry-{id(engine)}"}, max_attempts=3)
+    job = await engine.enqueue("q.flaky", {"key": f"retry-{uuid.uuid4().hex}"}, max_attempts=3)
     # Job retries back off exponentially from 1 s.
     done = await engine.wait_job(job.id, timeout_s=15)
     assert done.state == "completed"
@@ -87,7 +88,7 @@ async def test_a_failing_job_retries_with_feedback_then_completes(engine: Engine
 
 async def test_a_job_out_of_attempts_is_discarded_and_can_be_retried_by_hand(engine: Engine) -> None:
     await engine.start_worker()
-    key = f"discard-{id(engine)}"
+    key = f"discard-{uuid.uuid4().hex}"
     job = await engine.enqueue("q.flaky", {"key": key, "fail_first": 1}, max_attempts=1)
     done = await engine.wait_job(job.id, timeout_s=10)
     assert (done.state, done.attempt, done.error) == ("discarded", 1, "RuntimeError: flaky attempt 1")
@@ -128,7 +129,7 @@ async def test_priority_and_queues_decide_what_a_worker_takes(engine: Engine) ->
 
 async def test_cancelling_a_running_job_stops_it(engine: Engine) -> None:
     await engine.start_worker()
-    key = f"cancel-{id(engine)}"
+    key = f"cancel-{uuid.uuid4().hex}"
     job = await engine.enqueue("q.wait", {"key": key})
     deadline = time.monotonic() + 5
     while CALLS[key] == 0:
