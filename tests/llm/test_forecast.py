@@ -131,3 +131,28 @@ async def test_the_forecast_expects_what_the_caches_answered_before(fake: FakeSe
     assert hit_rate == 0.5
     assert warm.tokens_expected == round(0.5 * cold.tokens_expected)
     assert warm.tokens_min == cold.tokens_min and warm.tokens_max == cold.tokens_max
+
+
+def test_the_forecast_prices_each_step_on_the_model_its_estimate_routes_to(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/v1"
+    config = {
+        "models": {
+            "mini": {"provider": "openai", "base_url": url, "model": "gpt-4o-mini"},
+            "big": {"provider": "openai", "base_url": url, "model": "gpt-4o"},
+        },
+        "tiers": {"cheap": ["mini"], "premium": ["big"]},
+        "routing": {"simple": "cheap", "medium": "cheap", "complex": "premium", "crisis": "premium"},
+    }
+    (tmp_path / "llm.yaml").write_text(yaml.safe_dump(config))
+    plan = {
+        "name": "routed",
+        "steps": [
+            {"id": "tag", "task": "llm.generate", "with": {"prompt": "Tag this in one word: a refund"}},
+            {"id": "plan", "task": "llm.generate", "with": {"prompt": "Design a migration plan in depth."}},
+        ],
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    done = baton("validate", str(tmp_path / "plan.json"), "--llm", str(tmp_path / "llm.yaml"), "--json")
+    assert done.returncode == 0, done.stderr
+    steps = json.loads(done.stdout)["cost"]["steps"]
+    assert (steps["tag"]["model"], steps["plan"]["model"]) == ("mini", "big")

@@ -222,13 +222,15 @@ async def test_a_rejected_answer_is_never_served_from_the_cache(fake: FakeServer
         "retry": {"attempts": 1},
     }
     as_json = {"id": "js", "task": "llm.generate", "with": {"prompt": "Give JSON.", "extract": "json"}}
+    serial = {"max_parallel": 1}
     fake.program({"text": "seven"}, {"text": "{not json"})
     async with Engine(str(tmp_path / "shared.db"), llm=config) as engine:
-        failed = await engine.run({"name": "first", "steps": [checked, as_json]})
+        # one step at a time: the fake server answers in the order it is asked
+        failed = await engine.run({"name": "first", "steps": [checked, as_json], "policy": serial})
     assert failed.status is RunStatus.FAILED and len(fake.received()) == 2
     fake.program({"text": "7"}, {"text": '{"ok": true}'})
     async with Engine(str(tmp_path / "shared.db"), llm=config) as engine:
-        again = await engine.run({"name": "again", "steps": [checked, as_json]})
+        again = await engine.run({"name": "again", "steps": [checked, as_json], "policy": serial})
         steps = {s.step_id: s for s in await engine.store.get_steps(again.id)}
     assert again.status is RunStatus.COMPLETED, [s.error for s in steps.values()]
     assert len(fake.received()) == 2, "both asked the model again"

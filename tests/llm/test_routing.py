@@ -102,3 +102,96 @@ def test_tiers_and_routes_must_name_configured_things(tmp_path: Path) -> None:
     path.write_text("models: {a: {provider: openai, base_url: 'http://x/v1'}}\nrouting: {simple: cheap}\n")
     with pytest.raises(UsageError, match="routing sends 'simple' to tier 'cheap', which is not configured"):
         LLMConfig.load(path)
+
+
+def estimated(fake: FakeServer, **extra: object) -> LLMConfig:
+    """Three tiers, every level routed, no default model: only the estimate picks a model."""
+    url = f"{fake.url}/v1"
+    return LLMConfig.model_validate(
+        {
+            "models": {
+                "mini": {"provider": "openai", "base_url": url, "model": "gpt-4o-mini"},
+                "std": {"provider": "openai", "base_url": url, "model": "gpt-4.1"},
+                "big": {"provider": "openai", "base_url": url, "model": "gpt-4o"},
+            },
+            "tiers": {"cheap": ["mini"], "standard": ["std"], "premium": ["big"]},
+            "routing": {"simple": "cheap", "medium": "standard", "complex": "standard", "crisis": "premium"},
+            "max_retries": 0,
+            **extra,
+        }
+    )
+
+
+LABEL = "Label this support ticket as billing, bug or other. Reply with a single word: my invoice is wrong"
+REVIEW = (
+    "Our payment service is down and the regulator expects a report tonight: "
+    "assess in depth what failed, with references to the logs, and what to do first."
+)
+
+
+async def test_a_plan_without_complexity_routes_each_step_by_the_estimate_of_its_prompt(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    plan = {
+        "name": "triage",
+        "steps": [
+            {"id": "label", "task": "llm.generate", "with": {"prompt": LABEL, "cache": False}},
+            {"id": "review", "task": "llm.generate", "with": {"prompt": REVIEW, "cache": False}},
+        ],
+        "policy": {"max_parallel": 1},
+    }
+    fake.program({"text": "billing"}, {"text": "Start with the failover."})
+    async with Engine(str(tmp_path / "e.db"), llm=estimated(fake)) as engine:
+        record = await engine.run(plan)
+        attempts = {a.step_id: a for a in await engine.store.get_attempts(record.id)}
+    assert record.status is RunStatus.COMPLETED
+    assert sorted(r["body"]["model"] for r in fake.received()) == ["gpt-4o", "gpt-4o-mini"]
+    label, review = attempts["label"].detail or {}, attempts["review"].detail or {}
+    assert (label["model"], label["complexity"]) == ("gpt-4o-mini", "simple")
+    assert (review["model"], review["complexity"]) == ("gpt-4o", "crisis")
+    assert "answer bounded to a line" in label["complexity_reasons"]
+    assert "the stakes are high" in review["complexity_reasons"]
+
+
+async def test_a_retry_goes_where_the_first_attempt_went_whatever_its_feedback_says(
+    fake: FakeServer, tmp_path: Path
+) -> None:
+    """The estimate reads the step's prompt, not the rejection fed back into a retry."""
+    step = {
+        "id": "label",
+        "task": "llm.generate",
+        "with": {"prompt": "Classify this ticket: my invoice is wrong", "cache": False},
+        "validate": [{"kind": "regex", "pattern": "^(billing|bug|other)$"}],
+    }
+    fake.program({"text": "It is about money."}, {"text": "billing"})
+    async with Engine(str(tmp_path / "r.db"), llm=estimated(fake)) as engine:
+        record = await engine.run({"name": "retry", "steps": [step]})
+    assert record.status is RunStatus.COMPLETED
+    bodies = [r["body"] for r in fake.received()]
+    assert "previous answer was rejected" in bodies[1]["messages"][-1]["content"]
+    assert [b["model"] for b in bodies] == ["gpt-4o-mini", "gpt-4o-mini"]
+
+
+async def test_a_direct_call_is_estimated_too_and_a_given_complexity_or_tier_wins(fake: FakeServer) -> None:
+    gateway = Gateway(estimated(fake))
+    try:
+        fake.program({"text": "a"}, {"text": "b"}, {"text": "c"})
+        asked = ChatRequest(messages=(Message("user", REVIEW),), use_cache=False)
+        first = await gateway.complete(asked)
+        await gateway.complete(asked, complexity="simple")
+        await gateway.complete(asked, tier="standard")
+    finally:
+        await gateway.aclose()
+    assert [r["body"]["model"] for r in fake.received()] == ["gpt-4o", "gpt-4o-mini", "gpt-4.1"]
+    assert first.raw["complexity"] == "crisis"
+
+
+async def test_with_the_estimate_off_an_unlabelled_call_goes_to_the_default_model(fake: FakeServer) -> None:
+    gateway = Gateway(estimated(fake, estimate_complexity=False, default_model="std"))
+    try:
+        fake.program({"text": "a"})
+        response = await gateway.complete(ChatRequest(messages=(Message("user", REVIEW),), use_cache=False))
+    finally:
+        await gateway.aclose()
+    assert [r["body"]["model"] for r in fake.received()] == ["gpt-4.1"]
+    assert "complexity" not in response.raw

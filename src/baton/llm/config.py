@@ -117,6 +117,9 @@ class LLMConfig(BaseModel):
     tiers: dict[str, list[str]] = Field(default_factory=dict)
     #: the tier a step of each complexity uses when it names no model
     routing: dict[Complexity, str] = Field(default_factory=dict)
+    #: a call given no complexity (a plan without one, a direct call) is routed by the
+    #: gateway's estimate of its request (baton.llm.complexity); off: to the default model
+    estimate_complexity: bool = True
     #: when the run has spent this share of a budget, steps move one tier down
     downgrade_at: float = Field(default=0.8, gt=0, le=1)
     #: a call whose budget reservation does not fit while other calls' reservations are in

@@ -18,7 +18,7 @@ from baton.errors import Problem
 from baton.llm import tokens
 from baton.llm.context import DEFAULT_TOKENS
 from baton.llm.gateway import BUDGET_OUTPUT_TOKENS, Gateway
-from baton.llm.types import Message, Usage
+from baton.llm.types import ChatRequest, Message, Usage
 from baton.plan.model import Budget, Plan, Step
 from baton.plan.refs import without_refs
 from baton.tasks.registry import Registry, retry_policy
@@ -76,19 +76,21 @@ async def forecast_step(
     tier = inputs.get("tier") if isinstance(inputs.get("tier"), str) else None
     budgets = [b for b in (plan.budget, step.budget) if b is not None]
     cheaper = any(b.on_exhausted == "cheaper" for b in budgets)
-    candidates = await gateway.routes(model, tier, plan.policy.complexity, cheaper=cheaper)
-    order = candidates[0]
-    ends_on = list(dict.fromkeys(m for c in candidates for m in c))
     messages = [Message("user", without_refs(inputs.get("prompt")))]
     if inputs.get("system"):
         messages.insert(0, Message("system", without_refs(inputs.get("system"))))
+    given = inputs.get("max_tokens")
+    request = ChatRequest(tuple(messages), max_tokens=given if isinstance(given, int) and given > 0 else None)
+    complexity = plan.policy.complexity
+    candidates = await gateway.routes(model, tier, complexity, cheaper=cheaper, request=request)
+    order = candidates[0]
+    ends_on = list(dict.fromkeys(m for c in candidates for m in c))
     prompt = max(tokens.estimate_messages(messages, gateway.model_id(m)) for m in ends_on)
     context = (
         int(inputs.get("context_tokens") or DEFAULT_TOKENS)
         if step.needs and inputs.get("context", True)
         else 0
     )
-    given = inputs.get("max_tokens")
     max_tokens = given if isinstance(given, int) and given > 0 else BUDGET_OUTPUT_TOKENS
     attempts = retry_policy(step, registry.find(step.task), plan.policy.retry).attempts
     expected_out = max(1, max_tokens // 2)

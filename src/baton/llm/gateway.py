@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 from baton.errors import BudgetExceeded, UsageError
 from baton.llm import tokens
+from baton.llm.complexity import Estimate
+from baton.llm.complexity import estimate as estimate_complexity
 from baton.llm.config import HOSTED, SEMANTIC_EXTRA, LLMConfig, semantic_extra_installed
 from baton.llm.prices import PriceBook
 from baton.llm.providers.anthropic import AnthropicMessages
@@ -202,6 +204,9 @@ class Gateway:
             if answered is not None:
                 return answered
         guard = budget if budget is not None and budget.scopes else None
+        estimated = self.estimate(request, model, tier, complexity)
+        if estimated is not None:
+            complexity = estimated.level
         order, tightened = await self._route(model, tier, complexity, guard)
         first = order[0]
         key = None
@@ -230,6 +235,13 @@ class Gateway:
                 deferred.append(write)
             else:
                 await self.remember([write])
+        if estimated is not None:  # how it was routed, for the step's record
+            raw = {
+                **response.raw,
+                "complexity": estimated.level,
+                "complexity_reasons": list(estimated.reasons),
+            }
+            response = replace(response, raw=raw)
         if verified:  # what asking the verifier cost is this call's too
             spent = _total_cost([response, *verified])
             raw = {**response.raw, "verify_cost_usd": _total_cost(verified), "refused_matches": len(verified)}
@@ -328,11 +340,32 @@ class Gateway:
                     order.append(fallback)
         return order
 
+    def estimate(
+        self, request: ChatRequest, model: str | None, tier: str | None, complexity: str | None
+    ) -> Estimate | None:
+        """The complexity ``request`` is routed by when the caller names no model, tier or
+        complexity and the config routes by complexity (None: it is not estimated)."""
+        if model is not None or tier is not None or complexity is not None:
+            return None
+        if not (self.config.routing and self.config.estimate_complexity):
+            return None
+        return estimate_complexity(request)
+
     async def routes(
-        self, model: str | None, tier: str | None, complexity: str | None, *, cheaper: bool = False
+        self,
+        model: str | None,
+        tier: str | None,
+        complexity: str | None,
+        *,
+        cheaper: bool = False,
+        request: ChatRequest | None = None,
     ) -> list[list[str]]:
         """The orders of models a call may try (with ``cheaper``: and those on_exhausted:
-        cheaper would try next), as routed without a budget's say."""
+        cheaper would try next), as routed without a budget's say; given ``request``, with
+        its complexity estimated when none is given."""
+        estimated = self.estimate(request, model, tier, complexity) if request is not None else None
+        if estimated is not None:
+            complexity = estimated.level
         order, _ = await self._route(model, tier, complexity, None)
         return [order, *self._cheaper(order)] if cheaper else [order]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from baton.errors import TaskFailed
@@ -62,6 +63,7 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
                 ctx.details["context"] = quoted
         system = "\n\n".join(part for part in (system, background) if part) or None
         messages = ([Message("system", system)] if system else []) + [Message("user", content)]
+        plain = [*messages[:-1], Message("user", prompt)]
         temperature = ctx.temperature
         if temperature is None:
             temperature = DEFAULT_TEMPERATURES[min(ctx.attempt, len(DEFAULT_TEMPERATURES)) - 1]
@@ -76,9 +78,16 @@ def make_llm_tasks(gateway: Gateway) -> list[TaskDef]:
         )
         ctx.details.update(prompt=content, temperature=temperature)
         budget = BudgetGuard(ctx.run_id, ctx.step_id, ctx.run_budget, ctx.step_budget)
+        # Routed by the plan's complexity; without one, by the estimate of the step's own
+        # prompt (not of a retry's feedback, so that every attempt goes the same way).
+        complexity = ctx.complexity
+        estimated = gateway.estimate(replace(request, messages=tuple(plain)), model, tier, complexity)
+        if estimated is not None:
+            complexity = estimated.level
+            ctx.details.update(complexity=estimated.level, complexity_reasons=list(estimated.reasons))
         writes: list[CacheWrite] = []  # the answer is cached once the step accepts it
         response = await gateway.complete(
-            request, model, budget, tier=tier, complexity=ctx.complexity, deferred=writes
+            request, model, budget, tier=tier, complexity=complexity, deferred=writes
         )
         usage = response.usage.to_dict() if response.usage is not None else None
         ctx.details.update(
