@@ -39,7 +39,9 @@ exact and semantic caches:
 
 Reported: routed spend over the baseline and over the oracle floor, validated share by
 arm, false hits on near misses and semantic hits taken from another question by arm, and
-how the estimate agrees with the labels. Beside it, the semantic cache's precision and
+how the estimate agrees with the labels, here and on held-out requests (the second half of
+tests/llm/data/complexity_heldout.jsonl, written by someone who had not seen the
+estimator, which was adjusted on the first half only). Beside it, the semantic cache's precision and
 recall on the labelled pairs (bench/semantic.py, run here as it is).
 """
 
@@ -70,7 +72,9 @@ from baton.llm.types import ChatRequest, Message
 from baton.store.sqlite.store import SQLiteStore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qqp_pairs_dev.jsonl"
-NEAR_MISSES = Path(__file__).resolve().parents[1] / "tests" / "llm" / "data" / "near_misses.jsonl"
+TEST_DATA = Path(__file__).resolve().parents[1] / "tests" / "llm" / "data"
+NEAR_MISSES = TEST_DATA / "near_misses.jsonl"
+HELD_OUT = TEST_DATA / "complexity_heldout.jsonl"
 MODELS = {"cheap": "gpt-4.1-nano", "standard": "gpt-4.1-mini", "premium": "claude-opus-4-1-20250805"}
 KINDS = {"new": 0.50, "repeat": 0.15, "paraphrase": 0.20, "near_miss": 0.05, "rule": 0.10}
 COMPLEXITY = {"simple": 0.70, "medium": 0.20, "complex": 0.08, "crisis": 0.02}
@@ -265,6 +269,15 @@ async def replay(requests: list[Request], folder: Path, name: str) -> dict[str, 
     }
 
 
+def held_out() -> dict[str, Any]:
+    """The estimate on the second half of tests/llm/data/complexity_heldout.jsonl: requests
+    labelled by someone who had not seen the estimator (it was adjusted on the first half)."""
+    lines = HELD_OUT.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()][60:]
+    requests = [Request("new", r["level"], r["prompt"], r["prompt"]) for r in rows]
+    return agreement(requests)
+
+
 def agreement(requests: list[Request]) -> dict[str, Any]:
     """How the gateway's estimate compares with the labels, on the requests routing sees."""
     routed = [r for r in requests if r.kind != "rule"]
@@ -365,6 +378,7 @@ def main() -> None:
         "semantic_hits_on_another_question": {
             arm: sum(r[arm]["semantic_hits_on_another_question"] for r in rounds) for arm in ARMS
         },
+        "estimate_on_held_out_requests": held_out(),
         "rounds": rounds,
     }
     if not args.no_pairs:
