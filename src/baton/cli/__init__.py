@@ -834,6 +834,7 @@ def cancel(run_id: RunArg, db: DbOption = DEFAULT_DB, json_out: JsonOption = Fal
 
 # The queue's commands (worker, jobs, schedules) and the API's (serve, keys) live in their
 # own modules.
+from baton.cli import agents as _agents  # noqa: E402, F401
 from baton.cli import audit as _audit  # noqa: E402
 from baton.cli import nats as _nats  # noqa: E402, F401
 from baton.cli import prune as _prune  # noqa: E402, F401
