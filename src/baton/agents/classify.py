@@ -118,12 +118,12 @@ RULES: dict[str, list[tuple[re.Pattern[str], float]]] = {
         (r"services?|grpc|circuit breaker|health ?checks?", 0.35),
     ),
     "web_component": _rules(
-        (r"components?|web component|widgets?|ui|buttons?|forms?|modal|dropdown|page", 0.55),
-        (r"react|vue|svelte|angular|liveview|css|html|dom|render(?:s|ing|er)?|styles?", 0.4),
+        (r"components?|web components?|widgets?|dropdowns?|modals?|buttons?|tooltips?|navbar", 0.75),
+        (r"ui|forms?|page|react|vue|svelte|angular|liveview|css|html|dom|render(?:s|ing|er)?|styles?", 0.4),
     ),
     "configuration": _rules(
-        (r"config(?:uration|s)?|settings|env(?:ironment)? var(?:iable)?s?|feature flags?", 0.8),
-        (r"yaml|toml|\.env|options?|defaults?", 0.35),
+        (r"config(?:uration|s)?|env(?:ironment)? var(?:iable)?s?|feature flags?", 0.8),
+        (r"settings|yaml|toml|\.env|options?|defaults?", 0.4),
     ),
     "data_processing": _rules(
         (r"etl|data pipeline|csv|parquet|batch (?:job|processing)|stream processing|dataframes?", 0.85),
