@@ -333,6 +333,46 @@ class AuditEntry:
 
 
 @dataclass(slots=True)
+class GoalRecord:
+    """A goal carried out as a run: what it was, how it was read, the template chosen (and
+    the draw that chose it, so that recovery never chooses again)."""
+
+    run_id: str
+    text: str
+    task_type: str
+    template_id: str
+    created_at: float
+    language: str | None = None
+    complexity: str | None = None
+    #: how the task type was found: rules, prototypes or fallback
+    method: str = "rules"
+    confidence: float = 0.0
+    #: the selection: seed, candidates with their posteriors and draws, the level chosen
+    selection: dict[str, Any] = field(default_factory=dict)
+    #: set once the outcomes of its sub-tasks are recorded (exactly once)
+    collected_at: float | None = None
+
+
+@dataclass(slots=True)
+class OutcomeRecord:
+    """How one sub-task of a goal went: what template selection learns from."""
+
+    run_id: str
+    step_id: str
+    template_id: str
+    task_type: str
+    language: str | None
+    success: bool
+    #: 0..1: validators first, then the documented heuristic (baton.agents.quality)
+    quality: float
+    time_s: float
+    cost_usd: float
+    #: what answered: autonomous, cached, llm, fallback (or the task, for other steps)
+    method: str
+    recorded_at: float
+
+
+@dataclass(slots=True)
 class PruneResult:
     """What a prune removed (or, dry, would remove): finished runs with everything of theirs,
     finished standalone jobs, expired cache entries."""
@@ -449,9 +489,15 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def create_run(
-        self, run: RunRecord, steps: list[StepRecord], *, idempotency: tuple[str, str] | None = None
+        self,
+        run: RunRecord,
+        steps: list[StepRecord],
+        *,
+        idempotency: tuple[str, str] | None = None,
+        goal: GoalRecord | None = None,
     ) -> str:
-        """Insert a run and all its steps at once; the run's id.
+        """Insert a run and all its steps at once (and ``goal``, the goal it carries out);
+        the run's id.
 
         ``idempotency`` is (key, fingerprint of the request): a key seen before with the same
         fingerprint writes nothing and returns the run it made then; with another
@@ -632,6 +678,25 @@ class Store(Protocol):
         running (cancelled, its worker not done) waits for it. ``dry_run`` deletes nothing
         and counts everything that would go, without a limit.
         """
+
+    async def get_goal(self, run_id: str) -> GoalRecord | None:
+        """The goal a run carries out (None: the run is not a goal's)."""
+
+    async def list_goals(self, limit: int = 100) -> list[GoalRecord]:
+        """The newest goals first."""
+
+    async def pending_goals(self, limit: int = 100) -> list[GoalRecord]:
+        """Goals whose run has ended (completed, failed or cancelled) and whose outcomes are
+        not recorded yet, oldest first."""
+
+    async def record_outcomes(self, run_id: str, outcomes: list[OutcomeRecord], now: float) -> bool:
+        """Record the outcomes of a goal's sub-tasks, once: in one transaction, the goal is
+        marked collected and its outcomes written; False (nothing written) when they were
+        recorded already, by this process or another."""
+
+    async def outcomes(self, task_type: str | None = None, limit: int = 10_000) -> list[OutcomeRecord]:
+        """Recorded outcomes (of ``task_type``'s goals, if given), the newest ``limit``,
+        oldest first."""
 
     async def reclaim(self) -> tuple[int, int] | None:
         """Give the space of deleted rows back to the file system (after a prune), taking

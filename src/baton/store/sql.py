@@ -12,7 +12,9 @@ from baton.store.base import (
     ApiKey,
     AttemptRecord,
     AuditEntry,
+    GoalRecord,
     JobRecord,
+    OutcomeRecord,
     RunRecord,
     Schedule,
     StepRecord,
@@ -257,4 +259,67 @@ def audit_from_row(row: Row) -> AuditEntry:
         detail=json.loads(row["detail"]),
         prev_hash=row["prev_hash"],
         hash=row["hash"],
+    )
+
+
+def goal_params(goal: GoalRecord) -> dict[str, Any]:
+    return {
+        "run_id": goal.run_id,
+        "text": goal.text,
+        "task_type": goal.task_type,
+        "language": goal.language,
+        "complexity": goal.complexity,
+        "method": goal.method,
+        "confidence": goal.confidence,
+        "template_id": goal.template_id,
+        "selection": json.dumps(goal.selection),
+        "created_at": goal.created_at,
+    }
+
+
+def goal_from_row(row: Row) -> GoalRecord:
+    return GoalRecord(
+        run_id=row["run_id"],
+        text=row["text"],
+        task_type=row["task_type"],
+        template_id=row["template_id"],
+        created_at=row["created_at"],
+        language=row["language"],
+        complexity=row["complexity"],
+        method=row["method"],
+        confidence=row["confidence"],
+        selection=json.loads(row["selection"]),
+        collected_at=row["collected_at"],
+    )
+
+
+def outcome_params(outcome: OutcomeRecord) -> dict[str, Any]:
+    return {
+        "run_id": outcome.run_id,
+        "step_id": outcome.step_id,
+        "template_id": outcome.template_id,
+        "task_type": outcome.task_type,
+        "language": outcome.language,
+        "success": outcome.success,
+        "quality": outcome.quality,
+        "time_s": outcome.time_s,
+        "cost_usd": outcome.cost_usd,
+        "method": outcome.method,
+        "recorded_at": outcome.recorded_at,
+    }
+
+
+def outcome_from_row(row: Row) -> OutcomeRecord:
+    return OutcomeRecord(
+        run_id=row["run_id"],
+        step_id=row["step_id"],
+        template_id=row["template_id"],
+        task_type=row["task_type"],
+        language=row["language"],
+        success=bool(row["success"]),
+        quality=row["quality"],
+        time_s=row["time_s"],
+        cost_usd=row["cost_usd"],
+        method=row["method"],
+        recorded_at=row["recorded_at"],
     )

@@ -827,3 +827,38 @@ SELECT (SELECT COUNT(*) FROM due_runs) AS runs, (SELECT COUNT(*) FROM due_steps)
        (SELECT COALESCE(SUM(size), 0) FROM due_runs) + (SELECT COALESCE(SUM(size), 0) FROM due_steps)
        + (SELECT COALESCE(SUM(size), 0) FROM due_jobs) + (SELECT COALESCE(SUM(size), 0) FROM due_attempts)
        + (SELECT COALESCE(SUM(size), 0) FROM due_cache) AS bytes;
+
+-- goals and their outcomes (baton.agents) -------------------------------------------------
+
+-- name: insert_goal
+INSERT INTO goals (run_id, text, task_type, language, complexity, method, confidence, template_id,
+                   selection, created_at)
+VALUES (%(run_id)s, %(text)s, %(task_type)s, %(language)s, %(complexity)s, %(method)s,
+        %(confidence)s, %(template_id)s, %(selection)s, %(created_at)s);
+
+-- name: get_goal
+SELECT * FROM goals WHERE run_id = %(run_id)s;
+
+-- name: list_goals
+SELECT * FROM goals ORDER BY created_at DESC, run_id DESC LIMIT %(limit)s;
+
+-- name: pending_goals
+SELECT g.* FROM goals g JOIN runs r ON r.id = g.run_id
+WHERE g.collected_at IS NULL AND r.status IN ('completed', 'failed', 'cancelled')
+ORDER BY g.created_at LIMIT %(limit)s;
+
+-- name: collect_goal
+UPDATE goals SET collected_at = %(now)s WHERE run_id = %(run_id)s AND collected_at IS NULL
+RETURNING run_id;
+
+-- name: insert_outcome
+INSERT INTO outcomes (run_id, step_id, template_id, task_type, language, success, quality, time_s,
+                      cost_usd, method, recorded_at)
+VALUES (%(run_id)s, %(step_id)s, %(template_id)s, %(task_type)s, %(language)s, %(success)s,
+        %(quality)s, %(time_s)s, %(cost_usd)s, %(method)s, %(recorded_at)s);
+
+-- name: outcomes
+SELECT * FROM (
+    SELECT * FROM outcomes WHERE %(task_type)s::text IS NULL OR task_type = %(task_type)s::text
+    ORDER BY recorded_at DESC, run_id DESC, step_id DESC LIMIT %(limit)s
+) o ORDER BY recorded_at, run_id, step_id;

@@ -42,9 +42,11 @@ from baton.store.base import (
     BudgetSettle,
     Claimed,
     Done,
+    GoalRecord,
     JobRecord,
     LedgerEntry,
     NewJob,
+    OutcomeRecord,
     PruneResult,
     RunRecord,
     Schedule,
@@ -61,11 +63,15 @@ from baton.store.sql import (
     api_key_from_row,
     attempt_from_row,
     audit_from_row,
+    goal_from_row,
+    goal_params,
     job_from_row,
     job_params,
     job_state,
     load_migrations,
     load_queries,
+    outcome_from_row,
+    outcome_params,
     run_from_row,
     run_params,
     schedule_from_row,
@@ -332,7 +338,12 @@ class PostgresStore:
 
     @_retried
     async def create_run(
-        self, run: RunRecord, steps: list[StepRecord], *, idempotency: tuple[str, str] | None = None
+        self,
+        run: RunRecord,
+        steps: list[StepRecord],
+        *,
+        idempotency: tuple[str, str] | None = None,
+        goal: GoalRecord | None = None,
     ) -> str:
         step_params = {
             "run_id": run.id,
@@ -349,17 +360,20 @@ class PostgresStore:
         ready = any(s.status in (StepStatus.READY, StepStatus.RETRYING) for s in steps)
         try:
             async with self._connection() as conn:
-                if idempotency is None:
+                if idempotency is None and goal is None:
                     # one implicit transaction, one round trip
                     ids = await self._insert_run(conn, run, step_params, ready)
                 else:
-                    # The key first, then the run, in one transaction: a request with the
-                    # same key meanwhile waits for this one's outcome.
+                    # The key first, then the run (and its goal), in one transaction: a
+                    # request with the same key meanwhile waits for this one's outcome.
                     async with conn.transaction():
-                        earlier = await self._claim_request(conn, run, *idempotency)
-                        if earlier is not None:
-                            return earlier
+                        if idempotency is not None:
+                            earlier = await self._claim_request(conn, run, *idempotency)
+                            if earlier is not None:
+                                return earlier
                         ids = await self._insert_run(conn, run, step_params, ready)
+                        if goal is not None:
+                            await conn.execute(Q["insert_goal"], goal_params(goal))
         except psycopg.errors.UniqueViolation:
             raise Conflict(f"run {run.id} exists") from None
         for s in steps:
@@ -924,6 +938,36 @@ class PostgresStore:
     @_retried
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         return await self._row(Q["revoke_api_key"], {"id": key_id, "now": now}) is not None
+
+    # -- goals and their outcomes ------------------------------------------------------
+
+    @_retried
+    async def get_goal(self, run_id: str) -> GoalRecord | None:
+        row = await self._row(Q["get_goal"], {"run_id": run_id})
+        return None if row is None else goal_from_row(row)
+
+    @_retried
+    async def list_goals(self, limit: int = 100) -> list[GoalRecord]:
+        return [goal_from_row(r) for r in await self._rows(Q["list_goals"], {"limit": limit})]
+
+    @_retried
+    async def pending_goals(self, limit: int = 100) -> list[GoalRecord]:
+        return [goal_from_row(r) for r in await self._rows(Q["pending_goals"], {"limit": limit})]
+
+    @_retried
+    async def record_outcomes(self, run_id: str, outcomes: list[OutcomeRecord], now: float) -> bool:
+        async with self._tx() as cur:
+            await cur.execute(Q["collect_goal"], {"run_id": run_id, "now": now})
+            if await cur.fetchone() is None:  # recorded already, here or by another worker
+                return False
+            if outcomes:
+                await cur.executemany(Q["insert_outcome"], [outcome_params(o) for o in outcomes])
+        return True
+
+    @_retried
+    async def outcomes(self, task_type: str | None = None, limit: int = 10_000) -> list[OutcomeRecord]:
+        rows = await self._rows(Q["outcomes"], {"task_type": task_type, "limit": limit})
+        return [outcome_from_row(r) for r in rows]
 
     # -- the audit trail ---------------------------------------------------------------
 

@@ -493,3 +493,37 @@ VACUUM;
 
 -- name: checkpoint
 PRAGMA wal_checkpoint(TRUNCATE);
+
+-- goals and their outcomes (baton.agents) -------------------------------------------------
+
+-- name: insert_goal
+INSERT INTO goals (run_id, text, task_type, language, complexity, method, confidence, template_id,
+                   selection, created_at)
+VALUES (:run_id, :text, :task_type, :language, :complexity, :method, :confidence, :template_id,
+        :selection, :created_at);
+
+-- name: get_goal
+SELECT * FROM goals WHERE run_id = :run_id;
+
+-- name: list_goals
+SELECT * FROM goals ORDER BY created_at DESC, run_id DESC LIMIT :limit;
+
+-- name: pending_goals
+SELECT g.* FROM goals g JOIN runs r ON r.id = g.run_id
+WHERE g.collected_at IS NULL AND r.status IN ('completed', 'failed', 'cancelled')
+ORDER BY g.created_at LIMIT :limit;
+
+-- name: collect_goal
+UPDATE goals SET collected_at = :now WHERE run_id = :run_id AND collected_at IS NULL;
+
+-- name: insert_outcome
+INSERT INTO outcomes (run_id, step_id, template_id, task_type, language, success, quality, time_s,
+                      cost_usd, method, recorded_at)
+VALUES (:run_id, :step_id, :template_id, :task_type, :language, :success, :quality, :time_s,
+        :cost_usd, :method, :recorded_at);
+
+-- name: outcomes
+SELECT * FROM (
+    SELECT * FROM outcomes WHERE :task_type IS NULL OR task_type = :task_type
+    ORDER BY recorded_at DESC, run_id DESC, step_id DESC LIMIT :limit
+) ORDER BY recorded_at, run_id, step_id;

@@ -29,9 +29,11 @@ from baton.store.base import (
     BudgetClaim,
     BudgetSettle,
     Claimed,
+    GoalRecord,
     JobRecord,
     LedgerEntry,
     NewJob,
+    OutcomeRecord,
     PruneResult,
     RunRecord,
     Schedule,
@@ -48,11 +50,15 @@ from baton.store.sql import (
     api_key_from_row,
     attempt_from_row,
     audit_from_row,
+    goal_from_row,
+    goal_params,
     job_from_row,
     job_params,
     job_state,
     load_migrations,
     load_queries,
+    outcome_from_row,
+    outcome_params,
     run_from_row,
     run_params,
     schedule_from_row,
@@ -207,15 +213,24 @@ class SQLiteStore:
     # -- runs ------------------------------------------------------------------------
 
     async def create_run(
-        self, run: RunRecord, steps: list[StepRecord], *, idempotency: tuple[str, str] | None = None
+        self,
+        run: RunRecord,
+        steps: list[StepRecord],
+        *,
+        idempotency: tuple[str, str] | None = None,
+        goal: GoalRecord | None = None,
     ) -> str:
         try:
-            return self._insert_run(run, steps, idempotency)
+            return self._insert_run(run, steps, idempotency, goal)
         except sqlite3.IntegrityError:
             raise Conflict(f"run {run.id} exists") from None
 
     def _insert_run(
-        self, run: RunRecord, steps: list[StepRecord], idempotency: tuple[str, str] | None
+        self,
+        run: RunRecord,
+        steps: list[StepRecord],
+        idempotency: tuple[str, str] | None,
+        goal: GoalRecord | None = None,
     ) -> str:
         with self._write() as db:
             if idempotency is not None:
@@ -249,6 +264,8 @@ class SQLiteStore:
                     for s in steps
                 ),
             )
+            if goal is not None:
+                db.execute(Q["insert_goal"], goal_params(goal))
             for s in steps:
                 s.id = base + s.idx
         return run.id
@@ -777,6 +794,28 @@ class SQLiteStore:
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         with self._write() as db:
             return db.execute(Q["revoke_api_key"], (now, key_id)).rowcount == 1
+
+    async def get_goal(self, run_id: str) -> GoalRecord | None:
+        row = self.db.execute(Q["get_goal"], {"run_id": run_id}).fetchone()
+        return None if row is None else goal_from_row(row)
+
+    async def list_goals(self, limit: int = 100) -> list[GoalRecord]:
+        return [goal_from_row(r) for r in self.db.execute(Q["list_goals"], {"limit": limit})]
+
+    async def pending_goals(self, limit: int = 100) -> list[GoalRecord]:
+        return [goal_from_row(r) for r in self.db.execute(Q["pending_goals"], {"limit": limit})]
+
+    async def record_outcomes(self, run_id: str, outcomes: list[OutcomeRecord], now: float) -> bool:
+        with self._write() as db:
+            if db.execute(Q["collect_goal"], {"run_id": run_id, "now": now}).rowcount != 1:
+                return False
+            if outcomes:
+                db.executemany(Q["insert_outcome"], [outcome_params(o) for o in outcomes])
+        return True
+
+    async def outcomes(self, task_type: str | None = None, limit: int = 10_000) -> list[OutcomeRecord]:
+        rows = self.db.execute(Q["outcomes"], {"task_type": task_type, "limit": limit})
+        return [outcome_from_row(r) for r in rows]
 
     async def queue_depth(self) -> list[tuple[str, str, int]]:
         return [(r["queue"], job_state(r["status"]), r["n"]) for r in self.db.execute(Q["queue_depth"])]

@@ -1,0 +1,289 @@
+"""Templates: how a kind of task is carried out, as files — prompts per sub-task, the
+decomposition skeleton (spec → code → test → review...), validators and a model tier.
+
+A template is a YAML file::
+
+    id: python-testing
+    task_type: testing            # or general: a universal template
+    language: python              # omitted: any language
+    description: pytest tests, written from a short list of cases
+    tier: cheap                   # used when the LLM config has that tier
+    result: tests                 # the sub-task whose output is the goal's (default: the last)
+    subtasks:
+      - id: cases
+        prompt: "List the cases worth testing for: {{task}}"
+      - id: tests
+        needs: [cases]
+        prompt: "Write pytest tests for: {{task}}"
+        extract: code
+        validate: [{kind: python_syntax}]
+
+Prompts may use ``{{task}}``, ``{{language}}``, ``{{target_file}}``, ``{{workspace}}`` and
+``{{context}}``; the outputs of a sub-task's ``needs`` reach its model as context (as in any
+``llm.generate`` step), and ``${{ steps.<id>.output.text }}`` quotes one where it must be.
+
+Selection goes along the fallback chain: the templates of the task type and the language
+(specific), of the task type for any language (language-generic), then the universal ones.
+baton ships templates for every task type and for the seed languages; a directory of the
+user's own adds to them (and replaces a shipped one of the same id).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yaml import MappingNode, Node, SequenceNode
+
+from baton.agents.classify import GENERAL, LANGUAGES, TASK_TYPES
+from baton.errors import UsageError
+from baton.plan.model import STEP_ID_PATTERN
+from baton.plan.reader import DocumentError, load_yaml_node, read_text
+from baton.validators import option_problems
+
+PLACEHOLDERS = ("task", "language", "target_file", "workspace", "context")
+_PLACEHOLDER = re.compile(r"(?<!\$)\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+#: the most bytes a template file may have
+MAX_TEMPLATE_BYTES = 256 * 1024
+
+
+class TemplateError(UsageError):
+    """A template file is wrong: each problem with its file and line."""
+
+    code = "invalid_template"
+
+
+class SubTask(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    id: str = Field(pattern=STEP_ID_PATTERN, min_length=1, max_length=64)
+    prompt: str = Field(min_length=1)
+    needs: list[str] = Field(default_factory=list)
+    extract: Literal["text", "code", "json"] = "text"
+    validate_: list[dict[str, Any]] = Field(default_factory=list, alias="validate")
+    role: Literal["coder", "tester", "critic"] | None = None
+    #: this sub-task's model tier, over the template's
+    tier: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=200_000)
+
+
+class Template(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=64)
+    #: one of TASK_TYPES, or general (a universal template)
+    task_type: str
+    #: one of LANGUAGES; None: any language
+    language: str | None = None
+    description: str = ""
+    #: the model tier of its sub-tasks, when the LLM config has it
+    tier: str | None = None
+    #: the sub-task whose output is the goal's result (default: the last one)
+    result: str | None = None
+    subtasks: list[SubTask] = Field(min_length=1, max_length=32)
+    #: where it was read from (not part of the file)
+    source: str = Field(default="", exclude=True)
+
+    @field_validator("task_type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in (*TASK_TYPES, GENERAL):
+            raise ValueError(f"unknown task type {value!r} (known: {', '.join(TASK_TYPES)}, {GENERAL})")
+        return value
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str | None) -> str | None:
+        if value is not None and value not in LANGUAGES:
+            raise ValueError(f"unknown language {value!r} (known: {', '.join(LANGUAGES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Template:
+        seen: set[str] = set()
+        for sub in self.subtasks:
+            if sub.id in seen:
+                raise ValueError(f"sub-task id {sub.id!r} is used twice")
+            for need in sub.needs:
+                if need not in seen:
+                    raise ValueError(f"sub-task {sub.id!r} needs {need!r}, which is not an earlier sub-task")
+            for name in _PLACEHOLDER.findall(sub.prompt):
+                if name not in PLACEHOLDERS:
+                    known = ", ".join("{{" + p + "}}" for p in PLACEHOLDERS)
+                    raise ValueError(
+                        f"sub-task {sub.id!r}: unknown placeholder {{{{{name}}}}} (known: {known})"
+                    )
+            for check in sub.validate_:
+                kind = check.get("kind")
+                if not isinstance(kind, str):
+                    raise ValueError(f"sub-task {sub.id!r}: a validator needs a kind")
+                options = {k: v for k, v in check.items() if k != "kind"}
+                for problem in option_problems(kind, options):
+                    raise ValueError(f"sub-task {sub.id!r}: validator {kind}: {problem}")
+            seen.add(sub.id)
+        if self.result is not None and self.result not in seen:
+            raise ValueError(f"result names {self.result!r}, which is not a sub-task")
+        if self.task_type == GENERAL and self.language is not None:
+            raise ValueError("a universal template (task_type: general) is for any language")
+        return self
+
+    @property
+    def level(self) -> str:
+        """Where it sits on the fallback chain."""
+        if self.task_type == GENERAL:
+            return "universal"
+        return "specific" if self.language is not None else "language-generic"
+
+    @property
+    def result_id(self) -> str:
+        return self.result or self.subtasks[-1].id
+
+
+def render(prompt: str, values: Mapping[str, str | None]) -> str:
+    """The prompt with its placeholders filled (an unset one becomes empty)."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1)) or "", prompt)
+
+
+def _line(node: Node | None, loc: Sequence[int | str]) -> int | None:
+    """The line (1-based) of the deepest node of ``loc`` found under ``node``."""
+    line = None if node is None else node.start_mark.line + 1
+    for key in loc:
+        if isinstance(node, MappingNode):
+            found = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+            if found is None:
+                found_key = next((k for k, _ in node.value if getattr(k, "value", None) == key), None)
+                return found_key.start_mark.line + 1 if found_key is not None else line
+            node = found
+        elif isinstance(node, SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line
+
+
+def parse_template(text: str, source: str) -> Template:
+    """A template from its file's text; TemplateError naming each problem and its line."""
+    try:
+        data, node = load_yaml_node(text)
+    except DocumentError as exc:
+        raise TemplateError(f"template {source}: {exc}") from None
+    if not isinstance(data, dict):
+        raise TemplateError(f"template {source}: expected a mapping with id, task_type and subtasks")
+    try:
+        template = Template.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = [p for p in error["loc"] if isinstance(p, int | str)]
+            where = ".".join(str(p) for p in loc) or "template"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            line = _line(node, loc)
+            problems.append(f"{source}{f' line {line}' if line else ''}: {where}: {message}")
+        raise TemplateError("invalid template: " + "; ".join(problems)) from None
+    template.source = source
+    return template
+
+
+def load_template(path: Path) -> Template:
+    try:
+        text = read_text(path, MAX_TEMPLATE_BYTES)
+    except DocumentError as exc:
+        raise TemplateError(f"template {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"template {path} cannot be read: {exc}") from None
+    return parse_template(text, str(path))
+
+
+def shipped() -> list[Template]:
+    """The templates that come with baton."""
+    folder = resources.files("baton.agents").joinpath("templates")
+    found = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".yaml", ".yml")):
+            found.append(parse_template(entry.read_text(encoding="utf-8"), f"baton:{entry.name}"))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """A (task type, language) cell of the fallback chain."""
+
+    task_type: str
+    language: str | None
+
+    def __str__(self) -> str:
+        return f"{self.task_type}/{self.language or '*'}"
+
+
+class Library:
+    """The templates a goal chooses from: the shipped ones and the user's own."""
+
+    def __init__(self, templates: Iterable[Template]) -> None:
+        self.templates: dict[str, Template] = {}
+        for template in templates:
+            self.templates[template.id] = template  # a later one of the same id replaces it
+
+    @classmethod
+    def load(cls, folders: Sequence[str | Path] = ()) -> Library:
+        """The shipped templates, then those of ``folders`` (``*.yaml``), every error at once."""
+        templates = shipped()
+        problems: list[str] = []
+        for folder in folders:
+            path = Path(folder)
+            if not path.is_dir():
+                raise TemplateError(f"template directory {path} does not exist")
+            for file in sorted([*path.glob("*.yaml"), *path.glob("*.yml")]):
+                try:
+                    templates.append(load_template(file))
+                except TemplateError as exc:
+                    problems.append(exc.message)
+        if problems:
+            raise TemplateError("; ".join(problems))
+        return cls(templates)
+
+    def get(self, template_id: str) -> Template:
+        try:
+            return self.templates[template_id]
+        except KeyError:
+            raise UsageError(f"no template {template_id!r}") from None
+
+    def chain(self, task_type: str, language: str | None) -> list[tuple[Cell, list[Template]]]:
+        """The fallback chain of a task: specific, language-generic, universal; each level
+        with its templates (some may be empty)."""
+        cells = [Cell(task_type, language)] if language is not None and task_type != GENERAL else []
+        if task_type != GENERAL:
+            cells.append(Cell(task_type, None))
+        cells.append(Cell(GENERAL, None))
+        return [
+            (
+                cell,
+                [
+                    t
+                    for t in self.templates.values()
+                    if (t.task_type, t.language) == (cell.task_type, cell.language)
+                ],
+            )
+            for cell in cells
+        ]
+
+    def candidates(self, task_type: str, language: str | None) -> list[Template]:
+        """Every template a task may use, the most specific first."""
+        return [t for _, level in self.chain(task_type, language) for t in level]
+
+
+__all__ = [
+    "PLACEHOLDERS",
+    "Cell",
+    "Library",
+    "SubTask",
+    "Template",
+    "TemplateError",
+    "load_template",
+    "parse_template",
+    "render",
+    "shipped",
+]
