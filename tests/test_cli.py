@@ -95,7 +95,12 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
 
 
 def _finish(proc: subprocess.Popen[str]) -> Result:
-    out, err = proc.communicate(timeout=TIMEOUT_S)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # killed and its pipes closed: nothing leaks into later tests
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the command did not end within {TIMEOUT_S} s; it printed {out!r} {err!r}")
     return Result(proc.returncode, out, err)
 
 

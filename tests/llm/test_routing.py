@@ -150,7 +150,7 @@ async def test_a_plan_without_complexity_routes_each_step_by_the_estimate_of_its
     assert (label["model"], label["complexity"]) == ("gpt-4o-mini", "simple")
     assert (review["model"], review["complexity"]) == ("gpt-4o", "crisis")
     assert "answer bounded to a line" in label["complexity_reasons"]
-    assert "the stakes are high" in review["complexity_reasons"]
+    assert any(r.startswith("much at stake") for r in review["complexity_reasons"])
 
 
 async def test_a_retry_goes_where_the_first_attempt_went_whatever_its_feedback_says(

@@ -16,10 +16,10 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -51,9 +51,12 @@ from baton.store import (
     WorkerRecord,
     store_for,
 )
-from baton.store.base import PRUNABLE, PruneResult
+from baton.store.base import PRUNABLE, GoalRecord, PruneResult
 from baton.tasks.http import http_task
 from baton.tasks.registry import Registry, TaskDef
+
+if TYPE_CHECKING:
+    from baton.agents.goals import Agents, GoalResult
 
 log = structlog.get_logger("baton.engine")
 
@@ -165,6 +168,7 @@ class Engine:
         # the audit trail's key: given, or BATON_AUDIT_KEY(_FILE), or audit.key beside SQLite
         #: the audit trail's key as given (else found when the engine opens: audit.load_key)
         self._audit_key = audit_key
+        self._agents: Agents | None = None
         self.registry = registry or Registry.default()
         config = llm if isinstance(llm, LLMConfig) or llm is None else LLMConfig.load(llm)
         self.gateway = Gateway(config, self.store)
@@ -335,6 +339,8 @@ class Engine:
         idempotency_key: str | None = None,
         actor: str | None = None,
         key_role: str | None = None,
+        goal: GoalRecord | None = None,
+        fingerprint: str | None = None,
     ) -> RunHandle:
         """Validate the plan and put its run in the queue; by default, this process's
         worker starts on it (and any other worker on the database may help).
@@ -347,8 +353,13 @@ class Engine:
         ``key_role``: the caller holds an API key of that role (REST, NATS), and the policy
         decides what its plan may run; PolicyDenied, every offending step named, and a
         ``denied`` audit entry, before anything is written.
+
+        ``goal``: the goal (baton.agents) the run carries out, written with it; and
+        ``fingerprint``, what makes two requests under one idempotency key the same (by
+        default, the plan).
         """
-        return await self._submit(source, start, idempotency_key, actor or audit.python_actor(), key_role)
+        actor = actor or audit.python_actor()
+        return await self._submit(source, start, idempotency_key, actor, key_role, goal, fingerprint)
 
     async def _submit(
         self,
@@ -357,6 +368,8 @@ class Engine:
         idempotency_key: str | None,
         actor: str | None,
         key_role: str | None = None,
+        goal: GoalRecord | None = None,
+        fingerprint: str | None = None,
     ) -> RunHandle:
         plan = self.load(source)
         await self.open()
@@ -404,10 +417,13 @@ class Engine:
         ]
         idempotency = None
         if idempotency_key is not None:
-            fingerprint = hashlib.sha256(json.dumps(run.plan, sort_keys=True).encode()).hexdigest()
+            if fingerprint is None:
+                fingerprint = hashlib.sha256(json.dumps(run.plan, sort_keys=True).encode()).hexdigest()
             idempotency = (idempotency_key, fingerprint)
+        if goal is not None:
+            goal = replace(goal, run_id=run_id, created_at=now)
         try:
-            made = await self.store.create_run(run, steps, idempotency=idempotency)
+            made = await self.store.create_run(run, steps, idempotency=idempotency, goal=goal)
         except UnicodeEncodeError as exc:  # "\ud800": a Python string, not Unicode text
             bad = exc.object[exc.start]
             problem = Problem("", f"it is not valid Unicode text: a lone surrogate {bad!a} cannot be stored")
@@ -422,6 +438,30 @@ class Engine:
             worker.adopt(run, plan, dag)
             worker.poke()
         return RunHandle(run_id, self)
+
+    @property
+    def agents(self) -> Agents:
+        """The goal layer (baton.agents): templates, learning, goals as runs."""
+        if self._agents is None:
+            from baton.agents.goals import Agents
+
+            self._agents = Agents(self)
+        return self._agents
+
+    async def achieve(
+        self,
+        goal: str,
+        *,
+        language: str | None = None,
+        complexity: str | None = None,
+        context: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> GoalResult:
+        """Carry out a task given in words (classified, a template chosen by what was
+        learned, decomposed into a plan this engine runs) and wait for its result."""
+        return await self.agents.achieve(
+            goal, language=language, complexity=complexity, context=context, timeout_s=timeout_s
+        )
 
     async def run(self, source: PlanSource, *, actor: str | None = None) -> RunRecord:
         """Submit a plan and wait for it to stop (completed, failed, paused or cancelled)."""
