@@ -13,7 +13,8 @@ language; anything), the statistics are:
 Selection is a discounted Thompson draw: each candidate's success is Beta(1 + rewards,
 1 + misses) over its own cell's discounted counts, on a prior borrowed from its parent
 cell (at most ``BORROW`` pseudo-goals of the template's record there) so that a sparse
-cell starts from what the template did for the same kind of task elsewhere. The highest
+cell starts from what the template did for the same kind of task elsewhere, and on a
+prior that expects more of a template the more specific it is. The highest
 draw wins. The draw is seeded (the goal's own seed) and recorded with the goal, so a
 recovered goal never draws again.
 """
@@ -36,6 +37,9 @@ HALF_LIFE_S = 14 * 24 * 3600.0
 BORROW = 4.0
 #: draws of the posterior for intervals and the chance of being best (seeded: reports repeat)
 DRAWS = 4000
+#: the prior of a template by its place on the fallback chain, before any outcome: means
+#: 0.67 (written for the task and its language), 0.6 (for the task), 0.5 (universal)
+LEVEL_PRIOR = {"specific": (2.0, 1.0), "language-generic": (1.5, 1.0), "universal": (1.0, 1.0)}
 #: the cell of every goal, whatever its task
 ANY = Cell("*", None)
 
@@ -161,21 +165,24 @@ class Knowledge:
     def stats(self, cell: Cell | str, template_id: str) -> Stats:
         return self.cells.get(str(cell), {}).get(template_id, Stats())
 
-    def posterior(self, template_id: str, task_type: str, language: str | None) -> Posterior:
-        """Beta over the template's reward in the goal's cell, on a prior borrowed from its
-        parent cell (language-generic, then anything)."""
+    def posterior(
+        self, template_id: str, task_type: str, language: str | None, level: str = "universal"
+    ) -> Posterior:
+        """Beta over the template's reward in the goal's cell: on the prior of its ``level``
+        (a template written for the task is expected to fit it better), plus what it did in
+        the parent cell (language-generic, then anything) as at most BORROW pseudo-goals."""
         own_cell = Cell(task_type, language)
         parents = [Cell(task_type, None), ANY] if language is not None else [ANY]
         own = self.stats(own_cell, template_id)
-        prior_a = prior_b = 1.0
+        prior_a, prior_b = LEVEL_PRIOR.get(level, (1.0, 1.0))
         for parent in parents:
             borrowed = self.stats(parent, template_id)
             extra_weight = borrowed.weight - own.weight  # what the parent has beyond this cell
             if extra_weight > 1e-9:
-                extra_reward = max(0.0, borrowed.reward - own.reward)
+                extra_reward = min(max(0.0, borrowed.reward - own.reward), extra_weight)
                 k = min(BORROW, extra_weight)
-                mean = (extra_reward + 1.0) / (extra_weight + 2.0)
-                prior_a, prior_b = 1.0 + k * mean, 1.0 + k * (1.0 - mean)
+                prior_a += k * extra_reward / extra_weight
+                prior_b += k * (1.0 - extra_reward / extra_weight)
                 break
         return Posterior(prior_a + own.reward, prior_b + (own.weight - own.reward))
 
@@ -200,7 +207,7 @@ def choose(
     rng = random.Random(seed)
     drawn = []
     for template in candidates:
-        post = knowledge.posterior(template.id, task_type, language)
+        post = knowledge.posterior(template.id, task_type, language, template.level)
         drawn.append((rng.betavariate(post.a, post.b), template, post))
     best = max(range(len(drawn)), key=lambda i: (drawn[i][0], -i))
     record = {

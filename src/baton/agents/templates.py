@@ -37,6 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from yaml import MappingNode, Node, SequenceNode
 
@@ -140,6 +141,26 @@ class Template(BaseModel):
     @property
     def result_id(self) -> str:
         return self.result or self.subtasks[-1].id
+
+    def to_yaml(self) -> str:
+        """The template as a file would hold it (prompts as literal blocks)."""
+        doc = self.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
+        doc = {"id": self.id, "task_type": self.task_type, **doc}
+        return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings as literal blocks, no anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def render(prompt: str, values: Mapping[str, str | None]) -> str:
