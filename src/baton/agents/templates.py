@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from yaml import MappingNode, Node, SequenceNode
 
 from baton.agents.classify import GENERAL, LANGUAGES, TASK_TYPES
@@ -103,33 +111,48 @@ class Template(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> Template:
+    def _consistent(self, info: ValidationInfo) -> Template:
+        if not (info.context or {}).get("deferred"):  # parse_template checks with line numbers
+            for _, message in self.problems():
+                raise ValueError(message)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """What is inconsistent in it, each with where (a path into the file)."""
+        found: list[tuple[tuple[str | int, ...], str]] = []
         seen: set[str] = set()
-        for sub in self.subtasks:
+        for i, sub in enumerate(self.subtasks):
+            at: tuple[str | int, ...] = ("subtasks", i)
             if sub.id in seen:
-                raise ValueError(f"sub-task id {sub.id!r} is used twice")
+                found.append(((*at, "id"), f"sub-task id {sub.id!r} is used twice"))
             for need in sub.needs:
                 if need not in seen:
-                    raise ValueError(f"sub-task {sub.id!r} needs {need!r}, which is not an earlier sub-task")
+                    found.append(
+                        (
+                            (*at, "needs"),
+                            f"sub-task {sub.id!r} needs {need!r}, which is not an earlier sub-task",
+                        )
+                    )
             for name in _PLACEHOLDER.findall(sub.prompt):
                 if name not in PLACEHOLDERS:
                     known = ", ".join("{{" + p + "}}" for p in PLACEHOLDERS)
-                    raise ValueError(
-                        f"sub-task {sub.id!r}: unknown placeholder {{{{{name}}}}} (known: {known})"
-                    )
-            for check in sub.validate_:
+                    found.append(((*at, "prompt"), f"unknown placeholder {{{{{name}}}}} (known: {known})"))
+            for j, check in enumerate(sub.validate_):
                 kind = check.get("kind")
+                where = (*at, "validate", j)
                 if not isinstance(kind, str):
-                    raise ValueError(f"sub-task {sub.id!r}: a validator needs a kind")
+                    found.append((where, "a validator needs a kind"))
+                    continue
                 options = {k: v for k, v in check.items() if k != "kind"}
-                for problem in option_problems(kind, options):
-                    raise ValueError(f"sub-task {sub.id!r}: validator {kind}: {problem}")
+                found += [
+                    (where, f"validator {kind}: {problem}") for problem in option_problems(kind, options)
+                ]
             seen.add(sub.id)
         if self.result is not None and self.result not in seen:
-            raise ValueError(f"result names {self.result!r}, which is not a sub-task")
+            found.append((("result",), f"result names {self.result!r}, which is not a sub-task"))
         if self.task_type == GENERAL and self.language is not None:
-            raise ValueError("a universal template (task_type: general) is for any language")
-        return self
+            found.append((("language",), "a universal template (task_type: general) is for any language"))
+        return found
 
     @property
     def level(self) -> str:
@@ -194,17 +217,22 @@ def parse_template(text: str, source: str) -> Template:
         raise TemplateError(f"template {source}: {exc}") from None
     if not isinstance(data, dict):
         raise TemplateError(f"template {source}: expected a mapping with id, task_type and subtasks")
+    found: list[tuple[tuple[str | int, ...], str]] = []
     try:
-        template = Template.model_validate(data)
+        template = Template.model_validate(data, context={"deferred": True})
     except ValidationError as exc:
-        problems = []
         for error in exc.errors():
-            loc = [p for p in error["loc"] if isinstance(p, int | str)]
+            loc = tuple(p for p in error["loc"] if isinstance(p, int | str))
+            found.append((loc, str(error["msg"]).removeprefix("Value error, ")))
+    else:
+        found += template.problems()
+    if found:
+        problems = []
+        for loc, message in found:
             where = ".".join(str(p) for p in loc) or "template"
-            message = str(error["msg"]).removeprefix("Value error, ")
             line = _line(node, loc)
             problems.append(f"{source}{f' line {line}' if line else ''}: {where}: {message}")
-        raise TemplateError("invalid template: " + "; ".join(problems)) from None
+        raise TemplateError("invalid template: " + "; ".join(problems))
     template.source = source
     return template
 
