@@ -79,9 +79,11 @@ class GoalResult:
 class Agents:
     """The goal layer of one engine: its template library and what it learned."""
 
-    def __init__(self, engine: Engine, library: Library | None = None) -> None:
+    def __init__(self, engine: Engine, library: Library | None = None, *, semantic: bool = True) -> None:
         self.engine = engine
         self.library = library or Library.load()
+        #: classify on the embeddings too when no rule is sure (and the extra is installed)
+        self.semantic = semantic
 
     async def start(
         self,
@@ -100,27 +102,36 @@ class Agents:
         if complexity is not None and complexity not in COMPLEXITIES:
             raise UsageError(f"unknown complexity {complexity!r} (known: {', '.join(COMPLEXITIES)})")
         values = _context(context)
-        kind = classify(text, language)
+        kind = classify(text, language, semantic=self.semantic)
+        # The same request under the same key is the same goal, whatever was learned since;
+        # and a request done before is done by the same template, so that the cache, which
+        # comes before the model, can answer its sub-tasks.
+        request = {"goal": text, "language": language, "complexity": complexity, "context": values}
+        fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         await self.collect()
-        known = Knowledge.of(roll_up(await self.engine.store.outcomes(limit=HISTORY)), time.time())
-        seed = _seed(idempotency_key, text)
-        choice = choose(self.library.candidates(kind.type, language), known, kind.type, language, seed)
-        plan = self.plan(choice.template, text, language, complexity, values)
+        earlier = await self.engine.store.goal_done_before(fingerprint)
+        if earlier is not None and earlier.template_id in self.library.templates:
+            template = self.library.templates[earlier.template_id]
+            selection: dict[str, Any] = {"chosen": template.id, "repeat_of": earlier.run_id}
+        else:
+            known = Knowledge.of(roll_up(await self.engine.store.outcomes(limit=HISTORY)), time.time())
+            seed = _seed(idempotency_key, text)
+            choice = choose(self.library.candidates(kind.type, language), known, kind.type, language, seed)
+            template, selection = choice.template, choice.record
+        plan = self.plan(template, text, language, complexity, values)
         record = GoalRecord(
             run_id="",
             text=text,
             task_type=kind.type,
-            template_id=choice.template.id,
+            template_id=template.id,
             created_at=time.time(),
             language=language,
             complexity=complexity,
             method=kind.method,
             confidence=kind.confidence,
-            selection={**choice.record, "classification": kind.to_dict()},
+            selection={**selection, "classification": kind.to_dict()},
+            request=fingerprint,
         )
-        # The same request under the same key is the same goal, whatever was learned since.
-        request = {"goal": text, "language": language, "complexity": complexity, "context": values}
-        fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         return await self.engine.submit(
             plan,
             idempotency_key=idempotency_key,

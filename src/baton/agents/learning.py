@@ -7,8 +7,10 @@ language; anything), the statistics are:
 
 - uses, and the reward, time, quality and cost as exponential moving averages (alpha 0.3)
   in the order the goals ended;
-- discounted counts: each goal weighs ½ per ``half_life_s`` of age (14 days), so what a
-  template did long ago counts less than what it did lately.
+- discounted counts: each goal weighs half as much per ``HALF_LIFE_GOALS`` (50) goals of
+  the same cell that ended after it, and per ``HALF_LIFE_S`` (30 days) of age, so what a
+  template did lately counts more than what it did long ago, at any volume: a template
+  that stopped working loses its standing within a few dozen goals.
 
 Selection is a discounted Thompson draw: each candidate's success is Beta(1 + rewards,
 1 + misses) over its own cell's discounted counts, on a prior borrowed from its parent
@@ -32,7 +34,8 @@ from baton.agents.templates import Cell, Template
 from baton.store.base import OutcomeRecord
 
 ALPHA = 0.3
-HALF_LIFE_S = 14 * 24 * 3600.0
+HALF_LIFE_S = 30 * 24 * 3600.0
+HALF_LIFE_GOALS = 50.0
 #: the most pseudo-goals a cell borrows from its parent
 BORROW = 4.0
 #: draws of the posterior for intervals and the chance of being best (seeded: reports repeat)
@@ -102,8 +105,7 @@ class Stats:
     ema_cost_usd: float | None = None
     last_at: float | None = None
 
-    def add(self, goal: GoalOutcome, now: float, half_life_s: float) -> None:
-        decay = 0.5 ** (max(0.0, now - goal.ended_at) / half_life_s)
+    def add(self, goal: GoalOutcome, decay: float) -> None:
         self.uses += 1
         self.successes += goal.success
         self.weight += decay
@@ -152,14 +154,26 @@ class Knowledge:
     cells: dict[str, dict[str, Stats]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, goals: Iterable[GoalOutcome], now: float, half_life_s: float = HALF_LIFE_S) -> Knowledge:
+    def of(
+        cls,
+        goals: Sequence[GoalOutcome],
+        now: float,
+        half_life_s: float = HALF_LIFE_S,
+        half_life_goals: float = HALF_LIFE_GOALS,
+    ) -> Knowledge:
+        """From goals in the order they ended."""
         known = cls()
-        for goal in goals:
+        later: dict[str, int] = defaultdict(int)  # goals of each cell that ended after this one
+        weighted = []
+        for goal in reversed(goals):
             # its own cell, the task type's for any language, and everything (each once)
-            cells = dict.fromkeys((Cell(goal.task_type, goal.language), Cell(goal.task_type, None), ANY))
-            for cell in cells:
-                stats = known.cells.setdefault(str(cell), {}).setdefault(goal.template_id, Stats())
-                stats.add(goal, now, half_life_s)
+            for cell in dict.fromkeys((Cell(goal.task_type, goal.language), Cell(goal.task_type, None), ANY)):
+                key = str(cell)
+                age = 0.5 ** (max(0.0, now - goal.ended_at) / half_life_s)
+                weighted.append((key, goal, age * 0.5 ** (later[key] / half_life_goals)))
+                later[key] += 1
+        for key, goal, decay in reversed(weighted):  # oldest first, for the moving averages
+            known.cells.setdefault(key, {}).setdefault(goal.template_id, Stats()).add(goal, decay)
         return known
 
     def stats(self, cell: Cell | str, template_id: str) -> Stats:
@@ -242,6 +256,7 @@ def chance_best(posteriors: Sequence[Posterior], seed: int = 0) -> list[float]:
 
 __all__ = [
     "ALPHA",
+    "HALF_LIFE_GOALS",
     "HALF_LIFE_S",
     "Choice",
     "GoalOutcome",

@@ -351,6 +351,8 @@ class GoalRecord:
     selection: dict[str, Any] = field(default_factory=dict)
     #: set once the outcomes of its sub-tasks are recorded (exactly once)
     collected_at: float | None = None
+    #: the request's fingerprint: the same goal asked again has the same
+    request: str = ""
 
 
 @dataclass(slots=True)
@@ -684,6 +686,9 @@ class Store(Protocol):
 
     async def list_goals(self, limit: int = 100) -> list[GoalRecord]:
         """The newest goals first."""
+
+    async def goal_done_before(self, request: str) -> GoalRecord | None:
+        """The newest goal of that request fingerprint whose run completed (None: none)."""
 
     async def pending_goals(self, limit: int = 100) -> list[GoalRecord]:
         """Goals whose run has ended (completed, failed or cancelled) and whose outcomes are

@@ -266,6 +266,7 @@ def goal_params(goal: GoalRecord) -> dict[str, Any]:
     return {
         "run_id": goal.run_id,
         "text": goal.text,
+        "request": goal.request,
         "task_type": goal.task_type,
         "language": goal.language,
         "complexity": goal.complexity,
@@ -290,6 +291,7 @@ def goal_from_row(row: Row) -> GoalRecord:
         confidence=row["confidence"],
         selection=json.loads(row["selection"]),
         collected_at=row["collected_at"],
+        request=row["request"],
     )
 
 

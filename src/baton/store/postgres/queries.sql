@@ -831,13 +831,18 @@ SELECT (SELECT COUNT(*) FROM due_runs) AS runs, (SELECT COUNT(*) FROM due_steps)
 -- goals and their outcomes (baton.agents) -------------------------------------------------
 
 -- name: insert_goal
-INSERT INTO goals (run_id, text, task_type, language, complexity, method, confidence, template_id,
-                   selection, created_at)
-VALUES (%(run_id)s, %(text)s, %(task_type)s, %(language)s, %(complexity)s, %(method)s,
+INSERT INTO goals (run_id, text, request, task_type, language, complexity, method, confidence,
+                   template_id, selection, created_at)
+VALUES (%(run_id)s, %(text)s, %(request)s, %(task_type)s, %(language)s, %(complexity)s, %(method)s,
         %(confidence)s, %(template_id)s, %(selection)s, %(created_at)s);
 
 -- name: get_goal
 SELECT * FROM goals WHERE run_id = %(run_id)s;
+
+-- name: goal_done_before
+SELECT g.* FROM goals g JOIN runs r ON r.id = g.run_id
+WHERE g.request = %(request)s AND r.status = 'completed'
+ORDER BY g.created_at DESC LIMIT 1;
 
 -- name: list_goals
 SELECT * FROM goals ORDER BY created_at DESC, run_id DESC LIMIT %(limit)s;

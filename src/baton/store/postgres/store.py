@@ -951,6 +951,11 @@ class PostgresStore:
         return [goal_from_row(r) for r in await self._rows(Q["list_goals"], {"limit": limit})]
 
     @_retried
+    async def goal_done_before(self, request: str) -> GoalRecord | None:
+        row = await self._row(Q["goal_done_before"], {"request": request})
+        return None if row is None else goal_from_row(row)
+
+    @_retried
     async def pending_goals(self, limit: int = 100) -> list[GoalRecord]:
         return [goal_from_row(r) for r in await self._rows(Q["pending_goals"], {"limit": limit})]
 

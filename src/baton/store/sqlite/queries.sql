@@ -497,13 +497,18 @@ PRAGMA wal_checkpoint(TRUNCATE);
 -- goals and their outcomes (baton.agents) -------------------------------------------------
 
 -- name: insert_goal
-INSERT INTO goals (run_id, text, task_type, language, complexity, method, confidence, template_id,
-                   selection, created_at)
-VALUES (:run_id, :text, :task_type, :language, :complexity, :method, :confidence, :template_id,
-        :selection, :created_at);
+INSERT INTO goals (run_id, text, request, task_type, language, complexity, method, confidence,
+                   template_id, selection, created_at)
+VALUES (:run_id, :text, :request, :task_type, :language, :complexity, :method, :confidence,
+        :template_id, :selection, :created_at);
 
 -- name: get_goal
 SELECT * FROM goals WHERE run_id = :run_id;
+
+-- name: goal_done_before
+SELECT g.* FROM goals g JOIN runs r ON r.id = g.run_id
+WHERE g.request = :request AND r.status = 'completed'
+ORDER BY g.created_at DESC LIMIT 1;
 
 -- name: list_goals
 SELECT * FROM goals ORDER BY created_at DESC, run_id DESC LIMIT :limit;

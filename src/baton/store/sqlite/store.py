@@ -802,6 +802,10 @@ class SQLiteStore:
     async def list_goals(self, limit: int = 100) -> list[GoalRecord]:
         return [goal_from_row(r) for r in self.db.execute(Q["list_goals"], {"limit": limit})]
 
+    async def goal_done_before(self, request: str) -> GoalRecord | None:
+        row = self.db.execute(Q["goal_done_before"], {"request": request}).fetchone()
+        return None if row is None else goal_from_row(row)
+
     async def pending_goals(self, limit: int = 100) -> list[GoalRecord]:
         return [goal_from_row(r) for r in self.db.execute(Q["pending_goals"], {"limit": limit})]
 

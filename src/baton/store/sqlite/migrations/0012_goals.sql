@@ -6,6 +6,8 @@
 CREATE TABLE goals (
     run_id       TEXT PRIMARY KEY,
     text         TEXT NOT NULL,
+    -- the request's fingerprint (text, language, complexity, context): a repeat finds it
+    request      TEXT NOT NULL,
     task_type    TEXT NOT NULL,
     language     TEXT,
     complexity   TEXT,
@@ -16,6 +18,7 @@ CREATE TABLE goals (
     created_at   REAL NOT NULL,
     collected_at REAL
 );
+CREATE INDEX goals_request ON goals (request, created_at);
 CREATE INDEX goals_uncollected ON goals (created_at) WHERE collected_at IS NULL;
 CREATE TABLE outcomes (
     run_id      TEXT NOT NULL,
