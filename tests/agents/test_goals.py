@@ -18,6 +18,7 @@ import yaml
 
 from baton import Engine
 from baton.agents.goals import Agents
+from baton.agents.learning import roll_up
 from baton.agents.templates import Library, TemplateError, parse_template
 from baton.errors import UsageError
 from baton.llm import LLMConfig
@@ -133,7 +134,9 @@ async def test_learning_moves_the_choice_to_the_template_that_succeeds(tmp_path:
         agents = Agents(engine, only)
         for i in range(24):
             handle = await agents.start(
-                "Write unit tests for the slug function", language="python", idempotency_key=f"g{i}"
+                f"Write unit tests for the slug function, case {i}",
+                language="python",
+                idempotency_key=f"g{i}",
             )
             await handle.wait()
             await agents.collect()
@@ -148,6 +151,23 @@ async def test_learning_moves_the_choice_to_the_template_that_succeeds(tmp_path:
     assert (good["id"], bad["id"]) == ("py-good", "py-bad") and good["mean"] > bad["mean"]
     assert good["successes"] == good["uses"] and bad["successes"] == 0
     assert good["chance_best"] > 0.8
+
+
+async def test_a_goal_asked_again_is_done_by_the_same_template_and_answered_by_the_cache(
+    tmp_path: Path,
+) -> None:
+    async with Engine(str(tmp_path / "a.db"), llm=config(tmp_path), workdir=tmp_path) as engine:
+        first = await engine.achieve("Write unit tests for the tokenizer", language="python")
+        again = [
+            await engine.achieve("Write unit tests for the tokenizer", language="python") for _ in range(3)
+        ]
+        goal = await engine.store.get_goal(again[0].run_id)
+        learned = roll_up(await engine.store.outcomes())
+    assert {r.template_used for r in again} == {first.template_used}
+    assert goal is not None and goal.selection["repeat_of"] == first.run_id
+    assert [r.method for r in again] == ["cached"] * 3 and all(r.metrics["cost_usd"] == 0 for r in again)
+    # what the cache answered teaches nothing about the template: only the first counts
+    assert [g.informative for g in learned] == [True, False, False, False]
 
 
 async def test_outcomes_are_recorded_once_when_two_processes_collect_at_once(tmp_path: Path) -> None:

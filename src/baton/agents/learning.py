@@ -60,6 +60,9 @@ class GoalOutcome:
     time_s: float
     cost_usd: float
     ended_at: float
+    #: a model did some of its work: a goal answered wholly by rules and caches says
+    #: nothing new of its template, and is left out of what is learned
+    informative: bool = True
 
     @property
     def reward(self) -> float:
@@ -85,6 +88,7 @@ def roll_up(outcomes: Iterable[OutcomeRecord]) -> list[GoalOutcome]:
                 time_s=math.fsum(p.time_s for p in parts),
                 cost_usd=math.fsum(p.cost_usd for p in parts),
                 ended_at=max(p.recorded_at for p in parts),
+                informative=any(p.method not in ("cached", "autonomous") for p in parts),
             )
         )
     return sorted(goals, key=lambda g: (g.ended_at, g.run_id))
@@ -165,7 +169,7 @@ class Knowledge:
         known = cls()
         later: dict[str, int] = defaultdict(int)  # goals of each cell that ended after this one
         weighted = []
-        for goal in reversed(goals):
+        for goal in reversed([g for g in goals if g.informative]):
             # its own cell, the task type's for any language, and everything (each once)
             for cell in dict.fromkeys((Cell(goal.task_type, goal.language), Cell(goal.task_type, None), ANY)):
                 key = str(cell)
