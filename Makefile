@@ -20,6 +20,8 @@ install: $(STAMP)
 demo: install
 	$(BIN)/baton run examples/feature_pipeline.yaml --db .baton/demo.db --import examples.demo_tasks \
 		--llm examples/llm.yaml
+	$(BIN)/baton goal "Create a NATS consumer for processing user events" --language elixir \
+		--complexity medium --db .baton/demo.db --llm examples/goal_llm.yaml
 
 lint: install
 	$(BIN)/ruff check src tests bench examples

@@ -334,6 +334,7 @@ async def replay_arm(goals: list[str], ladder: bool) -> dict[str, Any]:
     return {
         "spend_usd": round(spend, 6),
         "p50_latency_ms": round(1000 * statistics.median(seconds), 2),
+        "mean_latency_ms": round(1000 * statistics.fmean(seconds), 2),
         "answered_by": {k: round(v / len(goals), 4) for k, v in sorted(rungs.items())},
     }
 

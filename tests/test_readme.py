@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,22 @@ def test_the_readmes_policy_example_is_a_policy_that_confines() -> None:
     policy = Policy.of(yaml.safe_load(example), "README")
     assert "shell" in policy.roles["tester"] and policy.programs["tester"] == ("pytest", "make", "git")
     assert policy.maxima["tester"]["cpu_s"] == 1800
+
+
+def test_the_readme_goal_runs_as_written(tmp_path: Path) -> None:
+    """The Goals section's command, from the repository (its LLM config is examples/)."""
+    (command,) = _blocks("shell")
+    args = shlex.split(command.strip())
+    assert args[:2] == ["baton", "goal"]
+    done = subprocess.run(
+        [sys.executable, "-m", "baton", *args[1:], "--db", str(tmp_path / "g.db"), "--json"],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert (result["status"], result["task_type"]) == ("completed", "nats_consumer")
+    assert "defmodule UserEvents.Consumer" in result["result"]
