@@ -23,17 +23,18 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton import audit
+from baton.agents.classify import LANGUAGES, check_language
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
 from baton.api.limits import Denials, Limits
 from baton.api.local import YAML_TYPES, LocalOnly, allowed_hosts
 from baton.engine import Engine, Event
-from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem
+from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem, UsageError
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
 from baton.metrics import Metrics
 from baton.plan.reader import Refused, Unreadable, load_json, load_yaml
@@ -113,6 +114,42 @@ class JobRequest(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobView]
+
+
+class GoalContext(BaseModel):
+    model_config = {"extra": "forbid"}
+    workspace: str | None = Field(default=None, max_length=4096)
+    target_file: str | None = Field(default=None, max_length=4096)
+    context: str | None = Field(default=None, max_length=20_000)
+
+
+class GoalRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+    task: str = Field(min_length=1, max_length=20_000)
+    language: str | None = Field(default=None, max_length=40, description=f"one of {', '.join(LANGUAGES)}")
+    complexity: Literal["simple", "medium", "complex", "crisis"] | None = None
+    context: GoalContext | None = None
+
+    @field_validator("language")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        try:
+            return check_language(value)
+        except UsageError as exc:
+            raise ValueError(exc.message) from None
+
+
+class GoalSubmitted(Submitted):
+    task_type: str
+    template: str
+
+
+class GoalStats(BaseModel):
+    total_executions: int
+    average_time_s: float | None
+    success_rate: float | None
+    template_usage: dict[str, int]
+    task_types: dict[str, int]
 
 
 class Health(BaseModel):
@@ -338,6 +375,62 @@ def create_app(
             created=handle.created,
             links=Links(self=url, progress=f"{url}/progress", steps=f"{url}/steps"),
         )
+
+    # -- goals -------------------------------------------------------------------------
+
+    @app.post(
+        f"{PREFIX}/goals",
+        status_code=202,
+        response_model=GoalSubmitted,
+        dependencies=operator,
+        tags=["goals"],
+    )
+    async def submit_goal(
+        request: Request,
+        response: Response,
+        body: GoalRequest,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> GoalSubmitted:
+        """Carry out a task given in words (baton.agents): classified, a template chosen by
+        what was learned, its sub-tasks run as a run; follow it with the run's endpoints,
+        and read its result at ``/goals/{id}``."""
+        context = body.context.model_dump(exclude_none=True) if body.context is not None else None
+        handle = await engine.agents.start(
+            body.task,
+            language=body.language,
+            complexity=body.complexity,
+            context=context,
+            idempotency_key=idempotency_key,
+            actor=request.state.actor,
+            key_role=request.state.role,
+        )
+        run = await engine.store.get_run(handle.run_id, with_plan=False)
+        goal = await engine.store.get_goal(handle.run_id)
+        assert goal is not None  # written with the run
+        url = f"{PREFIX}/runs/{run.id}"
+        response.headers["Location"] = f"{PREFIX}/goals/{run.id}"
+        return GoalSubmitted(
+            id=run.id,
+            status=str(run.status),
+            created=handle.created,
+            links=Links(self=url, progress=f"{url}/progress", steps=f"{url}/steps"),
+            task_type=goal.task_type,
+            template=goal.template_id,
+        )
+
+    @app.get(f"{PREFIX}/goals/{{run_id}}", dependencies=viewer, tags=["goals"])
+    async def get_goal(run_id: Annotated[str, _RunId]) -> dict[str, Any]:
+        """A goal's result as it stands: the result, the template, model and rung that
+        answered, and what it took."""
+        run = await engine.store.get_run(run_id, with_plan=False)
+        if await engine.store.get_goal(run.id) is None:
+            raise NotFound(f"run {run.id} is not a goal's")
+        return (await engine.agents.result(run.id)).to_dict()
+
+    @app.get(f"{PREFIX}/stats", response_model=GoalStats, dependencies=viewer, tags=["goals"])
+    async def goal_stats() -> GoalStats:
+        """Goals carried out: how many, their average time, success rate, template usage."""
+        return GoalStats.model_validate(await engine.agents.stats())
 
     @app.get(f"{PREFIX}/runs", response_model=RunList, dependencies=viewer, tags=["runs"])
     async def list_runs(

@@ -8,6 +8,12 @@ Subjects (``baton`` is the default prefix); every request and reply body is a JS
 - ``baton.execute``      ``{"task", "input"?, "timeout_s"?, "retry"?, "validate"?, "budget"?,
   "role"?}`` → ``{"result", "method": "executor", "metrics": {"duration_ms"}}``, through
   ``Engine.execute``: the same executor, store and policies as a plan's steps.
+- ``execution.request``  ``{"task", "language"?, "complexity"?, "context"?: {"workspace",
+  "target_file", "context"}}`` → ``{"result", "template_used", "model_used", "method",
+  "metrics": {"time_ms", "tokens_used", "cost_usd", "cache_hit", "quality", "success"},
+  "run_id", "status", "task_type"}``: a goal (baton.agents) carried out and waited for, in
+  the shapes of the system baton replaces, its refusals too: ``{"error": <code>,
+  "message", "metrics": {"success": false}}``.
 
 Every request carries an API key of ``baton keys create`` in its headers,
 ``Authorization: Bearer <key>``, with the roles of the REST API: ``runs.get`` needs a
@@ -59,7 +65,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import nats
 import structlog
@@ -69,8 +75,9 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from baton.agents.classify import check_language
 from baton.api.auth import Role, authenticate
 from baton.api.limits import Denials
 from baton.engine import Engine
@@ -79,6 +86,9 @@ from baton.errors import BatonError, PlanError, Problem, UnknownTask, UsageError
 from baton.views import RunView, run_detail
 
 log = structlog.get_logger("baton.nats")
+
+#: goals, answered in the shapes of the system baton replaces (not under the prefix)
+EXECUTION_SUBJECT = "execution.request"
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_PREFIX = "baton"
@@ -195,6 +205,31 @@ class ExecuteRequest(_Request):
         fields = {"timeout_s": self.timeout_s, "retry": self.retry, "validate": self.validate_}
         fields.update(budget=self.budget, role=self.role)
         return {k: v for k, v in fields.items() if v is not None}
+
+
+class ExecutionContext(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workspace: str | None = Field(default=None, max_length=4096)
+    target_file: str | None = Field(default=None, max_length=4096)
+    context: str | None = Field(default=None, max_length=20_000)
+
+
+class ExecutionRequest(_Request):
+    """A goal: a task in words (baton.agents), in the shape of the system baton replaces."""
+
+    task: str = Field(min_length=1, max_length=20_000)
+    language: str | None = Field(default=None, max_length=40)
+    complexity: Literal["simple", "medium", "complex", "crisis"] | None = None
+    context: ExecutionContext | None = None
+
+    @field_validator("language")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        try:
+            return check_language(value)
+        except UsageError as exc:
+            raise ValueError(exc.message) from None
 
 
 def _problems(exc: ValidationError) -> list[Problem]:
@@ -332,8 +367,9 @@ class NatsInterface:
         connect_timeout_s: float = 5.0,
         auth: bool = True,
         connect_options: Mapping[str, Any] | None = None,
+        execution_subject: str = EXECUTION_SUBJECT,
     ) -> None:
-        if not _PREFIX.match(prefix):
+        if not _PREFIX.match(prefix) or not _PREFIX.match(execution_subject):
             raise UsageError(f"NATS subject prefix {prefix!r}: tokens of letters, digits, _ and - only")
         if not _STREAM.match(stream):
             raise UsageError(f"JetStream stream name {stream!r}: letters, digits, _ and - only")
@@ -365,7 +401,10 @@ class NatsInterface:
             f"{prefix}.runs.resume": self._resume,
             f"{prefix}.runs.cancel": self._cancel,
             f"{prefix}.execute": self._execute,
+            execution_subject: self._execution,
         }
+        #: the subject of goals, answered in the shapes of the system baton replaces
+        self.execution_subject = execution_subject
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._events: asyncio.Queue[Event | None] = asyncio.Queue(EVENT_QUEUE_SIZE)
@@ -578,7 +617,13 @@ class NatsInterface:
         if nc is None:
             return
         try:
-            doc = {"error": error} if error is not None else (reply or {})
+            if error is not None and msg.subject == self.execution_subject:
+                # the shape execution.request callers know: a code, a message, no success
+                doc = {"error": error["code"], "message": error["message"], "metrics": {"success": False}}
+                if "problems" in error:
+                    doc["problems"] = error["problems"]
+            else:
+                doc = {"error": error} if error is not None else (reply or {})
             payload = json.dumps({**doc, "correlation_id": cid}, default=str, ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
             error = {"code": "internal", "message": f"internal: the reply is not JSON: {exc}"}
@@ -662,6 +707,30 @@ class NatsInterface:
             raise InvalidRequest(_call_problems(exc.problems)) from None
         duration_ms = (time.perf_counter() - started) * 1000
         return {"result": result, "method": "executor", "metrics": {"duration_ms": round(duration_ms, 3)}}
+
+    async def _execution(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        request = ExecutionRequest.model_validate(body)
+        context = request.context.model_dump(exclude_none=True) if request.context is not None else None
+        result = await self.engine.agents.achieve(
+            request.task,
+            language=request.language,
+            complexity=request.complexity,
+            context=context,
+            actor=caller.actor,
+            key_role=caller.role,
+        )
+        log.info(
+            "goal done",
+            subject=self.execution_subject,
+            run_id=result.run_id,
+            template=result.template_used,
+            success=result.metrics["success"],
+            correlation_id=request.correlation_id,
+        )
+        reply = result.to_dict()
+        if reply["error"] is None:
+            del reply["error"]  # an "error" key is how a refused request reads
+        return reply
 
     # -- events ------------------------------------------------------------------------------
 
