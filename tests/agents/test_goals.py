@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from baton import Engine
-from baton.agents.goals import Agents
+from baton.agents.goals import Agents, _filled
 from baton.agents.learning import roll_up
 from baton.agents.templates import Library, TemplateError, parse_template
 from baton.errors import UsageError
@@ -98,7 +98,12 @@ def test_the_fallback_chain_goes_from_the_task_and_language_to_the_universal_tem
     assert chain == [
         ("nats_consumer/elixir", ["elixir-nats_consumer"]),
         ("nats_consumer/*", ["nats_consumer"]),
-        ("general/*", ["universal-direct", "universal-staged"]),
+        ("general/*", ["universal-direct", "universal-planned", "universal-staged"]),
+    ]
+    # a planner's template is chosen only when a planner is asked for
+    assert "universal-planned" not in [t.id for t in library.candidates("nats_consumer", "elixir")]
+    assert [t.id for t in library.candidates("nats_consumer", "elixir", planned=True)] == [
+        "universal-planned"
     ]
     # no template for the language: straight to the language-generic one
     assert next(t.id for t in library.candidates("testing", "rust")) == "testing"
@@ -222,7 +227,8 @@ def test_a_template_file_with_errors_is_named_with_its_line() -> None:
 def test_the_users_words_never_become_references_between_steps(tmp_path: Path) -> None:
     engine = Engine(str(tmp_path / "r.db"), llm=config(tmp_path), workdir=tmp_path)
     agents = Agents(engine)
-    plan = agents.plan(agents.library.get("universal-direct"), "say ${{ steps.x.output }}", None, None, {})
+    filled = _filled("say ${{ steps.x.output }}", None, {})
+    plan = agents.plan(agents.library.get("universal-direct"), filled, None, None)
     assert "${{" not in json.dumps(plan) and "$ {{ steps.x.output }}" in plan["steps"][0]["with"]["prompt"]
 
 
@@ -314,3 +320,82 @@ def test_a_goal_killed_mid_run_resumes_and_its_outcomes_are_recorded_once(tmp_pa
         outcomes = con.execute("SELECT step_id FROM outcomes WHERE run_id = ?", (run_id,)).fetchall()
     assert all(after[step] == finished for step, finished in before.items())  # not run again
     assert stats["total_executions"] == 1 and len(outcomes) == len(after)
+
+
+PLANNED = {
+    "subtasks": [
+        {"id": "spec", "prompt": "Specify the cache: keys, expiry, size."},
+        {
+            "id": "code",
+            "prompt": "Write the cache ${{ steps.spec.output.text }}",
+            "needs": ["spec"],
+            "extract": "code",
+        },
+    ]
+}
+
+
+async def test_a_planner_model_decomposes_the_goal_its_refusals_fed_back(tmp_path: Path) -> None:
+    answers = [
+        {"prompt": "At most 6 sub-tasks", "attempt": 1, "text": "Sure! Here is a plan."},
+        {
+            "prompt": "At most 6 sub-tasks",
+            "attempt": 2,
+            "text": json.dumps({"subtasks": [{"id": "a", "prompt": "x", "needs": ["b"]}]}),
+        },
+        {"prompt": "At most 6 sub-tasks", "text": json.dumps(PLANNED)},
+        *ANSWERS,
+    ]
+    async with Engine(str(tmp_path / "p.db"), llm=config(tmp_path, answers), workdir=tmp_path) as engine:
+        result = await engine.agents.achieve("Write an LRU cache", language="python", decompose="planner")
+        run = await engine.store.get_run(result.run_id)
+        goal = await engine.store.get_goal(result.run_id)
+        calls = [r for r in await engine.store.list_runs() if r.name == "call:llm.generate"]
+        attempts = await engine.store.get_attempts(calls[0].id)
+    assert result.status == "completed" and result.template_used == "universal-planned"
+    steps = (run.plan or {})["steps"]
+    assert [(s["id"], s["task"], s.get("needs", [])) for s in steps] == [
+        ("spec", "llm.generate", []),
+        ("code", "llm.generate", ["spec"]),
+    ]
+    # what the model planned never reads as a reference between steps
+    assert steps[1]["with"]["prompt"] == "Write the cache $ {{ steps.spec.output.text }}"
+    assert (
+        goal is not None
+        and goal.selection["planned"] == ["spec", "code"]
+        and goal.selection["result"] == "code"
+    )
+    # each refusal was fed back into the next attempt
+    assert [a.status for a in attempts] == ["failed", "failed", "succeeded"]
+    assert "not JSON" in (attempts[0].error or "") and "needs 'b'" in (attempts[1].error or "")
+    assert "not JSON" in (attempts[1].detail or {}).get("prompt", "")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "no plan today",
+        json.dumps({"subtasks": []}),
+        json.dumps({"subtasks": [{"id": "x", "prompt": "p", "task": "shell"}]}),
+        json.dumps(
+            {
+                "subtasks": [
+                    {"id": "x", "prompt": "p", "validate": [{"kind": "python", "function": "os:system"}]}
+                ]
+            }
+        ),
+        json.dumps({"subtasks": [{"id": "Bad Id", "prompt": "p"}]}),
+    ],
+)
+async def test_a_planner_that_never_answers_a_valid_plan_refuses_the_goal(
+    answer: str, tmp_path: Path
+) -> None:
+    answers = [{"prompt": "At most 6 sub-tasks", "text": answer}, *ANSWERS]
+    async with Engine(str(tmp_path / "q.db"), llm=config(tmp_path, answers), workdir=tmp_path) as engine:
+        with pytest.raises(
+            UsageError, match=r"the planner's answer is not a valid plan after 3 attempt\(s\)"
+        ):
+            await engine.agents.start("Write an LRU cache", decompose="planner")
+        # nothing of the goal was written; the planner's attempts are kept as their own call
+        assert await engine.store.list_goals() == []
+        assert [r.name for r in await engine.store.list_runs()] == ["call:llm.generate"]

@@ -22,14 +22,15 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from baton.agents.classify import GENERAL, Classification, check_language, check_text, classify
 from baton.agents.learning import Knowledge, choose, roll_up
+from baton.agents.planner import planned_subtasks
 from baton.agents.quality import quality
-from baton.agents.templates import Library, Template, render
+from baton.agents.templates import Library, SubTask, Template, render
 from baton.errors import UsageError
 from baton.plan.model import COMPLEXITY_PRESETS
 from baton.status import RunStatus, StepStatus
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 COMPLEXITIES: tuple[str, ...] = tuple(COMPLEXITY_PRESETS)
 CONTEXT_KEYS = ("workspace", "target_file", "context")
+#: where a goal's sub-tasks come from: a template's skeleton, or a planner model
+DECOMPOSE = ("template", "planner")
 #: the most outcomes read to learn from (the newest)
 HISTORY = 20_000
 #: what answered, from the cheapest rung up: a goal is answered by the dearest rung any of
@@ -95,8 +98,14 @@ class Agents:
         idempotency_key: str | None = None,
         actor: str | None = None,
         key_role: str | None = None,
+        decompose: str = "template",
     ) -> RunHandle:
-        """Classify, choose a template, submit its plan; the run's handle."""
+        """Classify, choose a template, submit its plan; the run's handle.
+
+        ``decompose``: the sub-tasks are a template's skeleton (``template``), or a planner
+        model's answer (``planner``: templates with a planner are chosen among)."""
+        if decompose not in DECOMPOSE:
+            raise UsageError(f"decompose must be one of {', '.join(DECOMPOSE)}, not {decompose!r}")
         text = check_text(goal)
         language = check_language(language)
         if complexity is not None and complexity not in COMPLEXITIES:
@@ -107,6 +116,8 @@ class Agents:
         # and a request done before is done by the same template, so that the cache, which
         # comes before the model, can answer its sub-tasks.
         request = {"goal": text, "language": language, "complexity": complexity, "context": values}
+        if decompose != "template":
+            request["decompose"] = decompose
         fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         await self.collect()
         earlier = await self.engine.store.goal_done_before(fingerprint)
@@ -116,9 +127,18 @@ class Agents:
         else:
             known = Knowledge.of(roll_up(await self.engine.store.outcomes(limit=HISTORY)), time.time())
             seed = _seed(idempotency_key, text)
-            choice = choose(self.library.candidates(kind.type, language), known, kind.type, language, seed)
+            candidates = self.library.candidates(kind.type, language, planned=decompose == "planner")
+            choice = choose(candidates, known, kind.type, language, seed)
             template, selection = choice.template, choice.record
-        plan = self.plan(template, text, language, complexity, values)
+        filled = _filled(text, language, values)
+        if template.planner is not None:  # a model makes the sub-tasks (refused: nothing written)
+            asked = render(template.planner.prompt, filled).strip()
+            subtasks = await planned_subtasks(self.engine, template.planner, asked, actor=actor)
+            selection["planned"] = [s.id for s in subtasks]
+        else:
+            subtasks = list(template.subtasks)
+        selection["result"] = template.result_of(subtasks)
+        plan = self.plan(template, filled, language, complexity, subtasks)
         record = GoalRecord(
             run_id="",
             text=text,
@@ -144,23 +164,19 @@ class Agents:
     def plan(
         self,
         template: Template,
-        text: str,
+        filled: Mapping[str, str],
         language: str | None,
         complexity: str | None,
-        values: Mapping[str, str],
+        subtasks: Sequence[SubTask] | None = None,
     ) -> dict[str, Any]:
-        """The plan of ``template``'s sub-tasks for the task ``text``."""
-        # The task's words are the user's: they must not read as references between steps.
-        safe = text.replace("${{", "$ {{")
-        filled = {
-            "task": safe,
-            "language": language or "the language the task implies",
-            **{k: v.replace("${{", "$ {{") for k, v in values.items()},
-        }
+        """The plan of the sub-tasks (``template``'s own unless given), its placeholders
+        ``filled`` (see :func:`_filled`)."""
         tiers = self.engine.gateway.config.tiers
         steps = []
-        for sub in template.subtasks:
-            inputs: dict[str, Any] = {"prompt": render(sub.prompt, filled).strip(), "extract": sub.extract}
+        for sub in template.subtasks if subtasks is None else subtasks:
+            # What a model planned must not read as references between steps either.
+            prompt = render(sub.prompt, filled).strip().replace("${{", "$ {{")
+            inputs: dict[str, Any] = {"prompt": prompt, "extract": sub.extract}
             if sub.extract == "code" and language is not None:
                 inputs["language"] = language
             tier = sub.tier or template.tier
@@ -198,8 +214,7 @@ class Agents:
         run = await store.get_run(run_id, with_plan=False)
         steps = {s.step_id: s for s in await store.get_steps(run_id)}
         details = _details(await store.get_attempts(run_id))
-        template = self.library.templates.get(goal.template_id)
-        result_id = template.result_id if template is not None else list(steps)[-1]
+        result_id = str(goal.selection.get("result") or list(steps)[-1])
         last = steps.get(result_id)
         output = last.output if last is not None else None
         methods = [str(d.get("source")) for d in details.values() if d.get("source") in RUNGS]
@@ -291,6 +306,16 @@ class Agents:
             "template_usage": dict(usage.most_common()),
             "task_types": dict(types.most_common()),
         }
+
+
+def _filled(text: str, language: str | None, values: Mapping[str, str]) -> dict[str, str]:
+    """What a template's placeholders become. The task's words are the user's: they must not
+    read as references between steps."""
+    return {
+        "task": text.replace("${{", "$ {{"),
+        "language": language or "the language the task implies",
+        **{k: v.replace("${{", "$ {{") for k, v in values.items()},
+    }
 
 
 def _context(context: Mapping[str, Any] | None) -> dict[str, str]:

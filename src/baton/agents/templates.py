@@ -80,6 +80,17 @@ class SubTask(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=200_000)
 
 
+class Planner(BaseModel):
+    """A model that breaks the task into sub-tasks (baton.agents.planner)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    max_subtasks: int = Field(default=8, ge=1, le=32)
+    #: attempts at a valid answer, each fed the reason the last was refused
+    attempts: int = Field(default=3, ge=1, le=10)
+    tier: str | None = None
+
+
 class Template(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=64)
@@ -92,7 +103,9 @@ class Template(BaseModel):
     tier: str | None = None
     #: the sub-task whose output is the goal's result (default: the last one)
     result: str | None = None
-    subtasks: list[SubTask] = Field(min_length=1, max_length=32)
+    #: the sub-tasks (the decomposition skeleton); or, with ``planner``, none: a model makes them
+    subtasks: list[SubTask] = Field(default_factory=list, max_length=32)
+    planner: Planner | None = None
     #: where it was read from (not part of the file)
     source: str = Field(default="", exclude=True)
 
@@ -148,6 +161,14 @@ class Template(BaseModel):
                     (where, f"validator {kind}: {problem}") for problem in option_problems(kind, options)
                 ]
             seen.add(sub.id)
+        if not self.subtasks and self.planner is None:
+            found.append((("subtasks",), "a template needs sub-tasks, or a planner to make them"))
+        if self.subtasks and self.planner is not None:
+            found.append((("planner",), "a template has sub-tasks or a planner, not both"))
+        if self.planner is not None:
+            for name in _PLACEHOLDER.findall(self.planner.prompt):
+                if name not in PLACEHOLDERS:
+                    found.append((("planner", "prompt"), f"unknown placeholder {{{{{name}}}}}"))
         if self.result is not None and self.result not in seen:
             found.append((("result",), f"result names {self.result!r}, which is not a sub-task"))
         if self.task_type == GENERAL and self.language is not None:
@@ -161,9 +182,9 @@ class Template(BaseModel):
             return "universal"
         return "specific" if self.language is not None else "language-generic"
 
-    @property
-    def result_id(self) -> str:
-        return self.result or self.subtasks[-1].id
+    def result_of(self, subtasks: Sequence[SubTask]) -> str:
+        """The sub-task whose output is the goal's result."""
+        return self.result if self.result is not None else subtasks[-1].id
 
     def to_yaml(self) -> str:
         """The template as a file would hold it (prompts as literal blocks)."""
@@ -319,15 +340,27 @@ class Library:
             for cell in cells
         ]
 
-    def candidates(self, task_type: str, language: str | None) -> list[Template]:
-        """Every template a task may use, the most specific first."""
-        return [t for _, level in self.chain(task_type, language) for t in level]
+    def candidates(self, task_type: str, language: str | None, *, planned: bool = False) -> list[Template]:
+        """Every template a task may use, the most specific first: those with sub-tasks, or
+        (``planned``) those whose sub-tasks a planner model makes."""
+        found = [
+            t
+            for _, level in self.chain(task_type, language)
+            for t in level
+            if (t.planner is not None) == planned
+        ]
+        if not found:
+            kind = "with a planner" if planned else "with sub-tasks"
+            raise UsageError(f"no template {kind} for {task_type} in {language or 'any language'}")
+        return found
 
 
 __all__ = [
+    "GENERAL",
     "PLACEHOLDERS",
     "Cell",
     "Library",
+    "Planner",
     "SubTask",
     "Template",
     "TemplateError",

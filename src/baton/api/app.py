@@ -129,6 +129,8 @@ class GoalRequest(BaseModel):
     language: str | None = Field(default=None, max_length=40, description=f"one of {', '.join(LANGUAGES)}")
     complexity: Literal["simple", "medium", "complex", "crisis"] | None = None
     context: GoalContext | None = None
+    #: the sub-tasks of a template, or of a planner model
+    decompose: Literal["template", "planner"] = "template"
 
     @field_validator("language")
     @classmethod
@@ -403,6 +405,7 @@ def create_app(
             idempotency_key=idempotency_key,
             actor=request.state.actor,
             key_role=request.state.role,
+            decompose=body.decompose,
         )
         run = await engine.store.get_run(handle.run_id, with_plan=False)
         goal = await engine.store.get_goal(handle.run_id)

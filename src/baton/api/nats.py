@@ -222,6 +222,7 @@ class ExecutionRequest(_Request):
     language: str | None = Field(default=None, max_length=40)
     complexity: Literal["simple", "medium", "complex", "crisis"] | None = None
     context: ExecutionContext | None = None
+    decompose: Literal["template", "planner"] = "template"
 
     @field_validator("language")
     @classmethod
@@ -718,6 +719,7 @@ class NatsInterface:
             context=context,
             actor=caller.actor,
             key_role=caller.role,
+            decompose=request.decompose,
         )
         log.info(
             "goal done",

@@ -150,6 +150,10 @@ def goal_command(
     complexity: Annotated[
         str | None, typer.Option("--complexity", "-c", help="simple, medium, complex or crisis.")
     ] = None,
+    decompose: Annotated[
+        str,
+        typer.Option("--decompose", help="template: a template's sub-tasks; planner: a model makes them."),
+    ] = "template",
     db: DbOption = DEFAULT_DB,
     llm: LlmOption = None,
     templates: TemplatesOption = None,
@@ -168,7 +172,9 @@ def goal_command(
         engine = _engine(db, llm=llm)
         async with engine:
             agents = Agents(engine, library)
-            handle = await agents.start(text, language=language, complexity=complexity, actor=cli_actor())
+            handle = await agents.start(
+                text, language=language, complexity=complexity, actor=cli_actor(), decompose=decompose
+            )
             session.run_id = handle.run_id
             goal = await engine.store.get_goal(handle.run_id)
             assert goal is not None
@@ -228,7 +234,7 @@ def templates_list(templates: TemplatesOption = None, json_out: JsonOption = Fal
         for column in ("id", "task type", "language", "level", "sub-tasks", "source"):
             table.add_column(column, overflow="fold")
         for t in rows:
-            subtasks = " → ".join(s.id for s in t.subtasks)
+            subtasks = " → ".join(s.id for s in t.subtasks) or "(a planner makes them)"
             table.add_row(t.id, t.task_type, t.language or "*", t.level, subtasks, t.source)
         _out.print(table)
         return EXIT_OK
@@ -243,6 +249,7 @@ def _template_row(t: Template) -> dict[str, object]:
         "language": t.language,
         "level": t.level,
         "subtasks": [s.id for s in t.subtasks],
+        "planner": t.planner is not None,
         "source": t.source,
     }
 
