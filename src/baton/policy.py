@@ -135,9 +135,14 @@ class Policy:
             keys[name] = tuple(grants)
         return cls(roles, keys, programs, maxima)
 
-    def check_plan(self, plan: Plan, registry: Registry, key_role: str) -> list[Problem]:
-        """What in ``plan`` a caller with a ``key_role`` key may not run (empty: all of it)."""
-        grants = self.keys.get(key_role, ())
+    def check_plan(
+        self, plan: Plan, registry: Registry, key_role: str, *, grants: tuple[str, ...] | None = None
+    ) -> list[Problem]:
+        """What in ``plan`` a caller with a ``key_role`` key may not run (empty: all of it);
+        ``grants``: the step roles it may use, where not the key role's (a sub-run of a
+        confined step gets its step's role only)."""
+        if grants is None:
+            grants = self.keys.get(key_role, ())
         problems: list[Problem] = []
         for i, step in enumerate(plan.steps):
             where = f"steps[{i}]"
@@ -176,7 +181,7 @@ class Policy:
         maxima = self.maxima.get(role, DEFAULT_LIMITS) if role else DEFAULT_LIMITS
         limits = {name: min(value, maxima.get(name, value)) for name, value in DEFAULT_LIMITS.items()}
         programs = self.programs.get(role) if role else ("*",)
-        return Confinement(workspace, user, programs, limits, maxima, timeout_s)
+        return Confinement(workspace, user, programs, limits, maxima, timeout_s, role=role)
 
     def check_task(self, task: str, registry: Registry, key_role: str) -> list[Problem]:
         """Whether a caller with a ``key_role`` key may call ``task`` directly (as a job)."""

@@ -155,6 +155,8 @@ class Confinement:
     #: how far the step may raise them
     maxima: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     timeout_s: float = DEFAULT_TIMEOUT_S
+    #: the step role it runs under (None: a local plan's step)
+    role: str | None = None
 
     def check(self, argv0: str, limits: Any = None) -> list[str]:
         """Why this step may not start ``argv0`` with ``limits`` (empty: it may)."""

@@ -15,7 +15,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +54,7 @@ from baton.store import (
 from baton.store.base import PRUNABLE, GoalRecord, PruneResult
 from baton.tasks.http import http_task
 from baton.tasks.registry import Registry, TaskDef
+from baton.tasks.subrun import make_plan_task
 
 if TYPE_CHECKING:
     from baton.agents.goals import Agents, GoalResult
@@ -177,6 +178,7 @@ class Engine:
         keys = [m.key_env() for m in config.models.values()] if config is not None else []
         self.redactor = Redactor.from_environ(extra=[k for k in keys if k])
         self.registry.extend(make_llm_tasks(self.gateway))
+        self.registry.extend([make_plan_task(self)])  # sub-runs: a step that runs a plan
         if http_allow is not None:  # what the http task may reach that is not public (else BATON_HTTP_ALLOW)
             self.registry.extend([http_task(http_allow)])
         self.owner = owner or new_owner_id()
@@ -341,6 +343,7 @@ class Engine:
         key_role: str | None = None,
         goal: GoalRecord | None = None,
         fingerprint: str | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> RunHandle:
         """Validate the plan and put its run in the queue; by default, this process's
         worker starts on it (and any other worker on the database may help).
@@ -356,10 +359,10 @@ class Engine:
 
         ``goal``: the goal (baton.agents) the run carries out, written with it; and
         ``fingerprint``, what makes two requests under one idempotency key the same (by
-        default, the plan).
+        default, the plan). ``parent``: the (run, step) it is a sub-run of (task: plan).
         """
         actor = actor or audit.python_actor()
-        return await self._submit(source, start, idempotency_key, actor, key_role, goal, fingerprint)
+        return await self._submit(source, start, idempotency_key, actor, key_role, goal, fingerprint, parent)
 
     async def _submit(
         self,
@@ -370,6 +373,7 @@ class Engine:
         key_role: str | None = None,
         goal: GoalRecord | None = None,
         fingerprint: str | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> RunHandle:
         plan = self.load(source)
         await self.open()
@@ -423,7 +427,7 @@ class Engine:
         if goal is not None:
             goal = replace(goal, run_id=run_id, created_at=now)
         try:
-            made = await self.store.create_run(run, steps, idempotency=idempotency, goal=goal)
+            made = await self.store.create_run(run, steps, idempotency=idempotency, goal=goal, parent=parent)
         except UnicodeEncodeError as exc:  # "\ud800": a Python string, not Unicode text
             bad = exc.object[exc.start]
             problem = Problem("", f"it is not valid Unicode text: a lone surrogate {bad!a} cannot be stored")
@@ -533,15 +537,33 @@ class Engine:
     # a command-line user...; the Python API's caller when not given) before its event.
 
     async def pause(self, run_id: str, *, actor: str | None = None) -> RunRecord:
-        """No new step starts; running ones finish and are recorded."""
-        return await self._set_status(run_id, RunStatus.PAUSED, "run.pause", actor)
+        """No new step starts; running ones finish and are recorded. Its sub-runs pause too."""
+        record = await self._set_status(run_id, RunStatus.PAUSED, "run.pause", actor)
+        await self._children(record.id, (RunStatus.PENDING, RunStatus.RUNNING), self.pause, actor)
+        return record
 
     async def cancel(self, run_id: str, *, actor: str | None = None) -> RunRecord:
-        """No new step starts; running ones are cancelled within the grace period."""
+        """No new step starts; running ones are cancelled within the grace period, and its
+        sub-runs are cancelled."""
         record = await self._set_status(run_id, RunStatus.CANCELLED, "run.cancel", actor)
         if self.worker is not None:
             self.worker.stop_run(record.id)
+        live = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.PAUSED)
+        await self._children(record.id, live, self.cancel, actor)
         return record
+
+    async def _children(
+        self,
+        run_id: str,
+        statuses: tuple[RunStatus, ...],
+        action: Callable[..., Awaitable[Any]],
+        actor: str | None,
+    ) -> None:
+        """Apply a pause, resume or cancel of ``run_id`` to its sub-runs in ``statuses``."""
+        for child, _, status in await self.store.child_runs(run_id):
+            if status in statuses:
+                with contextlib.suppress(Conflict):  # it ended or moved meanwhile: nothing to carry
+                    await action(child, actor=actor)
 
     async def _set_status(self, run_id: str, status: RunStatus, action: str, actor: str | None) -> RunRecord:
         await self.open()
@@ -575,6 +597,7 @@ class Engine:
                 )
         await audit.record(self.store, actor or audit.python_actor(), "run.resume", run.id)
         self.emit(Event("run.resumed", run.id))
+        await self._children(run.id, (RunStatus.PAUSED,), self.resume, actor)
         worker = await self.start_worker()
         worker.poke()
         return RunHandle(run.id, self)

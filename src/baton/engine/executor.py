@@ -34,7 +34,7 @@ from baton.errors import BatonError, StepTimeout, StoreError, TaskFailed, Worker
 from baton.plan.analysis import analyze
 from baton.plan.dag import Dag
 from baton.plan.model import Plan, RetryPolicy, Step
-from baton.plan.refs import Ref, has_refs, referenced_steps, resolve
+from baton.plan.refs import Ref, has_refs, plan_inputs, referenced_steps, resolve_inputs
 from baton.status import StepStatus
 from baton.store.base import Claimed, Done, RunRecord, Turn, TurnResult, WorkerRecord
 from baton.tasks.registry import TaskContext, TaskDef, retry_policy
@@ -720,13 +720,12 @@ class Worker:
         step = plan.plan.steps[claim.idx]
         if not plan.templated[claim.idx]:
             return step.inputs
-        missing = [
-            plan.index[ref] for ref in referenced_steps(step.inputs) if plan.index[ref] not in plan.outputs
-        ]
+        referenced = referenced_steps(plan_inputs(step.task, step.inputs))
+        missing = [plan.index[ref] for ref in referenced if plan.index[ref] not in plan.outputs]
         if missing:
             outputs = await self._read(lambda: self.engine.store.outputs(plan.run_id, missing))
             plan.outputs.update(outputs)
-        return resolve(step.inputs, self._lookup(plan))
+        return resolve_inputs(step.task, step.inputs, self._lookup(plan))
 
     async def _read(self, read: Callable[[], Awaitable[T]]) -> T:
         """A read an attempt needs before its task runs (its needs' outputs, its last

@@ -90,6 +90,23 @@ def find_refs(text: str) -> list[str]:
     return [expr for _, _, expr in _spans(text)]
 
 
+#: inputs of these tasks that may be documents of their own, whose references are theirs
+#: and not the plan's: a sub-run's plan given inline (a single reference still is the plan's)
+OWN_DOCUMENTS: dict[str, tuple[str, ...]] = {"plan": ("plan",)}
+
+
+def plan_inputs(task: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a step's inputs whose references are the plan's."""
+    own = OWN_DOCUMENTS.get(task, ())
+    return {k: v for k, v in inputs.items() if not (k in own and isinstance(v, Mapping | list))}
+
+
+def resolve_inputs(task: str, inputs: Mapping[str, Any], lookup: Callable[[Ref], Any]) -> dict[str, Any]:
+    """A step's inputs with the plan's references replaced (its own documents left as they are)."""
+    resolved = resolve(plan_inputs(task, inputs), lookup)
+    return {k: resolved.get(k, v) for k, v in inputs.items()}
+
+
 def referenced_steps(value: Any) -> set[str]:
     """The ids of the steps whose outputs ``value`` refers to."""
     return {parse_ref(expr).step for _, text in iter_strings(value, "") for expr in find_refs(text)}

@@ -21,7 +21,7 @@ from baton.errors import PlanError, Problem
 from baton.plan.dag import find_cycle, topo_order, transitive_needs
 from baton.plan.model import Plan, Step
 from baton.plan.reader import DocumentError, load_json, load_yaml, read_text
-from baton.plan.refs import RefSyntaxError, find_refs, iter_strings, parse_ref
+from baton.plan.refs import RefSyntaxError, find_refs, iter_strings, parse_ref, plan_inputs
 from baton.tasks.registry import Registry
 from baton.validators import option_problems
 
@@ -224,7 +224,7 @@ def graph_problems(
 def _references(out: list[tuple[int, str, str, int]], i: int, step: Step, index: Mapping[str, int]) -> None:
     """Add each reference in step ``i``'s inputs to ``out``: where it is, and either what
     is wrong with it (and -1) or the index of the step it names."""
-    for loc, text in iter_strings(step.inputs, f"steps[{i}].with"):
+    for loc, text in iter_strings(plan_inputs(step.task, step.inputs), f"steps[{i}].with"):
         for expr in find_refs(text):
             try:
                 ref = parse_ref(expr)

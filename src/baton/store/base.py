@@ -497,9 +497,10 @@ class Store(Protocol):
         *,
         idempotency: tuple[str, str] | None = None,
         goal: GoalRecord | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> str:
-        """Insert a run and all its steps at once (and ``goal``, the goal it carries out);
-        the run's id.
+        """Insert a run and all its steps at once (and ``goal``, the goal it carries out;
+        ``parent``, the run and step it is a sub-run of); the run's id.
 
         ``idempotency`` is (key, fingerprint of the request): a key seen before with the same
         fingerprint writes nothing and returns the run it made then; with another
@@ -680,6 +681,9 @@ class Store(Protocol):
         running (cancelled, its worker not done) waits for it. ``dry_run`` deletes nothing
         and counts everything that would go, without a limit.
         """
+
+    async def child_runs(self, run_id: str) -> list[tuple[str, str, RunStatus]]:
+        """The sub-runs of a run: (child run id, the step that started it, its status)."""
 
     async def get_goal(self, run_id: str) -> GoalRecord | None:
         """The goal a run carries out (None: the run is not a goal's)."""

@@ -867,3 +867,12 @@ SELECT * FROM (
     SELECT * FROM outcomes WHERE %(task_type)s::text IS NULL OR task_type = %(task_type)s::text
     ORDER BY recorded_at DESC, run_id DESC, step_id DESC LIMIT %(limit)s
 ) o ORDER BY recorded_at, run_id, step_id;
+
+-- sub-runs ------------------------------------------------------------------------------
+
+-- name: insert_subrun
+INSERT INTO subruns (child_run_id, parent_run_id, step_id) VALUES (%(child)s, %(parent)s, %(step_id)s);
+
+-- name: child_runs
+SELECT s.child_run_id AS id, s.step_id, r.status FROM subruns s JOIN runs r ON r.id = s.child_run_id
+WHERE s.parent_run_id = %(parent)s ORDER BY s.child_run_id;

@@ -344,6 +344,7 @@ class PostgresStore:
         *,
         idempotency: tuple[str, str] | None = None,
         goal: GoalRecord | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> str:
         step_params = {
             "run_id": run.id,
@@ -360,7 +361,7 @@ class PostgresStore:
         ready = any(s.status in (StepStatus.READY, StepStatus.RETRYING) for s in steps)
         try:
             async with self._connection() as conn:
-                if idempotency is None and goal is None:
+                if idempotency is None and goal is None and parent is None:
                     # one implicit transaction, one round trip
                     ids = await self._insert_run(conn, run, step_params, ready)
                 else:
@@ -374,6 +375,9 @@ class PostgresStore:
                         ids = await self._insert_run(conn, run, step_params, ready)
                         if goal is not None:
                             await conn.execute(Q["insert_goal"], goal_params(goal))
+                        if parent is not None:
+                            subrun = {"child": run.id, "parent": parent[0], "step_id": parent[1]}
+                            await conn.execute(Q["insert_subrun"], subrun)
         except psycopg.errors.UniqueViolation:
             raise Conflict(f"run {run.id} exists") from None
         for s in steps:
@@ -940,6 +944,11 @@ class PostgresStore:
         return await self._row(Q["revoke_api_key"], {"id": key_id, "now": now}) is not None
 
     # -- goals and their outcomes ------------------------------------------------------
+
+    @_retried
+    async def child_runs(self, run_id: str) -> list[tuple[str, str, RunStatus]]:
+        rows = await self._rows(Q["child_runs"], {"parent": run_id})
+        return [(str(r["id"]), str(r["step_id"]), RunStatus(r["status"])) for r in rows]
 
     @_retried
     async def get_goal(self, run_id: str) -> GoalRecord | None:

@@ -532,3 +532,12 @@ SELECT * FROM (
     SELECT * FROM outcomes WHERE :task_type IS NULL OR task_type = :task_type
     ORDER BY recorded_at DESC, run_id DESC, step_id DESC LIMIT :limit
 ) ORDER BY recorded_at, run_id, step_id;
+
+-- sub-runs ------------------------------------------------------------------------------
+
+-- name: insert_subrun
+INSERT INTO subruns (child_run_id, parent_run_id, step_id) VALUES (:child, :parent, :step_id);
+
+-- name: child_runs
+SELECT s.child_run_id AS id, s.step_id, r.status FROM subruns s JOIN runs r ON r.id = s.child_run_id
+WHERE s.parent_run_id = :parent ORDER BY s.child_run_id;

@@ -219,9 +219,10 @@ class SQLiteStore:
         *,
         idempotency: tuple[str, str] | None = None,
         goal: GoalRecord | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> str:
         try:
-            return self._insert_run(run, steps, idempotency, goal)
+            return self._insert_run(run, steps, idempotency, goal, parent)
         except sqlite3.IntegrityError:
             raise Conflict(f"run {run.id} exists") from None
 
@@ -231,6 +232,7 @@ class SQLiteStore:
         steps: list[StepRecord],
         idempotency: tuple[str, str] | None,
         goal: GoalRecord | None = None,
+        parent: tuple[str, str] | None = None,
     ) -> str:
         with self._write() as db:
             if idempotency is not None:
@@ -266,6 +268,8 @@ class SQLiteStore:
             )
             if goal is not None:
                 db.execute(Q["insert_goal"], goal_params(goal))
+            if parent is not None:
+                db.execute(Q["insert_subrun"], {"child": run.id, "parent": parent[0], "step_id": parent[1]})
             for s in steps:
                 s.id = base + s.idx
         return run.id
@@ -794,6 +798,10 @@ class SQLiteStore:
     async def revoke_api_key(self, key_id: str, now: float) -> bool:
         with self._write() as db:
             return db.execute(Q["revoke_api_key"], (now, key_id)).rowcount == 1
+
+    async def child_runs(self, run_id: str) -> list[tuple[str, str, RunStatus]]:
+        rows = self.db.execute(Q["child_runs"], {"parent": run_id})
+        return [(str(r["id"]), str(r["step_id"]), RunStatus(r["status"])) for r in rows]
 
     async def get_goal(self, run_id: str) -> GoalRecord | None:
         row = self.db.execute(Q["get_goal"], {"run_id": run_id}).fetchone()
