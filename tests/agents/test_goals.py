@@ -23,6 +23,7 @@ from baton.agents.templates import Library, TemplateError, parse_template
 from baton.errors import UsageError
 from baton.llm import LLMConfig
 from tests.conftest import StoreFactory
+from tests.llm.conftest import FakeServer
 
 ELIXIR = (
     "```elixir\ndefmodule Events do\n  def handle(msg) do\n    case Jason.decode(msg) do\n"
@@ -399,3 +400,42 @@ async def test_a_planner_that_never_answers_a_valid_plan_refuses_the_goal(
         # nothing of the goal was written; the planner's attempts are kept as their own call
         assert await engine.store.list_goals() == []
         assert [r.name for r in await engine.store.list_runs()] == ["call:llm.generate"]
+
+
+TESTS_ANSWER = (
+    "```python\ndef test_parse():\n    try:\n        assert parse('2026-12-04')\n"
+    "    except ValueError:\n        raise\n```"
+)
+
+
+TESTS_ANSWER = (
+    "```python\ndef test_parse():\n    try:\n        assert parse('2026-12-04')\n"
+    "    except ValueError:\n        raise\n```"
+)
+
+
+async def test_a_goal_against_a_real_http_model_server(fake: FakeServer, tmp_path: Path) -> None:
+    """The sub-tasks go over the wire (OpenAI's chat completions), in the order their needs
+    say, each with the outputs it needs as context."""
+    llm = LLMConfig.model_validate(
+        {
+            "default_model": "gpt",
+            "models": {"gpt": {"provider": "openai", "base_url": f"{fake.url}/v1", "model": "gpt-4o-mini"}},
+        }
+    )
+    fake.program(
+        {"text": "- parse a date\n- reject a bad one"},
+        {"text": TESTS_ANSWER},
+    )
+    library = Library([Library.load().get("python-testing")])
+    async with Engine(str(tmp_path / "h.db"), llm=llm, workdir=tmp_path) as engine:
+        result = await Agents(engine, library).achieve(
+            "Write unit tests for the date parser", language="python"
+        )
+    bodies = [r["body"] for r in fake.received()]
+    assert result.status == "completed" and result.template_used == "python-testing"
+    assert [b["model"] for b in bodies] == ["gpt-4o-mini", "gpt-4o-mini"]
+    assert "List the behaviours" in bodies[0]["messages"][-1]["content"]
+    assert "parse a date" in bodies[1]["messages"][0]["content"]  # the cases, as context
+    assert result.result.startswith("def test_parse():") and result.metrics["tokens_used"] > 0
+    assert result.metrics["cost_usd"] > 0 and result.metrics["quality"] > 0.5
