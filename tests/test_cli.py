@@ -97,7 +97,9 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
 def _finish(proc: subprocess.Popen[str]) -> Result:
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:  # killed and its pipes closed: nothing leaks into later tests
+    except subprocess.TimeoutExpired:  # its stacks, then killed and its pipes closed
+        proc.send_signal(signal.SIGUSR1)  # baton prints every thread's stack on SIGUSR1
+        time.sleep(1)
         proc.kill()
         out, err = proc.communicate()
         pytest.fail(f"the command did not end within {TIMEOUT_S} s; it printed {out!r} {err!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import importlib
 import json
 import shlex
@@ -849,6 +850,9 @@ def main() -> None:
     # structlog prints to stdout by default; stdout belongs to results (and --json documents).
     logs.configure()
     tune_gc()
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck process is doing
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app(prog_name="baton")
     except Exception as exc:  # a last resort: commands map their own errors
