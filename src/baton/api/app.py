@@ -714,8 +714,9 @@ async def _stream(engine: Engine, run_id: str, after: Key | None) -> AsyncIterat
             if time.monotonic() - quiet_since >= SSE_KEEPALIVE_S:
                 yield b": keep-alive\n\n"
                 quiet_since = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), SSE_POLL_S)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: see Engine.wait)
+                async with asyncio.timeout(SSE_POLL_S):
+                    await wake.wait()
     finally:
         unsubscribe()
 

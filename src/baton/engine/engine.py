@@ -862,8 +862,11 @@ class Engine:
                     return run
                 if deadline is not None and time.monotonic() > deadline:
                     raise UsageError(f"run {run_id} did not stop within {timeout_s}s")
+                # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that
+                # comes as the waiter is set, and this loop would then wait for ever
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.wait(), poll_s or self.poll_s)
+                    async with asyncio.timeout(poll_s or self.poll_s):
+                        await waiter.wait()
         finally:
             self._waiters.pop(run_id, None)
 

@@ -232,7 +232,8 @@ class Worker:
         if grace_s and self.running:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace_s)
+                async with asyncio.timeout(grace_s):
+                    await self._idle.wait()
         # What is still running is given back (uncounted) when the worker unregisters.
         # What has finished is recorded by the loop's last turn: its effect happened, and
         # giving it back would have another worker run it again.
@@ -377,8 +378,9 @@ class Worker:
                 # without waiting (no-op and cached work) are absorbed in the next turn.
                 await asyncio.sleep(0)
             if not self.results and not (self.hungry and free > len(claimed)):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self.engine.poll_s)
+                with contextlib.suppress(TimeoutError):  # (not wait_for: see Engine.wait)
+                    async with asyncio.timeout(self.engine.poll_s):
+                        await self.wake.wait()
                 if not self.wake.is_set():
                     self.hungry = True  # polling: others may have made work claimable
 

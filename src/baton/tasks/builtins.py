@@ -295,12 +295,14 @@ class _Supervised:
             self._kill_cgroup()
             self._signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), STOP_S)
+                async with asyncio.timeout(STOP_S):
+                    await self.proc.wait()
             except TimeoutError:
                 self._kill_cgroup()
                 self._signal(signal.SIGKILL)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.proc.wait(), STOP_S)
+                    async with asyncio.timeout(STOP_S):
+                        await self.proc.wait()
         finally:
             self.close()
 
