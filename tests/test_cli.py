@@ -71,10 +71,22 @@ def _run_all(commands: Sequence[Sequence[str | Path]], cwd: Path | None = None) 
     return results
 
 
+def _foreground() -> None:
+    """In the child: Ctrl-C at its default, as a terminal's foreground job has it (a test
+    run started in the background inherits SIGINT ignored, and baton respects that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str | Path, cwd: Path) -> tuple[subprocess.Popen[str], str]:
     """Start `baton run|resume` in the background; the process and the run id it announces."""
     proc = subprocess.Popen(
-        _cmd(args), env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cmd(args),
+        env=_env(),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_foreground,
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()

@@ -795,7 +795,9 @@ class Worker:
 
     async def _attempt(self, attempt: _Attempt) -> None:
         claim, plan = attempt.claim, attempt.plan
-        started = time.time()
+        # The attempt's record starts when its step row says it did (the claim): one start
+        # time, whichever record a reader sees, so the event stream never tells it twice.
+        started = claim.started_at
         if self.start_latencies is not None:
             self.start_latencies.append(time.perf_counter() - self._committed_at)
         result = _Result(claim.id, claim.attempt, started, started, "failed")
