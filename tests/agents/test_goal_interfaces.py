@@ -129,7 +129,8 @@ async def test_execution_request_over_nats_in_the_seeds_shapes(
         assert reply["correlation_id"] == "cid-1" and msg.headers["Correlation-Id"] == "cid-1"
         run = await goal_engine.store.get_run(reply["run_id"])
         prompts = " ".join(s["with"]["prompt"] for s in (run.plan or {})["steps"])
-        assert "lib/user_events/consumer.ex" in prompts or reply["template_used"] != "universal-direct"
+        assert "Target file: lib/user_events/consumer.ex" in prompts  # the context reaches the model
+        assert "Workspace: /srv/app" in prompts
         for data, code in (
             (json.dumps({"language": "elixir"}).encode(), "invalid_request"),
             (b"{not json", "unreadable_body"),

@@ -279,6 +279,8 @@ def test_a_goal_killed_mid_run_resumes_and_its_outcomes_are_recorded_once(tmp_pa
             "Create a NATS consumer for user events",
             "--language",
             "elixir",
+            "--template",
+            "elixir-nats_consumer",
             "--llm",
             str(llm),
             "--db",

@@ -99,11 +99,13 @@ class Agents:
         actor: str | None = None,
         key_role: str | None = None,
         decompose: str = "template",
+        template: str | None = None,
     ) -> RunHandle:
         """Classify, choose a template, submit its plan; the run's handle.
 
         ``decompose``: the sub-tasks are a template's skeleton (``template``), or a planner
-        model's answer (``planner``: templates with a planner are chosen among)."""
+        model's answer (``planner``: templates with a planner are chosen among).
+        ``template``: this template, not drawn (what it does is learned all the same)."""
         if decompose not in DECOMPOSE:
             raise UsageError(f"decompose must be one of {', '.join(DECOMPOSE)}, not {decompose!r}")
         text = check_text(goal)
@@ -118,32 +120,37 @@ class Agents:
         request = {"goal": text, "language": language, "complexity": complexity, "context": values}
         if decompose != "template":
             request["decompose"] = decompose
+        if template is not None:
+            request["template"] = template
         fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         await self.collect()
         earlier = await self.engine.store.goal_done_before(fingerprint)
-        if earlier is not None and earlier.template_id in self.library.templates:
-            template = self.library.templates[earlier.template_id]
-            selection: dict[str, Any] = {"chosen": template.id, "repeat_of": earlier.run_id}
+        if template is not None:
+            chosen = self.library.get(template)
+            selection: dict[str, Any] = {"chosen": chosen.id, "given": True}
+        elif earlier is not None and earlier.template_id in self.library.templates:
+            chosen = self.library.templates[earlier.template_id]
+            selection = {"chosen": chosen.id, "repeat_of": earlier.run_id}
         else:
             known = Knowledge.of(roll_up(await self.engine.store.outcomes(limit=HISTORY)), time.time())
             seed = _seed(idempotency_key, text)
             candidates = self.library.candidates(kind.type, language, planned=decompose == "planner")
             choice = choose(candidates, known, kind.type, language, seed)
-            template, selection = choice.template, choice.record
+            chosen, selection = choice.template, choice.record
         filled = _filled(text, language, values)
-        if template.planner is not None:  # a model makes the sub-tasks (refused: nothing written)
-            asked = render(template.planner.prompt, filled).strip()
-            subtasks = await planned_subtasks(self.engine, template.planner, asked, actor=actor)
+        if chosen.planner is not None:  # a model makes the sub-tasks (refused: nothing written)
+            asked = render(chosen.planner.prompt, filled).strip()
+            subtasks = await planned_subtasks(self.engine, chosen.planner, asked, actor=actor)
             selection["planned"] = [s.id for s in subtasks]
         else:
-            subtasks = list(template.subtasks)
-        selection["result"] = template.result_of(subtasks)
-        plan = self.plan(template, filled, language, complexity, subtasks)
+            subtasks = list(chosen.subtasks)
+        selection["result"] = chosen.result_of(subtasks)
+        plan = self.plan(chosen, filled, language, complexity, subtasks)
         record = GoalRecord(
             run_id="",
             text=text,
             task_type=kind.type,
-            template_id=template.id,
+            template_id=chosen.id,
             created_at=time.time(),
             language=language,
             complexity=complexity,
@@ -309,12 +316,18 @@ class Agents:
 
 
 def _filled(text: str, language: str | None, values: Mapping[str, str]) -> dict[str, str]:
-    """What a template's placeholders become. The task's words are the user's: they must not
-    read as references between steps."""
+    """What a template's placeholders become: ``{{context}}`` carries all of the context
+    (the workspace and the target file too, for templates that do not place them). The
+    task's words are the user's: they must not read as references between steps."""
+    safe = {k: v.replace("${{", "$ {{") for k, v in values.items()}
+    block = [f"Workspace: {safe['workspace']}"] if "workspace" in safe else []
+    block += [f"Target file: {safe['target_file']}"] if "target_file" in safe else []
+    block += [safe["context"]] if "context" in safe else []
     return {
+        **safe,
         "task": text.replace("${{", "$ {{"),
         "language": language or "the language the task implies",
-        **{k: v.replace("${{", "$ {{") for k, v in values.items()},
+        "context": "\n".join(block),
     }
 
 

@@ -154,6 +154,9 @@ def goal_command(
         str,
         typer.Option("--decompose", help="template: a template's sub-tasks; planner: a model makes them."),
     ] = "template",
+    template: Annotated[
+        str | None, typer.Option("--template", help="Use this template (its id) instead of drawing one.")
+    ] = None,
     db: DbOption = DEFAULT_DB,
     llm: LlmOption = None,
     templates: TemplatesOption = None,
@@ -173,7 +176,12 @@ def goal_command(
         async with engine:
             agents = Agents(engine, library)
             handle = await agents.start(
-                text, language=language, complexity=complexity, actor=cli_actor(), decompose=decompose
+                text,
+                language=language,
+                complexity=complexity,
+                actor=cli_actor(),
+                decompose=decompose,
+                template=template,
             )
             session.run_id = handle.run_id
             goal = await engine.store.get_goal(handle.run_id)
