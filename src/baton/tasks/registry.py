@@ -233,8 +233,9 @@ class Registry:
     def default(cls) -> Registry:
         from baton.tasks.builtins import BUILTINS
         from baton.tasks.http import http_task
+        from baton.tasks.intents import INTENTS
 
-        return cls([*BUILTINS, http_task(), *_catalogue.values()])
+        return cls([*BUILTINS, http_task(), *INTENTS, *_catalogue.values()])
 
     def add(
         self,
