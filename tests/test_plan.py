@@ -370,9 +370,9 @@ def test_unknown_task(registry: Registry) -> None:
     assert [p.where for p in problems] == ["steps[0].task", "steps[1].task"]
     first, second = (p.message for p in problems)
     # The first one says what is known and how a @baton.task becomes known; once is enough.
-    assert first.startswith("unknown task 'llm.nothing' in step 'a' (known: echo, fail, ")
+    assert first.startswith("unknown task 'llm.nothing' in step 'a' (known: aggregate, echo, fail, filter, ")
     known = first.split("(known: ", 1)[1].split(";", 1)[0].split(", ")
-    assert {"echo", "fail", "python", "shell", "sleep"} <= set(known)
+    assert {"aggregate", "echo", "fail", "filter", "python", "shell", "sleep", "transform"} <= set(known)
     assert known == sorted(known)
     assert "--import MODULE" in first
     assert second == "unknown task 'llm.other' in step 'b'"
