@@ -220,12 +220,13 @@ class Agents:
             raise UsageError(f"run {run_id} is not a goal's")
         run = await store.get_run(run_id, with_plan=False)
         steps = {s.step_id: s for s in await store.get_steps(run_id)}
-        details = _details(await store.get_attempts(run_id))
+        attempts = await store.get_attempts(run_id)
+        details = _details(attempts)
         result_id = str(goal.selection.get("result") or list(steps)[-1])
         last = steps.get(result_id)
         output = last.output if last is not None else None
         methods = [str(d.get("source")) for d in details.values() if d.get("source") in RUNGS]
-        every = [a.detail or {} for a in await store.get_attempts(run_id)]  # retries cost too
+        every = [a.detail or {} for a in attempts]  # retries cost too
         tokens = sum(_tokens(d) for d in every)
         cost = math.fsum(float(d.get("cost_usd") or 0.0) for d in every)
         qualities = [
@@ -269,8 +270,8 @@ class Agents:
         store = self.engine.store
         run = await store.get_run(goal.run_id)
         plan_steps = {s["id"]: s for s in (run.plan or {}).get("steps", [])}
-        details = _details(await store.get_attempts(goal.run_id))
         attempts = await store.get_attempts(goal.run_id)
+        details = _details(attempts)
         now = time.time()
         out = []
         for step in await store.get_steps(goal.run_id):

@@ -23,18 +23,18 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton import audit
-from baton.agents.classify import LANGUAGES, check_language
+from baton.agents.request import GoalRequest
 from baton.api.auth import ROLES, Role, authenticate, create_key
 from baton.api.events import Key, history, parse_id
 from baton.api.limits import Denials, Limits
 from baton.api.local import YAML_TYPES, LocalOnly, allowed_hosts
 from baton.engine import Engine, Event
-from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem, UsageError
+from baton.errors import BatonError, Conflict, NotFound, PlanError, PolicyDenied, Problem
 from baton.metrics import CONTENT_TYPE as METRICS_TYPE
 from baton.metrics import Metrics
 from baton.plan.reader import Refused, Unreadable, load_json, load_yaml
@@ -114,31 +114,6 @@ class JobRequest(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobView]
-
-
-class GoalContext(BaseModel):
-    model_config = {"extra": "forbid"}
-    workspace: str | None = Field(default=None, max_length=4096)
-    target_file: str | None = Field(default=None, max_length=4096)
-    context: str | None = Field(default=None, max_length=20_000)
-
-
-class GoalRequest(BaseModel):
-    model_config = {"extra": "forbid"}
-    task: str = Field(min_length=1, max_length=20_000)
-    language: str | None = Field(default=None, max_length=40, description=f"one of {', '.join(LANGUAGES)}")
-    complexity: Literal["simple", "medium", "complex", "crisis"] | None = None
-    context: GoalContext | None = None
-    #: the sub-tasks of a template, or of a planner model
-    decompose: Literal["template", "planner"] = "template"
-
-    @field_validator("language")
-    @classmethod
-    def _known(cls, value: str | None) -> str | None:
-        try:
-            return check_language(value)
-        except UsageError as exc:
-            raise ValueError(exc.message) from None
 
 
 class GoalSubmitted(Submitted):
@@ -396,12 +371,11 @@ def create_app(
         """Carry out a task given in words (baton.agents): classified, a template chosen by
         what was learned, its sub-tasks run as a run; follow it with the run's endpoints,
         and read its result at ``/goals/{id}``."""
-        context = body.context.model_dump(exclude_none=True) if body.context is not None else None
         handle = await engine.agents.start(
             body.task,
             language=body.language,
             complexity=body.complexity,
-            context=context,
+            context=body.context_values(),
             idempotency_key=idempotency_key,
             actor=request.state.actor,
             key_role=request.state.role,

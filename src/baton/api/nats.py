@@ -65,7 +65,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import nats
 import structlog
@@ -75,9 +75,9 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from baton.agents.classify import check_language
+from baton.agents.request import GoalRequest
 from baton.api.auth import Role, authenticate
 from baton.api.limits import Denials
 from baton.engine import Engine
@@ -207,30 +207,10 @@ class ExecuteRequest(_Request):
         return {k: v for k, v in fields.items() if v is not None}
 
 
-class ExecutionContext(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    workspace: str | None = Field(default=None, max_length=4096)
-    target_file: str | None = Field(default=None, max_length=4096)
-    context: str | None = Field(default=None, max_length=20_000)
-
-
-class ExecutionRequest(_Request):
+class ExecutionRequest(GoalRequest):
     """A goal: a task in words (baton.agents), in the shape of the system baton replaces."""
 
-    task: str = Field(min_length=1, max_length=20_000)
-    language: str | None = Field(default=None, max_length=40)
-    complexity: Literal["simple", "medium", "complex", "crisis"] | None = None
-    context: ExecutionContext | None = None
-    decompose: Literal["template", "planner"] = "template"
-
-    @field_validator("language")
-    @classmethod
-    def _known(cls, value: str | None) -> str | None:
-        try:
-            return check_language(value)
-        except UsageError as exc:
-            raise ValueError(exc.message) from None
+    correlation_id: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 def _problems(exc: ValidationError) -> list[Problem]:
@@ -711,12 +691,11 @@ class NatsInterface:
 
     async def _execution(self, body: dict[str, Any], caller: Caller) -> dict[str, Any]:
         request = ExecutionRequest.model_validate(body)
-        context = request.context.model_dump(exclude_none=True) if request.context is not None else None
         result = await self.engine.agents.achieve(
             request.task,
             language=request.language,
             complexity=request.complexity,
-            context=context,
+            context=request.context_values(),
             actor=caller.actor,
             key_role=caller.role,
             decompose=request.decompose,
